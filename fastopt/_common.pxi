@@ -1,0 +1,82 @@
+# Threads and the buffer checks shared by every family.
+from libc.stdint cimport int64_t
+from libc.stdlib cimport malloc, free
+
+cdef extern from "fastopt.h" nogil:
+    void fo_set_num_threads(int n)
+    int fo_get_num_threads()
+    int fo_has_openmp()
+    void fo_copy(void *dst, const void *src, int64_t nbytes)
+
+
+def set_num_threads(int n):
+    """Use n threads (n >= 1) in every fastopt kernel from now on."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    fo_set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads fastopt kernels use (1 without OpenMP)."""
+    return fo_get_num_threads()
+
+
+def has_openmp():
+    """True when this build has OpenMP (so set_num_threads(n > 1) takes effect)."""
+    return bool(fo_has_openmp())
+
+
+def copy(cnp.ndarray dst, cnp.ndarray src):
+    """dst[...] = src with the kernels' threads: the copy-bandwidth baseline."""
+    _check_array(dst, "dst", src.dtype, True)
+    _check_array(src, "src", dst.dtype, False)
+    if dst.nbytes != src.nbytes:
+        raise ValueError(f"dst has {dst.nbytes} bytes, src {src.nbytes}")
+    cdef void *d = cnp.PyArray_DATA(dst)
+    cdef const void *s = cnp.PyArray_DATA(src)
+    cdef int64_t nb = dst.nbytes
+    with nogil:
+        fo_copy(d, s, nb)
+
+
+cdef inline str _dtype_name(object dt):
+    return str(np.dtype(dt)) if dt is not None else "float32 or float64"
+
+
+cdef int _check_array(object a, str name, object dtype, bint writable) except -1:
+    """a must be an ndarray, C-contiguous, of `dtype` (float32/float64 when None),
+    and writeable when `writable`."""
+    if not isinstance(a, cnp.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int tn = cnp.PyArray_TYPE(arr)
+    if dtype is None:
+        if tn != cnp.NPY_FLOAT32 and tn != cnp.NPY_FLOAT64:
+            raise TypeError(f"{name} must be float32 or float64, got {arr.dtype}")
+    elif arr.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {_dtype_name(dtype)}, got {arr.dtype}")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        raise ValueError(f"{name} must be C-contiguous")
+    if writable and not cnp.PyArray_ISWRITEABLE(arr):
+        raise ValueError(f"{name} is read-only but is written in place")
+    return 0
+
+
+cdef inline bint _overlap(cnp.ndarray a, cnp.ndarray b):
+    """True when the byte ranges of two C-contiguous arrays intersect."""
+    cdef char *pa = <char *>cnp.PyArray_DATA(a)
+    cdef char *pb = <char *>cnp.PyArray_DATA(b)
+    cdef Py_ssize_t na = cnp.PyArray_NBYTES(a), nb = cnp.PyArray_NBYTES(b)
+    if na == 0 or nb == 0:
+        return False
+    return pa < pb + nb and pb < pa + na
+
+
+cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
+    cdef int d
+    if cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b):
+        return False
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[d] != cnp.PyArray_DIMS(b)[d]:
+            return False
+    return True

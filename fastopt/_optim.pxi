@@ -1,0 +1,208 @@
+# Optimizer bindings: a TensorTable holds the pointer table of a list of
+# arrays (built and checked once, when an optimizer creates its state); each
+# step checks only the new gradients, then makes one multi-tensor C call.
+
+cdef extern from "fastopt.h" nogil:
+    ctypedef struct fo_sgd_args:
+        double lr, momentum, dampening, weight_decay, l1
+        int nesterov, maximize, first_step
+    ctypedef struct fo_adagrad_args:
+        double lr, lr_decay, weight_decay, eps, l1
+        int maximize
+        int64_t step
+    ctypedef struct fo_rmsprop_args:
+        double lr, alpha, eps, weight_decay, momentum, l1
+        int centered, nesterov, maximize
+    ctypedef struct fo_adam_args:
+        double lr, beta1, beta2, eps, weight_decay, l1
+        int amsgrad, maximize, decoupled
+        int64_t step
+
+    void fo_sgd_step_f32(float **param, float **momentum_buffer, const float **grad,
+                         const int64_t *numel, int64_t ntensors, const fo_sgd_args *a)
+    void fo_sgd_step_f64(double **param, double **momentum_buffer, const double **grad,
+                         const int64_t *numel, int64_t ntensors, const fo_sgd_args *a)
+    void fo_adagrad_step_f32(float **param, float **sum, const float **grad,
+                             const int64_t *numel, int64_t ntensors, const fo_adagrad_args *a)
+    void fo_adagrad_step_f64(double **param, double **sum, const double **grad,
+                             const int64_t *numel, int64_t ntensors, const fo_adagrad_args *a)
+    void fo_rmsprop_step_f32(float **param, float **square_avg, float **grad_avg,
+                             float **momentum_buffer, const float **grad,
+                             const int64_t *numel, int64_t ntensors, const fo_rmsprop_args *a)
+    void fo_rmsprop_step_f64(double **param, double **square_avg, double **grad_avg,
+                             double **momentum_buffer, const double **grad,
+                             const int64_t *numel, int64_t ntensors, const fo_rmsprop_args *a)
+    void fo_adam_step_f32(float **param, float **exp_avg, float **exp_avg_sq,
+                          float **max_exp_avg_sq, const float **grad,
+                          const int64_t *numel, int64_t ntensors, const fo_adam_args *a)
+    void fo_adam_step_f64(double **param, double **exp_avg, double **exp_avg_sq,
+                          double **max_exp_avg_sq, const double **grad,
+                          const int64_t *numel, int64_t ntensors, const fo_adam_args *a)
+
+
+cdef class TensorTable:
+    """The pointer table of a list of same-dtype, C-contiguous, writeable arrays.
+
+    Holds references to the arrays, so the pointers stay valid while it lives.
+    `shapes_of` (another TensorTable) requires the same shape, tensor by tensor.
+    """
+    cdef readonly tuple arrays
+    cdef readonly object dtype
+    cdef void **ptr
+    cdef int64_t *numel
+    cdef readonly Py_ssize_t n
+    cdef readonly bint is_f64
+
+    def __cinit__(self, arrays, str name, TensorTable shapes_of=None):
+        self.arrays = tuple(arrays)
+        self.n = len(self.arrays)
+        self.dtype = None
+        for i, a in enumerate(self.arrays):
+            _check_array(a, f"{name}[{i}]", self.dtype, True)
+            if self.dtype is None:
+                self.dtype = a.dtype
+            if shapes_of is not None and a.shape != shapes_of.arrays[i].shape:
+                raise ValueError(f"{name}[{i}] has shape {a.shape}, expected "
+                                 f"{shapes_of.arrays[i].shape}")
+        if shapes_of is not None and (self.n != shapes_of.n or
+                                      (self.n and self.dtype != shapes_of.dtype)):
+            raise ValueError(f"{name} must match the params in length and dtype")
+        self.is_f64 = self.dtype == np.float64
+        self.ptr = <void **>malloc(max(self.n, 1) * sizeof(void *))
+        self.numel = <int64_t *>malloc(max(self.n, 1) * sizeof(int64_t))
+        if self.ptr == NULL or self.numel == NULL:
+            raise MemoryError()
+        cdef cnp.ndarray arr
+        for i in range(self.n):
+            arr = self.arrays[i]
+            self.ptr[i] = cnp.PyArray_DATA(arr)
+            self.numel[i] = cnp.PyArray_SIZE(arr)
+
+    def __dealloc__(self):
+        free(self.ptr)
+        free(self.numel)
+
+
+cdef void **_null_or(TensorTable t):
+    return NULL if t is None else t.ptr
+
+
+cdef class GradTable:
+    """The checked pointer table of one step's gradients (freed with the object)."""
+    cdef void **ptr
+
+    def __dealloc__(self):
+        free(self.ptr)
+
+
+def check_grads(TensorTable params, object grads):
+    """Check grads against params (length, dtype, shape, contiguity, no overlap
+    with its param); raises before anything is written."""
+    if not isinstance(grads, (list, tuple)):
+        grads = list(grads)
+    cdef Py_ssize_t n = len(grads), i
+    if n != params.n:
+        raise ValueError(f"grads has {n} arrays, expected {params.n} (one per param)")
+    cdef GradTable t = GradTable()
+    t.ptr = <void **>malloc(max(n, 1) * sizeof(void *))
+    if t.ptr == NULL:
+        raise MemoryError()
+    cdef cnp.ndarray g, p
+    for i in range(n):
+        obj = grads[i]
+        if not isinstance(obj, cnp.ndarray):
+            obj = np.asarray(obj)      # any buffer: a read-only view, not written
+        g = <cnp.ndarray>obj
+        p = <cnp.ndarray>params.arrays[i]
+        if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p):
+            raise TypeError(f"grads[{i}] has dtype {(<object>g).dtype}, expected {(<object>p).dtype} "
+                            "(no implicit casts)")
+        if not _same_shape(g, p):
+            raise ValueError(f"grads[{i}] has shape {(<object>g).shape}, expected "
+                             f"{(<object>p).shape}")
+        if not cnp.PyArray_IS_C_CONTIGUOUS(g):
+            raise ValueError(f"grads[{i}] must be C-contiguous")
+        if _overlap(g, p):
+            raise ValueError(f"grads[{i}] shares memory with its param")
+        t.ptr[i] = cnp.PyArray_DATA(g)
+    return t
+
+
+def sgd_step(TensorTable params, GradTable g, TensorTable momentum_buffer, *,
+             double lr, double momentum, double dampening, double weight_decay,
+             double l1, bint nesterov, bint maximize, bint first_step):
+    """One SGD step over a whole group (momentum_buffer None when momentum == 0)."""
+    cdef fo_sgd_args a
+    a.lr = lr; a.momentum = momentum; a.dampening = dampening
+    a.weight_decay = weight_decay; a.l1 = l1
+    a.nesterov = nesterov; a.maximize = maximize; a.first_step = first_step
+    cdef void **b = _null_or(momentum_buffer)
+    with nogil:
+        if params.is_f64:
+            fo_sgd_step_f64(<double **>params.ptr, <double **>b, <const double **>g.ptr,
+                            params.numel, params.n, &a)
+        else:
+            fo_sgd_step_f32(<float **>params.ptr, <float **>b, <const float **>g.ptr,
+                            params.numel, params.n, &a)
+
+
+def adagrad_step(TensorTable params, GradTable g, TensorTable state_sum, *,
+                 double lr, double lr_decay, double weight_decay, double eps,
+                 double l1, bint maximize, int64_t step):
+    """One Adagrad step over a whole group."""
+    cdef fo_adagrad_args a
+    a.lr = lr; a.lr_decay = lr_decay; a.weight_decay = weight_decay; a.eps = eps
+    a.l1 = l1; a.maximize = maximize; a.step = step
+    with nogil:
+        if params.is_f64:
+            fo_adagrad_step_f64(<double **>params.ptr, <double **>state_sum.ptr,
+                                <const double **>g.ptr, params.numel, params.n, &a)
+        else:
+            fo_adagrad_step_f32(<float **>params.ptr, <float **>state_sum.ptr,
+                                <const float **>g.ptr, params.numel, params.n, &a)
+
+
+def rmsprop_step(TensorTable params, GradTable g, TensorTable square_avg,
+                 TensorTable grad_avg, TensorTable momentum_buffer, *,
+                 double lr, double alpha, double eps, double weight_decay,
+                 double momentum, double l1, bint centered, bint nesterov,
+                 bint maximize):
+    """One RMSprop step over a whole group (grad_avg None unless centered,
+    momentum_buffer None unless momentum > 0)."""
+    cdef fo_rmsprop_args a
+    a.lr = lr; a.alpha = alpha; a.eps = eps; a.weight_decay = weight_decay
+    a.momentum = momentum; a.l1 = l1; a.centered = centered; a.nesterov = nesterov
+    a.maximize = maximize
+    cdef void **ga = _null_or(grad_avg)
+    cdef void **b = _null_or(momentum_buffer)
+    with nogil:
+        if params.is_f64:
+            fo_rmsprop_step_f64(<double **>params.ptr, <double **>square_avg.ptr,
+                                <double **>ga, <double **>b, <const double **>g.ptr,
+                                params.numel, params.n, &a)
+        else:
+            fo_rmsprop_step_f32(<float **>params.ptr, <float **>square_avg.ptr,
+                                <float **>ga, <float **>b, <const float **>g.ptr,
+                                params.numel, params.n, &a)
+
+
+def adam_step(TensorTable params, GradTable g, TensorTable exp_avg, TensorTable exp_avg_sq,
+              TensorTable max_exp_avg_sq, *, double lr, double beta1, double beta2,
+              double eps, double weight_decay, double l1, bint amsgrad,
+              bint maximize, bint decoupled, int64_t step):
+    """One Adam (decoupled=False) or AdamW (decoupled=True) step over a whole
+    group (max_exp_avg_sq None unless amsgrad)."""
+    cdef fo_adam_args a
+    a.lr = lr; a.beta1 = beta1; a.beta2 = beta2; a.eps = eps
+    a.weight_decay = weight_decay; a.l1 = l1; a.amsgrad = amsgrad
+    a.maximize = maximize; a.decoupled = decoupled; a.step = step
+    cdef void **vmax = _null_or(max_exp_avg_sq)
+    with nogil:
+        if params.is_f64:
+            fo_adam_step_f64(<double **>params.ptr, <double **>exp_avg.ptr,
+                             <double **>exp_avg_sq.ptr, <double **>vmax,
+                             <const double **>g.ptr, params.numel, params.n, &a)
+        else:
+            fo_adam_step_f32(<float **>params.ptr, <float **>exp_avg.ptr,
+                             <float **>exp_avg_sq.ptr, <float **>vmax,
+                             <const float **>g.ptr, params.numel, params.n, &a)

@@ -1,0 +1,388 @@
+"""Optimizers on NumPy arrays with the interface of ``torch.optim``.
+
+Each class holds its param groups and state arrays; ``step(grads)`` checks every
+gradient of every group, then makes one multi-tensor C call per group, updating
+the params and state in place. Formulas and defaults are PyTorch's (see
+DESIGN.md), plus ``l1``: the L1 subgradient ``l1*sign(p)`` added to the gradient
+inside the same kernel (decoupled in AdamW, like its weight decay).
+"""
+import math
+from numbers import Real
+
+import numpy as np
+
+from . import _fastopt
+
+__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+
+def as_inplace_array(x, name):
+    """A NumPy view of x that shares its memory, or TypeError: any buffer NumPy
+    can view without a copy (ndarray, memoryview, torch CPU tensor) is accepted,
+    anything that would be copied (a list, a tensor that requires grad) is not."""
+    if isinstance(x, np.ndarray):
+        return x
+    try:
+        a = np.asarray(x)
+    except Exception as e:  # e.g. torch: "Can't call numpy() on Tensor that requires grad"
+        raise TypeError(f"{name} cannot be viewed as an array without a copy: {e}") from None
+    if a.base is None and a.flags.owndata:
+        raise TypeError(f"{name} ({type(x).__name__}) would be copied, so it could not "
+                        "be updated in place; pass an ndarray or a buffer")
+    return a
+
+
+def _check_scalar(group, key, lo=None, hi=None, lo_open=False, hi_open=False):
+    """group[key] must be a real number within the bounds (NaN never is)."""
+    v = group[key]
+    if isinstance(v, bool) or not isinstance(v, (Real, np.floating, np.integer)):
+        raise TypeError(f"{key} must be a real number, got {type(v).__name__}")
+    v = float(v)
+    ok = not math.isnan(v)
+    if lo is not None:
+        ok = ok and (v > lo if lo_open else v >= lo)
+    if hi is not None:
+        ok = ok and (v < hi if hi_open else v <= hi)
+    if not ok:
+        lb = "" if lo is None else ("(" if lo_open else "[") + f"{lo}, "
+        hb = "" if hi is None else f"{hi}" + (")" if hi_open else "]")
+        rng = f"in {lb}{hb}" if lo is not None and hi is not None else (
+            f"{'>' if lo_open else '>='} {lo}" if lo is not None else f"<= {hi}")
+        raise ValueError(f"{key} must be {rng}, got {v}")
+    return v
+
+
+class Optimizer:
+    """Base class: param groups, state arrays, state_dict, the checked step.
+
+    A subclass sets ``defaults``, and defines ``_validate(group)`` (range checks),
+    ``_state_names(group)`` (which state arrays the options need),
+    ``_init_state(name, param, group)`` and ``_update(g, grads, group)`` (one
+    binding call for one group, whose grads are already checked).
+    """
+
+    defaults = {}
+
+    def __init__(self, params, **kwargs):
+        self.defaults = dict(type(self).defaults)
+        unknown = set(kwargs) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"unexpected argument(s): {sorted(unknown)}")
+        self.defaults.update(kwargs)
+        self.param_groups = []
+        self._groups = []   # per group: {'params': TensorTable, 'state': {name: TensorTable}, 'step': int}
+        params = list(params)
+        if not params:
+            raise ValueError("params is an empty list")
+        if not isinstance(params[0], dict):
+            params = [{"params": params}]
+        for g in params:
+            self.add_param_group(g)
+
+    # ---- groups ---------------------------------------------------------
+    def add_param_group(self, param_group):
+        """Add a dict with 'params' and optional hyperparameters (defaults fill the rest)."""
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise TypeError("param_group must be a dict with a 'params' entry")
+        group = dict(param_group)
+        ps = group["params"]
+        ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
+        unknown = set(group) - set(self.defaults) - {"params"}
+        if unknown:
+            raise TypeError(f"unexpected hyperparameter(s): {sorted(unknown)}")
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        arrays = [as_inplace_array(p, f"params[{i}]") for i, p in enumerate(ps)]
+        self._validate(group)
+        table = _fastopt.TensorTable(arrays, "params")
+        existing = [a for g in self._groups for a in g["params"].arrays] + []
+        for i, a in enumerate(arrays):
+            for b in existing + arrays[:i]:
+                if np.may_share_memory(a, b):
+                    raise ValueError(f"params[{i}] appears (or overlaps a param) in "
+                                     "more than one place")
+        group["params"] = arrays
+        internal = {"params": table, "state": {}, "step": 0}
+        for name in self._eager_state_names(group):
+            internal["state"][name] = self._new_state(name, table, group)
+        self.param_groups.append(group)
+        self._groups.append(internal)
+
+    def _eager_state_names(self, group):
+        return ()
+
+    def _new_state(self, name, table, group):
+        arrays = [self._init_state(name, p, group) for p in table.arrays]
+        return _fastopt.TensorTable(arrays, name, table)
+
+    def _init_state(self, name, param, group):
+        return np.zeros_like(param)
+
+    # ---- step -------------------------------------------------------------
+    def step(self, grads):
+        """Update every param in place from grads: a sequence aligned with the
+        params of all groups, in order. Checks everything before writing."""
+        grads = list(grads)
+        total = sum(g["params"].n for g in self._groups)
+        if len(grads) != total:
+            raise ValueError(f"grads has {len(grads)} arrays, expected {total} "
+                             "(one per param, all groups in order)")
+        checked, start = [], 0
+        for group, g in zip(self.param_groups, self._groups):
+            self._validate(group)
+            n = g["params"].n
+            checked.append(_fastopt.check_grads(g["params"], grads[start:start + n]))
+            start += n
+        for group, g, gt in zip(self.param_groups, self._groups, checked):
+            fresh = set()
+            for name in self._state_names(group):
+                if name not in g["state"]:
+                    g["state"][name] = self._new_state(name, g["params"], group)
+                    fresh.add(name)
+            g["step"] += 1
+            self._update(g, gt, group, fresh)
+
+    # ---- state_dict -------------------------------------------------------
+    def state_dict(self):
+        """{'state': {index: {'step': float, name: array copy}}, 'param_groups': [...]}
+        in torch's layout (params numbered across groups)."""
+        state, groups, idx = {}, [], 0
+        for group, g in zip(self.param_groups, self._groups):
+            d = {k: v for k, v in group.items() if k != "params"}
+            d["params"] = list(range(idx, idx + g["params"].n))
+            groups.append(d)
+            if g["step"] > 0:
+                for i in range(g["params"].n):
+                    s = {"step": float(g["step"])}
+                    for name, t in g["state"].items():
+                        s[name] = t.arrays[i].copy()
+                    state[idx + i] = s
+            idx += g["params"].n
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Load a dict from state_dict() (or torch's, converted to NumPy). It is
+        checked whole first; if anything does not fit, nothing changes."""
+        try:
+            sd_groups, sd_state = state_dict["param_groups"], state_dict["state"]
+        except (TypeError, KeyError):
+            raise ValueError("state_dict must have 'state' and 'param_groups'") from None
+        if len(sd_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(sd_groups)} param groups, "
+                             f"expected {len(self.param_groups)}")
+        plan = []
+        for gi, (sg, g) in enumerate(zip(sd_groups, self._groups)):
+            ids = list(sg.get("params", []))
+            if len(ids) != g["params"].n:
+                raise ValueError(f"param group {gi} has {len(ids)} params in state_dict, "
+                                 f"expected {g['params'].n}")
+            group = dict(self.param_groups[gi])
+            group.update({k: v for k, v in sg.items() if k in self.defaults})
+            self._validate(group)
+            names = self._state_names(group)
+            steps, arrays = set(), {n: [] for n in names}
+            for i, pid in enumerate(ids):
+                s = sd_state.get(pid, sd_state.get(str(pid)))
+                if s is None:
+                    steps.add(0)
+                    continue
+                steps.add(int(float(np.asarray(s.get("step", 0)))))
+                p = g["params"].arrays[i]
+                for n in names:
+                    a = s.get(n)
+                    if a is None and n == "momentum_buffer":
+                        continue        # torch keeps None before the first momentum step
+                    if a is None:
+                        raise ValueError(f"state of param {pid} lacks '{n}'")
+                    a = np.asarray(a)
+                    if a.shape != p.shape or a.dtype != p.dtype:
+                        raise ValueError(f"state '{n}' of param {pid} has {a.dtype}"
+                                         f"{a.shape}, expected {p.dtype}{p.shape}")
+                    arrays[n].append(a)
+            if len(steps) > 1:
+                raise ValueError(f"params of group {gi} have different steps {sorted(steps)}")
+            step = steps.pop() if steps else 0
+            for n in names:
+                if arrays[n] and len(arrays[n]) != g["params"].n:
+                    raise ValueError(f"state '{n}' is missing for some params of group {gi}")
+            plan.append((group, step, arrays))
+        for gi, (group, step, arrays) in enumerate(plan):
+            group["params"] = self.param_groups[gi]["params"]
+            self.param_groups[gi] = group
+            g = self._groups[gi]
+            g["step"] = step
+            g["state"] = {}
+            for n, arrs in arrays.items():
+                if arrs:
+                    g["state"][n] = _fastopt.TensorTable(
+                        [np.array(a, copy=True, order="C") for a in arrs], n, g["params"])
+            for n in self._eager_state_names(group):
+                if n not in g["state"]:
+                    g["state"][n] = self._new_state(n, g["params"], group)
+
+    def __repr__(self):
+        lines = [type(self).__name__ + " ("]
+        for i, g in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {i}")
+            lines += [f"    {k}: {v}" for k, v in sorted(g.items()) if k != "params"]
+        return "\n".join(lines + [")"])
+
+    @staticmethod
+    def _common_checks(group):
+        _check_scalar(group, "lr", 0)
+        _check_scalar(group, "weight_decay", 0)
+        _check_scalar(group, "l1", 0)
+        group["maximize"] = bool(group["maximize"])
+
+
+def _state(g, name):
+    return g["state"].get(name)
+
+
+class SGD(Optimizer):
+    """p -= lr*g with momentum b = momentum*b + (1-dampening)*g (first step b = g)
+    and optional Nesterov g + momentum*b."""
+
+    defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                    nesterov=False, maximize=False, l1=0.0)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, l1=0.0):
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov,
+                         maximize=maximize, l1=l1)
+
+    def _validate(self, group):
+        self._common_checks(group)
+        m = _check_scalar(group, "momentum", 0)
+        d = _check_scalar(group, "dampening", 0, 1)
+        if group["nesterov"] and (m <= 0 or d != 0):
+            raise ValueError("nesterov requires momentum > 0 and dampening = 0")
+
+    def _state_names(self, group):
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _update(self, g, grads, group, fresh):
+        _fastopt.sgd_step(
+            g["params"], grads, _state(g, "momentum_buffer"), lr=group["lr"],
+            momentum=group["momentum"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"], l1=group["l1"],
+            nesterov=bool(group["nesterov"]), maximize=group["maximize"],
+            first_step="momentum_buffer" in fresh)
+
+
+class Adagrad(Optimizer):
+    """s += g*g; p -= lr/(1+(step-1)*lr_decay) * g/(sqrt(s)+eps)."""
+
+    defaults = dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+                    eps=1e-10, maximize=False, l1=0.0)
+
+    def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 initial_accumulator_value=0.0, eps=1e-10, *, maximize=False, l1=0.0):
+        super().__init__(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                         initial_accumulator_value=initial_accumulator_value, eps=eps,
+                         maximize=maximize, l1=l1)
+
+    def _validate(self, group):
+        self._common_checks(group)
+        _check_scalar(group, "lr_decay", 0)
+        _check_scalar(group, "initial_accumulator_value", 0)
+        _check_scalar(group, "eps", 0, lo_open=True)
+
+    def _state_names(self, group):
+        return ("sum",)
+
+    _eager_state_names = _state_names
+
+    def _init_state(self, name, param, group):
+        return np.full_like(param, group["initial_accumulator_value"])
+
+    def _update(self, g, grads, group, fresh):
+        _fastopt.adagrad_step(
+            g["params"], grads, g["state"]["sum"], lr=group["lr"],
+            lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+            eps=group["eps"], l1=group["l1"], maximize=group["maximize"], step=g["step"])
+
+
+class RMSprop(Optimizer):
+    """s = alpha*s + (1-alpha)*g*g; p -= lr*g/(sqrt(s)+eps), optionally centered,
+    with momentum and (fastopt's) Nesterov momentum."""
+
+    defaults = dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                    centered=False, nesterov=False, maximize=False, l1=0.0)
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                 momentum=0.0, centered=False, *, nesterov=False, maximize=False, l1=0.0):
+        super().__init__(params, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                         momentum=momentum, centered=centered, nesterov=nesterov,
+                         maximize=maximize, l1=l1)
+
+    def _validate(self, group):
+        self._common_checks(group)
+        _check_scalar(group, "alpha", 0, 1)
+        _check_scalar(group, "eps", 0, lo_open=True)
+        m = _check_scalar(group, "momentum", 0)
+        if group["nesterov"] and m <= 0:
+            raise ValueError("nesterov requires momentum > 0")
+
+    def _state_names(self, group):
+        names = ["square_avg"]
+        if group["momentum"] > 0:
+            names.append("momentum_buffer")
+        if group["centered"]:
+            names.append("grad_avg")
+        return tuple(names)
+
+    def _update(self, g, grads, group, fresh):
+        _fastopt.rmsprop_step(
+            g["params"], grads, g["state"]["square_avg"], _state(g, "grad_avg"),
+            _state(g, "momentum_buffer"), lr=group["lr"], alpha=group["alpha"],
+            eps=group["eps"], weight_decay=group["weight_decay"],
+            momentum=group["momentum"], l1=group["l1"], centered=bool(group["centered"]),
+            nesterov=bool(group["nesterov"]), maximize=group["maximize"])
+
+
+class Adam(Optimizer):
+    """m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
+    p -= lr/(1-b1^t) * m/(sqrt(v)/sqrt(1-b2^t) + eps) (amsgrad: running max of v)."""
+
+    defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                    amsgrad=False, maximize=False, l1=0.0)
+    _decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=None,
+                 amsgrad=False, *, maximize=False, l1=0.0):
+        if weight_decay is None:
+            weight_decay = type(self).defaults["weight_decay"]
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, l1=l1)
+
+    def _validate(self, group):
+        self._common_checks(group)
+        _check_scalar(group, "eps", 0, lo_open=True)
+        try:
+            b1, b2 = group["betas"]
+        except (TypeError, ValueError):
+            raise TypeError("betas must be a pair (beta1, beta2)") from None
+        _check_scalar({"betas[0]": b1}, "betas[0]", 0, 1, hi_open=True)
+        _check_scalar({"betas[1]": b2}, "betas[1]", 0, 1, hi_open=True)
+
+    def _state_names(self, group):
+        return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+    def _update(self, g, grads, group, fresh):
+        b1, b2 = group["betas"]
+        _fastopt.adam_step(
+            g["params"], grads, g["state"]["exp_avg"], g["state"]["exp_avg_sq"],
+            _state(g, "max_exp_avg_sq"), lr=group["lr"], beta1=b1, beta2=b2,
+            eps=group["eps"], weight_decay=group["weight_decay"], l1=group["l1"],
+            amsgrad=bool(group["amsgrad"]), maximize=group["maximize"],
+            decoupled=self._decoupled, step=g["step"])
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: first p *= 1 - lr*weight_decay
+    (and p -= lr*l1*sign(p)), then the Adam step on the raw gradient."""
+
+    defaults = dict(Adam.defaults, weight_decay=1e-2)
+    _decoupled = True

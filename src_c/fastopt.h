@@ -1,0 +1,116 @@
+/* fastopt.h -- the public C ABI of fastopt.
+ *
+ * Plain C99, no Python. Every kernel exists for float32 (_f32) and float64
+ * (_f64); counts and indices are int64_t so arrays over 2^31 elements work.
+ * Argument order: in-place/output buffers first, const inputs next, then
+ * sizes, then a struct of hyperparameters.
+ *
+ * Optimizer kernels are multi-tensor: each pointer argument is a table of
+ * `ntensors` pointers, tensor k having `numel[k]` elements, so that one call
+ * updates a whole parameter group. A state table that an option does not use
+ * (e.g. max_exp_avg_sq without amsgrad) may be NULL.
+ *
+ * Threads: kernels split their work over fo_get_num_threads() OpenMP threads
+ * (1 when built without OpenMP). Element-wise kernels give bitwise identical
+ * results for every thread count; reductions reduce fixed-size blocks in a
+ * fixed order so that they do too.
+ */
+#ifndef FASTOPT_H
+#define FASTOPT_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- threads ---------------------------------------------------------- */
+
+void fo_set_num_threads(int n);  /* n >= 1; clamps nothing, n is used as given */
+int fo_get_num_threads(void);
+int fo_has_openmp(void);         /* 1 when built with OpenMP */
+
+/* dst[0:nbytes] = src[0:nbytes] with the kernels' threads: the copy-bandwidth
+ * baseline that the benchmarks measure against. */
+void fo_copy(void *dst, const void *src, int64_t nbytes);
+
+/* ---- optimizers -------------------------------------------------------- */
+/* Shared gradient preprocessing (PyTorch's order):
+ *   g = maximize ? -g : g;  g += weight_decay*p (coupled);  g += l1*sign(p). */
+
+typedef struct {
+    double lr, momentum, dampening, weight_decay, l1;
+    int nesterov, maximize;
+    int first_step;          /* 1 on the first step: momentum_buffer = g */
+} fo_sgd_args;
+
+/* SGD: b = first ? g : momentum*b + (1-dampening)*g;
+ *      g = nesterov ? g + momentum*b : b;  p -= lr*g.
+ * momentum_buffer may be NULL when momentum == 0. */
+void fo_sgd_step_f32(float *const *param, float *const *momentum_buffer,
+                     const float *const *grad, const int64_t *numel,
+                     int64_t ntensors, const fo_sgd_args *a);
+void fo_sgd_step_f64(double *const *param, double *const *momentum_buffer,
+                     const double *const *grad, const int64_t *numel,
+                     int64_t ntensors, const fo_sgd_args *a);
+
+typedef struct {
+    double lr, lr_decay, weight_decay, eps, l1;
+    int maximize;
+    int64_t step;            /* 1-based count of this step */
+} fo_adagrad_args;
+
+/* Adagrad: clr = lr/(1+(step-1)*lr_decay); s += g*g; p -= clr*g/(sqrt(s)+eps). */
+void fo_adagrad_step_f32(float *const *param, float *const *sum,
+                         const float *const *grad, const int64_t *numel,
+                         int64_t ntensors, const fo_adagrad_args *a);
+void fo_adagrad_step_f64(double *const *param, double *const *sum,
+                         const double *const *grad, const int64_t *numel,
+                         int64_t ntensors, const fo_adagrad_args *a);
+
+typedef struct {
+    double lr, alpha, eps, weight_decay, momentum, l1;
+    int centered, nesterov, maximize;
+} fo_rmsprop_args;
+
+/* RMSprop: s = alpha*s + (1-alpha)*g*g;
+ *   centered: ga = alpha*ga + (1-alpha)*g, avg = sqrt(s - ga*ga) + eps
+ *   else      avg = sqrt(s) + eps
+ *   momentum > 0: b = momentum*b + g/avg;
+ *                 p -= lr*(nesterov ? g/avg + momentum*b : b)
+ *   else          p -= lr*g/avg.
+ * grad_avg may be NULL unless centered, momentum_buffer unless momentum > 0. */
+void fo_rmsprop_step_f32(float *const *param, float *const *square_avg,
+                         float *const *grad_avg, float *const *momentum_buffer,
+                         const float *const *grad, const int64_t *numel,
+                         int64_t ntensors, const fo_rmsprop_args *a);
+void fo_rmsprop_step_f64(double *const *param, double *const *square_avg,
+                         double *const *grad_avg, double *const *momentum_buffer,
+                         const double *const *grad, const int64_t *numel,
+                         int64_t ntensors, const fo_rmsprop_args *a);
+
+typedef struct {
+    double lr, beta1, beta2, eps, weight_decay, l1;
+    int amsgrad, maximize;
+    int decoupled;           /* 1 = AdamW: p *= 1 - lr*wd, p -= lr*l1*sign(p) */
+    int64_t step;            /* 1-based count of this step (bias corrections) */
+} fo_adam_args;
+
+/* Adam: m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g; amsgrad: vmax = max(vmax, v);
+ *       denom = sqrt(amsgrad ? vmax : v)/sqrt(1-b2^t) + eps;
+ *       p -= lr/(1-b1^t) * m/denom.
+ * max_exp_avg_sq may be NULL unless amsgrad. */
+void fo_adam_step_f32(float *const *param, float *const *exp_avg,
+                      float *const *exp_avg_sq, float *const *max_exp_avg_sq,
+                      const float *const *grad, const int64_t *numel,
+                      int64_t ntensors, const fo_adam_args *a);
+void fo_adam_step_f64(double *const *param, double *const *exp_avg,
+                      double *const *exp_avg_sq, double *const *max_exp_avg_sq,
+                      const double *const *grad, const int64_t *numel,
+                      int64_t ntensors, const fo_adam_args *a);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FASTOPT_H */

@@ -1,0 +1,86 @@
+/* parallel.c -- thread count, the shared work splitter and a threaded copy. */
+#include <string.h>
+
+#include "fastopt.h"
+#include "parallel.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Below this many elements per thread, an extra thread costs more than it saves
+ * (a parallel region is a few microseconds). */
+#define FO_MIN_PER_THREAD 32768
+/* Split points fall on multiples of 16 elements: whole cache lines for float32. */
+#define FO_ALIGN 16
+
+static int fo_threads = 0;  /* 0 = not yet set: OpenMP's default */
+
+void fo_set_num_threads(int n) { fo_threads = n < 1 ? 1 : n; }
+
+int fo_get_num_threads(void) {
+#ifdef _OPENMP
+    if (fo_threads == 0) fo_threads = omp_get_max_threads();
+    return fo_threads;
+#else
+    return 1;
+#endif
+}
+
+int fo_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Run body over the global element range [lo, hi) of the concatenated tensors. */
+static void run_range(const int64_t *numel, int64_t ntensors, fo_chunk_fn body,
+                      void *ctx, int64_t lo, int64_t hi) {
+    int64_t base = 0;
+    for (int64_t k = 0; k < ntensors && base < hi; k++) {
+        int64_t b = lo > base ? lo - base : 0;
+        int64_t e = hi - base < numel[k] ? hi - base : numel[k];
+        if (b < e) body(ctx, k, b, e);
+        base += numel[k];
+    }
+}
+
+void fo_parallel_foreach(const int64_t *numel, int64_t ntensors,
+                         fo_chunk_fn body, void *ctx) {
+    int64_t total = 0;
+    for (int64_t k = 0; k < ntensors; k++) total += numel[k];
+    if (total == 0) return;
+    int64_t nt = fo_get_num_threads();
+    if (nt > total / FO_MIN_PER_THREAD) nt = total / FO_MIN_PER_THREAD;
+    if (nt <= 1) {
+        run_range(numel, ntensors, body, ctx, 0, total);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)nt)
+    {
+        int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        int64_t lo = (total / n * t) / FO_ALIGN * FO_ALIGN;
+        int64_t hi = t == n - 1 ? total : (total / n * (t + 1)) / FO_ALIGN * FO_ALIGN;
+        run_range(numel, ntensors, body, ctx, lo, hi);
+    }
+#endif
+}
+
+typedef struct { char *dst; const char *src; } copy_ctx;
+
+static void copy_body(void *c, int64_t tensor, int64_t b, int64_t e) {
+    (void)tensor;
+    copy_ctx *x = (copy_ctx *)c;
+    memcpy(x->dst + 4 * b, x->src + 4 * b, (size_t)(4 * (e - b)));
+}
+
+void fo_copy(void *dst, const void *src, int64_t nbytes) {
+    copy_ctx c = {(char *)dst, (const char *)src};
+    /* counted in 4-byte units so that the split matches a float32 kernel's */
+    int64_t n4 = nbytes / 4;
+    fo_parallel_foreach(&n4, 1, copy_body, &c);
+    memcpy(c.dst + n4 * 4, c.src + n4 * 4, (size_t)(nbytes - n4 * 4));
+}

@@ -1,0 +1,27 @@
+/* parallel.h -- internal: the one work splitter that every element-wise
+ * kernel family uses, and the run-time instruction-set dispatch macro. */
+#ifndef FASTOPT_PARALLEL_H
+#define FASTOPT_PARALLEL_H
+
+#include <stdint.h>
+
+/* Process elements [begin, end) of tensor `tensor`. */
+typedef void (*fo_chunk_fn)(void *ctx, int64_t tensor, int64_t begin, int64_t end);
+
+/* Calls body over every element of a list of tensors (numel[k] elements each),
+ * splitting the concatenated index space into one contiguous, cache-line
+ * aligned range per thread. Small jobs run on the calling thread: a parallel
+ * region costs microseconds, more than a 10^4-element update. */
+void fo_parallel_foreach(const int64_t *numel, int64_t ntensors,
+                         fo_chunk_fn body, void *ctx);
+
+/* Compile a function for baseline x86-64, AVX2+FMA and AVX-512, picked at
+ * load time by the CPU (GCC ifunc), so one build is fast on every x86-64 and
+ * never executes an instruction the CPU lacks. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FO_DISPATCH __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define FO_DISPATCH
+#endif
+
+#endif
