@@ -7,6 +7,7 @@ cdef extern from "fastopt.h" nogil:
     int fo_get_num_threads()
     int fo_has_openmp()
     void fo_copy(void *dst, const void *src, int64_t nbytes)
+    void fo_stream_add_f32(float *a, const float *b, int64_t n)
 
 
 def set_num_threads(int n):
@@ -37,6 +38,19 @@ def copy(cnp.ndarray dst, cnp.ndarray src):
     cdef int64_t nb = dst.nbytes
     with nogil:
         fo_copy(d, s, nb)
+
+
+def stream_add(cnp.ndarray a, cnp.ndarray b):
+    """a += b (float32) with the kernels' threads: the in-place streaming baseline."""
+    _check_array(a, "a", np.float32, True)
+    _check_array(b, "b", np.float32, False)
+    if a.size != b.size:
+        raise ValueError(f"a has {a.size} elements, b {b.size}")
+    cdef float *pa = <float *>cnp.PyArray_DATA(a)
+    cdef const float *pb = <const float *>cnp.PyArray_DATA(b)
+    cdef int64_t n = a.size
+    with nogil:
+        fo_stream_add_f32(pa, pb, n)
 
 
 cdef inline str _dtype_name(object dt):

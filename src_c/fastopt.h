@@ -33,6 +33,9 @@ int fo_has_openmp(void);         /* 1 when built with OpenMP */
 /* dst[0:nbytes] = src[0:nbytes] with the kernels' threads: the copy-bandwidth
  * baseline that the benchmarks measure against. */
 void fo_copy(void *dst, const void *src, int64_t nbytes);
+/* a[i] += b[i]: the in-place streaming baseline (reads 2 arrays, writes 1 in
+ * place, the access pattern of an optimizer step). */
+void fo_stream_add_f32(float *a, const float *b, int64_t n);
 
 /* ---- optimizers -------------------------------------------------------- */
 /* Shared gradient preprocessing (PyTorch's order):
