@@ -112,6 +112,57 @@ void fo_adam_step_f64(double *const *param, double *const *exp_avg,
                       const double *const *grad, const int64_t *numel,
                       int64_t ntensors, const fo_adam_args *a);
 
+/* ---- batch normalization (norm.c) ------------------------------------- */
+/* Arrays are row-major (outer, C, inner): NCHW (N, C, *spatial) is outer = N,
+ * inner = prod(spatial); (N, C) and channels-last (N, *spatial, C) are
+ * outer = N*prod(spatial), inner = 1. Statistics of channel c run over its
+ * M = outer*inner elements. Per-channel arrays have C entries. Reductions are
+ * float64 and bitwise identical for any thread count. Kernels return 0, or -1
+ * when scratch memory (O(C) plus a few hundred KB) cannot be allocated. */
+
+typedef struct {
+    double eps;
+    double momentum;   /* running = (1-momentum)*running + momentum*batch */
+    int training;      /* 1: batch statistics; 0: running statistics */
+} fo_batchnorm_args;
+
+/* training: mean, var = mean and biased variance of x per channel;
+ *   save_mean = mean, save_invstd = 1/sqrt(var + eps);
+ *   running_mean/var (may be NULL) updated with momentum and the unbiased
+ *   variance var*M/(M-1); M >= 1 required.
+ * eval: mean, var = running_mean, running_var (required); save_mean and
+ *   save_invstd may be NULL, else they receive the same values as in training.
+ * y = (x - mean)*invstd*weight + bias; weight and bias may be NULL (1 and 0). */
+int fo_batchnorm_forward_f32(float *y, float *save_mean, float *save_invstd,
+                             float *running_mean, float *running_var, const float *x,
+                             const float *weight, const float *bias, int64_t outer,
+                             int64_t C, int64_t inner, const fo_batchnorm_args *a);
+int fo_batchnorm_forward_f64(double *y, double *save_mean, double *save_invstd,
+                             double *running_mean, double *running_var, const double *x,
+                             const double *weight, const double *bias, int64_t outer,
+                             int64_t C, int64_t inner, const fo_batchnorm_args *a);
+
+typedef struct {
+    int training;      /* 1: the statistics depended on x (batch stats) */
+    int accumulate;    /* 1: dweight += ..., dbias += ...; 0: overwrite */
+} fo_batchnorm_backward_args;
+
+/* With xhat = (x - save_mean)*save_invstd:
+ *   dweight = sum(dy*xhat), dbias = sum(dy) per channel (either may be NULL);
+ *   training: dx = weight*invstd*(dy - mean(dy) - xhat*mean(dy*xhat));
+ *   eval:     dx = weight*invstd*dy.
+ * dx may be NULL (only parameter gradients); weight NULL means 1. */
+int fo_batchnorm_backward_f32(float *dx, float *dweight, float *dbias, const float *dy,
+                              const float *x, const float *save_mean,
+                              const float *save_invstd, const float *weight,
+                              int64_t outer, int64_t C, int64_t inner,
+                              const fo_batchnorm_backward_args *a);
+int fo_batchnorm_backward_f64(double *dx, double *dweight, double *dbias, const double *dy,
+                              const double *x, const double *save_mean,
+                              const double *save_invstd, const double *weight,
+                              int64_t outer, int64_t C, int64_t inner,
+                              const fo_batchnorm_backward_args *a);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,47 @@
+/* norm.c -- batch normalization: training and eval forward, backward.
+ *
+ * Every layout is seen as a row-major (outer, C, inner) array: NCHW (N, C, S)
+ * is outer = N, inner = S = prod(spatial); (N, C) and channels-last
+ * (N, *spatial, C) are outer = N (or N*S), inner = 1. The statistics of
+ * channel c run over its outer*inner elements.
+ *
+ * Each kernel is one reduction pass and one apply pass over memory:
+ *   forward (training): sums of (x - K) and (x - K)^2 per channel, K = the
+ *     channel's first element (the shifted-data algorithm: K lies within the
+ *     data's spread, so the float64 sums do not cancel even for x = 1e4 +
+ *     N(0, 1)); then y = (x - mean_T)*scale + shift, where mean_T is the mean
+ *     rounded to T, so that x - mean_T is (nearly) exact and the rounding of
+ *     the mean is folded into `shift` in double.
+ *   forward (eval): y = x*scale + shift, running stats folded per channel.
+ *   backward: sums of dy and dy*(x - mean) per channel in one pass over
+ *     (x, dy), then dx = k1*dy + k2*(x - mean) + k3 in one pass.
+ *
+ * Determinism: a reduction is split into fixed units (a run of rows, or a
+ * channel over a run of samples) that depend on the shape only; each unit's
+ * float64 partial sums go to their own slot and are added in unit order, so
+ * results are bitwise identical for any thread count.
+ *
+ * The math lives in norm_impl.h, instantiated for float32 and float64. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fastopt.h"
+#include "parallel.h"
+#include "stream.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define T float
+#define SFX(x) x##_f32
+#include "norm_impl.h"
+#undef T
+#undef SFX
+
+#define T double
+#define SFX(x) x##_f64
+#include "norm_impl.h"
+#undef T
+#undef SFX

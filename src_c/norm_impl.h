@@ -1,0 +1,413 @@
+/* norm_impl.h -- the batch-norm kernels, written once for both precisions.
+ * norm.c includes this file twice, with
+ *   T        float or double
+ *   SFX(x)   x ## _f32 or x ## _f64
+ *
+ * Two ways to walk an (outer, C, inner) array (the plan, chosen from the
+ * shape alone):
+ *   row mode (inner small: (N, C), channels-last): a row of L = C*inner
+ *     elements holds every channel; loops run along the row with per-column
+ *     arrays (center, coefficients, float64 partial sums), vectorized across
+ *     columns. A reduction unit is a run of rows.
+ *   segment mode (NCHW with spatial dims): the inner elements of one
+ *     (sample, channel) are contiguous; loops run along a segment with
+ *     per-channel scalars. A reduction unit is one channel over a run of
+ *     samples, summed into FO_NORM_LANES float64 lane accumulators. */
+
+#define INLINE static inline __attribute__((always_inline))
+
+#ifndef FO_NORM_PLAN
+#define FO_NORM_PLAN
+
+#define FO_NORM_LANES 16               /* lane accumulators of a segment sum */
+#define FO_NORM_ROW_UNIT 65536         /* row mode: elements per reduction unit */
+#define FO_NORM_SEG_UNIT 8192          /* segment mode: elements per reduction unit */
+#define FO_NORM_MIN_PER_THREAD 32768   /* below: one thread (a parallel region costs us) */
+
+typedef struct {
+    int64_t outer, C, inner, M;   /* M = outer*inner: elements per channel */
+    int row_mode;
+    int64_t W;                    /* per-column arrays: L = C*inner (row mode) or C */
+    int64_t per_unit;             /* rows (row mode) or samples (segment mode) per unit */
+    int64_t nblocks;              /* runs of rows / of samples */
+    int64_t nunits;               /* row mode: nblocks; segment mode: nblocks*C */
+    int nthreads;
+} fo_norm_plan;
+
+static fo_norm_plan fo_norm_make_plan(int64_t outer, int64_t C, int64_t inner) {
+    fo_norm_plan p;
+    p.outer = outer; p.C = C; p.inner = inner; p.M = outer * inner;
+    int64_t L = C * inner;
+    p.row_mode = inner < 16 && L <= 16384;
+    p.W = p.row_mode ? L : C;
+    if (p.row_mode) {
+        p.per_unit = L >= FO_NORM_ROW_UNIT ? 1 : FO_NORM_ROW_UNIT / (L ? L : 1);
+    } else {
+        p.per_unit = inner >= FO_NORM_SEG_UNIT ? 1 : FO_NORM_SEG_UNIT / inner;
+    }
+    p.nblocks = (outer + p.per_unit - 1) / p.per_unit;
+    p.nunits = p.row_mode ? p.nblocks : p.nblocks * C;
+    int64_t nt = fo_get_num_threads();
+    int64_t total = outer * L;
+    if (nt > total / FO_NORM_MIN_PER_THREAD) nt = total / FO_NORM_MIN_PER_THREAD;
+    if (nt < 1) nt = 1;
+    p.nthreads = (int)nt;
+    return p;
+}
+
+#endif /* FO_NORM_PLAN */
+
+/* Everything a pass needs; per-column arrays have plan.W entries. */
+typedef struct {
+    fo_norm_plan plan;
+    const T *x, *dy;
+    T *out;
+    int stream_out;          /* write `out` with streaming stores */
+    const double *center;    /* reduction: sums of a*(x - center) */
+    double *partial;         /* reduction: per unit 2*W (row) or 2 (segment) sums */
+    const T *cen, *k1, *k2, *k3;   /* apply: out = k1*dy + k2*(x - cen) + k3 */
+} SFX(norm_job);
+
+/* ---------------------------------------------------------- reduction */
+/* Per channel: s1 = sum(a), s2 = sum(a*u), u = x - center,
+ * a = dy (backward) or u (forward statistics). */
+
+INLINE void SFX(reduce_row)(const T *restrict x, const T *restrict dy,
+                            const double *restrict center, double *restrict s1,
+                            double *restrict s2, int64_t L, const int has_dy) {
+    for (int64_t j = 0; j < L; j++) {
+        double u = (double)x[j] - center[j];
+        double a = has_dy ? (double)dy[j] : u;
+        s1[j] += a;
+        s2[j] += a * u;
+    }
+}
+
+INLINE void SFX(reduce_segment)(const T *restrict x, const T *restrict dy, double center,
+                                double *restrict acc1, double *restrict acc2, int64_t n,
+                                const int has_dy) {
+    int64_t i = 0;
+    for (; i + FO_NORM_LANES <= n; i += FO_NORM_LANES) {
+        for (int l = 0; l < FO_NORM_LANES; l++) {
+            double u = (double)x[i + l] - center;
+            double a = has_dy ? (double)dy[i + l] : u;
+            acc1[l] += a;
+            acc2[l] += a * u;
+        }
+    }
+    for (int l = 0; i < n; i++, l++) {
+        double u = (double)x[i] - center;
+        double a = has_dy ? (double)dy[i] : u;
+        acc1[l] += a;
+        acc2[l] += a * u;
+    }
+}
+
+INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const int has_dy) {
+    const fo_norm_plan *p = &j->plan;
+    int64_t L = p->C * p->inner;
+    if (p->row_mode) {
+        double *s1 = j->partial + unit * 2 * p->W, *s2 = s1 + p->W;
+        memset(s1, 0, sizeof(double) * 2 * (size_t)p->W);
+        int64_t r0 = unit * p->per_unit;
+        int64_t r1 = r0 + p->per_unit < p->outer ? r0 + p->per_unit : p->outer;
+        for (int64_t r = r0; r < r1; r++)
+            SFX(reduce_row)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->center,
+                            s1, s2, L, has_dy);
+    } else {
+        int64_t b = unit / p->C, c = unit % p->C;
+        double acc1[FO_NORM_LANES] = {0}, acc2[FO_NORM_LANES] = {0};
+        int64_t n0 = b * p->per_unit;
+        int64_t n1 = n0 + p->per_unit < p->outer ? n0 + p->per_unit : p->outer;
+        for (int64_t n = n0; n < n1; n++) {
+            int64_t off = (n * p->C + c) * p->inner;
+            SFX(reduce_segment)(j->x + off, has_dy ? j->dy + off : 0, j->center[c],
+                                acc1, acc2, p->inner, has_dy);
+        }
+        double t1 = 0, t2 = 0;
+        for (int l = 0; l < FO_NORM_LANES; l++) {
+            t1 += acc1[l];
+            t2 += acc2[l];
+        }
+        j->partial[2 * unit] = t1;
+        j->partial[2 * unit + 1] = t2;
+    }
+}
+
+FO_DISPATCH static void SFX(reduce_unit)(const SFX(norm_job) *j, int64_t unit) {
+    if (j->dy) SFX(reduce_unit_impl)(j, unit, 1);
+    else SFX(reduce_unit_impl)(j, unit, 0);
+}
+
+/* Runs every unit (threads take contiguous ranges; each unit writes only its
+ * own partial slot), then adds the partials per channel in unit order. */
+static void SFX(reduce)(const SFX(norm_job) *j, double *sum1, double *sum2) {
+    const fo_norm_plan *p = &j->plan;
+    int64_t nunits = p->nunits;
+    int nt = p->nthreads < nunits ? p->nthreads : (int)nunits;
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (int64_t u = 0; u < nunits; u++) SFX(reduce_unit)(j, u);
+    for (int64_t c = 0; c < p->C; c++) {
+        double t1 = 0, t2 = 0;
+        if (p->row_mode) {
+            for (int64_t u = 0; u < nunits; u++) {
+                const double *s1 = j->partial + u * 2 * p->W, *s2 = s1 + p->W;
+                for (int64_t q = 0; q < p->inner; q++) {
+                    t1 += s1[c * p->inner + q];
+                    t2 += s2[c * p->inner + q];
+                }
+            }
+        } else {
+            for (int64_t b = 0; b < p->nblocks; b++) {
+                t1 += j->partial[2 * (b * p->C + c)];
+                t2 += j->partial[2 * (b * p->C + c) + 1];
+            }
+        }
+        sum1[c] = t1;
+        sum2[c] = t2;
+    }
+}
+
+/* -------------------------------------------------------------- apply */
+/* out = k1*dy + k2*(x - cen) + k3, coefficients per column (row mode; arrays)
+ * or per channel (segment mode; scalars). has_x = 0: x is not read (eval
+ * backward: dx = k1*dy, and an Inf in x must not turn into NaN). */
+
+INLINE void SFX(apply_cols)(T *restrict out, const T *restrict x, const T *restrict dy,
+                            const T *restrict cen, const T *restrict k1,
+                            const T *restrict k2, const T *restrict k3, int64_t n,
+                            const int has_dy, const int has_x) {
+    for (int64_t i = 0; i < n; i++) {
+        T v = k3[i];
+        if (has_x) v += k2[i] * (x[i] - cen[i]);
+        if (has_dy) v += k1[i] * dy[i];
+        out[i] = v;
+    }
+}
+
+INLINE void SFX(apply_scalar)(T *restrict out, const T *restrict x, const T *restrict dy,
+                              T cen, T k1, T k2, T k3, int64_t n,
+                              const int has_dy, const int has_x) {
+    for (int64_t i = 0; i < n; i++) {
+        T v = k3;
+        if (has_x) v += k2 * (x[i] - cen);
+        if (has_dy) v += k1 * dy[i];
+        out[i] = v;
+    }
+}
+
+/* Elements [lo, hi) of row / segment `s`, written directly or through an L1
+ * tile and streaming stores. */
+INLINE void SFX(apply_span)(const SFX(norm_job) *j, int64_t s, const int has_dy,
+                            const int has_x) {
+    const fo_norm_plan *p = &j->plan;
+    int64_t len = p->row_mode ? p->W : p->inner;
+    int64_t off = s * len;
+    const T *x = j->x + off, *dy = has_dy ? j->dy + off : 0;
+    T *out = j->out + off;
+    int64_t c = p->row_mode ? 0 : s % p->C;
+    T tile[FO_TILE];
+    for (int64_t i = 0; i < len; i += FO_TILE) {
+        int64_t n = len - i < FO_TILE ? len - i : FO_TILE;
+        T *dst = j->stream_out ? tile : out + i;
+        if (p->row_mode)
+            SFX(apply_cols)(dst, x + i, has_dy ? dy + i : 0, j->cen + i, j->k1 + i,
+                            j->k2 + i, j->k3 + i, n, has_dy, has_x);
+        else
+            SFX(apply_scalar)(dst, x + i, has_dy ? dy + i : 0, j->cen[c], j->k1[c],
+                              j->k2[c], j->k3[c], n, has_dy, has_x);
+        if (j->stream_out) fo_stream_store(out + i, tile, n * (int64_t)sizeof(T));
+    }
+}
+
+FO_DISPATCH static void SFX(apply_one)(const SFX(norm_job) *j, int64_t s) {
+    int has_dy = j->dy != 0, has_x = j->k2 != 0;
+    if (has_dy && has_x) SFX(apply_span)(j, s, 1, 1);
+    else if (has_dy) SFX(apply_span)(j, s, 1, 0);
+    else SFX(apply_span)(j, s, 0, 1);
+}
+
+static void SFX(apply)(const SFX(norm_job) *j) {
+    const fo_norm_plan *p = &j->plan;
+    int64_t nspans = p->row_mode ? p->outer : p->outer * p->C;
+    int nt = p->nthreads;
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+#endif
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t s = 0; s < nspans; s++) SFX(apply_one)(j, s);
+        if (j->stream_out) fo_stream_fence();
+    }
+}
+
+/* ------------------------------------------------------------ drivers */
+
+/* Scratch of one call: partial sums, per-channel float64 sums, the per-column
+ * center (float64) and apply coefficients (T). */
+typedef struct {
+    void *block;
+    double *partial, *sum1, *sum2, *center;
+    T *cen, *k1, *k2, *k3;
+} SFX(norm_scratch);
+
+static int SFX(scratch_alloc)(SFX(norm_scratch) *s, const fo_norm_plan *p) {
+    int64_t W = p->W, C = p->C;
+    int64_t npartial = p->row_mode ? p->nunits * 2 * W : p->nunits * 2;
+    size_t bytes = sizeof(double) * (size_t)(npartial + 2 * C + W) + sizeof(T) * (size_t)(4 * W);
+    s->block = malloc(bytes ? bytes : 1);
+    if (!s->block) return -1;
+    s->partial = (double *)s->block;
+    s->sum1 = s->partial + npartial;
+    s->sum2 = s->sum1 + C;
+    s->center = s->sum2 + C;
+    s->cen = (T *)(s->center + W);
+    s->k1 = s->cen + W;
+    s->k2 = s->k1 + W;
+    s->k3 = s->k2 + W;
+    return 0;
+}
+
+/* Row mode: expand per-channel values to the L = C*inner columns of a row. */
+static void SFX(expand)(T *col, const fo_norm_plan *p) {
+    if (!p->row_mode || p->inner == 1) return;
+    for (int64_t c = p->C - 1; c >= 0; c--)
+        for (int64_t q = p->inner - 1; q >= 0; q--) col[c * p->inner + q] = col[c];
+}
+
+static void SFX(expand_d)(double *col, const fo_norm_plan *p) {
+    if (!p->row_mode || p->inner == 1) return;
+    for (int64_t c = p->C - 1; c >= 0; c--)
+        for (int64_t q = p->inner - 1; q >= 0; q--) col[c * p->inner + q] = col[c];
+}
+
+int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mean,
+                              T *running_var, const T *x, const T *weight, const T *bias,
+                              int64_t outer, int64_t C, int64_t inner,
+                              const fo_batchnorm_args *a) {
+    fo_norm_plan p = fo_norm_make_plan(outer, C, inner);
+    SFX(norm_scratch) s;
+    if (SFX(scratch_alloc)(&s, &p)) return -1;
+    int64_t M = p.M;
+    for (int64_t c = 0; c < C; c++) {
+        double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
+        double mean, invstd;
+        if (a->training) {
+            s.center[c] = M ? (double)x[c * inner] : 0.0;   /* the shift K */
+        } else {
+            mean = (double)running_mean[c];
+            invstd = 1.0 / sqrt((double)running_var[c] + a->eps);
+            T cen = (T)mean;
+            double scale = w * invstd;
+            s.cen[c] = cen;
+            s.k2[c] = (T)scale;
+            s.k3[c] = (T)(b + ((double)cen - mean) * scale);
+            if (save_mean) save_mean[c] = (T)mean;
+            if (save_invstd) save_invstd[c] = (T)invstd;
+        }
+    }
+    SFX(norm_job) j;
+    memset(&j, 0, sizeof j);
+    j.plan = p;
+    j.x = x;
+    j.out = y;
+    j.stream_out = M * C * (int64_t)sizeof(T) >= FO_STREAM_MIN_BYTES;
+    j.partial = s.partial;
+    j.center = s.center;
+    j.cen = s.cen; j.k1 = s.k1; j.k2 = s.k2; j.k3 = s.k3;
+    if (a->training && M > 0) {
+        SFX(expand_d)(s.center, &p);
+        SFX(reduce)(&j, s.sum1, s.sum2);
+        for (int64_t c = 0; c < C; c++) {
+            double K = (double)x[c * inner];
+            double dm = s.sum1[c] / (double)M;
+            double var = s.sum2[c] / (double)M - dm * dm;   /* biased */
+            var = var < 0 ? 0 : var;                        /* NaN stays NaN */
+            double mean = K + dm, invstd = 1.0 / sqrt(var + a->eps);
+            double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
+            save_mean[c] = (T)mean;
+            save_invstd[c] = (T)invstd;
+            if (running_mean) {
+                double mom = a->momentum;
+                double unbiased = M > 1 ? var * (double)M / (double)(M - 1) : var;
+                running_mean[c] = (T)((1.0 - mom) * (double)running_mean[c] + mom * mean);
+                running_var[c] = (T)((1.0 - mom) * (double)running_var[c] + mom * unbiased);
+            }
+            /* y = (x - cen)*scale + shift with cen = mean rounded to T */
+            T cen = (T)mean;
+            double scale = w * invstd;
+            s.cen[c] = cen;
+            s.k2[c] = (T)scale;
+            s.k3[c] = (T)(b + ((double)cen - mean) * scale);
+        }
+    }
+    if (M > 0) {
+        SFX(expand)(s.cen, &p);
+        SFX(expand)(s.k2, &p);
+        SFX(expand)(s.k3, &p);
+        SFX(apply)(&j);
+    }
+    free(s.block);
+    return 0;
+}
+
+int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T *x,
+                               const T *save_mean, const T *save_invstd, const T *weight,
+                               int64_t outer, int64_t C, int64_t inner,
+                               const fo_batchnorm_backward_args *a) {
+    fo_norm_plan p = fo_norm_make_plan(outer, C, inner);
+    SFX(norm_scratch) s;
+    if (SFX(scratch_alloc)(&s, &p)) return -1;
+    int64_t M = p.M;
+    SFX(norm_job) j;
+    memset(&j, 0, sizeof j);
+    j.plan = p;
+    j.x = x;
+    j.dy = dy;
+    j.out = dx;
+    j.stream_out = M * C * (int64_t)sizeof(T) >= FO_STREAM_MIN_BYTES;
+    j.partial = s.partial;
+    j.center = s.center;
+    j.cen = s.cen; j.k1 = s.k1; j.k3 = s.k3;
+    j.k2 = a->training ? s.k2 : 0;   /* eval: dx = k1*dy, x not read */
+    int need_sums = M > 0 && (a->training || dweight || dbias);
+    for (int64_t c = 0; c < C; c++) {
+        s.center[c] = (double)save_mean[c];
+        s.sum1[c] = s.sum2[c] = 0;
+    }
+    if (need_sums) {
+        SFX(expand_d)(s.center, &p);
+        SFX(reduce)(&j, s.sum1, s.sum2);   /* sum(dy), sum(dy*(x - mean)) */
+    }
+    for (int64_t c = 0; c < C; c++) {
+        double invstd = (double)save_invstd[c];
+        double w = weight ? (double)weight[c] : 1.0;
+        if (dweight) dweight[c] = (T)((a->accumulate ? (double)dweight[c] : 0.0) + s.sum2[c] * invstd);
+        if (dbias) dbias[c] = (T)((a->accumulate ? (double)dbias[c] : 0.0) + s.sum1[c]);
+        /* training: dx = w*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)) */
+        double k1 = w * invstd;
+        double proj = M ? s.sum2[c] / (double)M * invstd * invstd : 0.0;
+        double mean_dy = M ? s.sum1[c] / (double)M : 0.0;
+        s.cen[c] = save_mean[c];
+        s.k1[c] = (T)k1;
+        s.k2[c] = (T)(-k1 * proj);
+        s.k3[c] = a->training ? (T)(-k1 * mean_dy) : 0;
+    }
+    if (dx && M > 0) {
+        SFX(expand)(s.cen, &p);
+        SFX(expand)(s.k1, &p);
+        SFX(expand)(s.k2, &p);
+        SFX(expand)(s.k3, &p);
+        SFX(apply)(&j);
+    }
+    free(s.block);
+    return 0;
+}
+
+#undef INLINE
