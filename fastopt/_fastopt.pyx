@@ -14,3 +14,4 @@ cnp.import_array()
 include "_common.pxi"
 include "_optim.pxi"
 include "_norm.pxi"
+include "_dropout.pxi"

@@ -163,6 +163,42 @@ int fo_batchnorm_backward_f64(double *dx, double *dweight, double *dbias, const 
                               int64_t outer, int64_t C, int64_t inner,
                               const fo_batchnorm_backward_args *a);
 
+/* ---- dropout and noise (dropout.c, rng.h) ------------------------------ */
+/* Random words come from Philox4x32-10 keyed by (seed, offset, element
+ * index) (layout in rng.h): the same arguments give the same result for any
+ * thread count, and a different offset gives an independent stream (a layer
+ * advances it once per call). The mask is bit-packed, ceil(n/8) bytes: bit
+ * i % 8 of byte i / 8 is 1 when element i is kept; unused high bits are 0. */
+
+typedef struct {
+    double p;          /* drop probability in [0, 1] */
+    uint64_t seed, offset;
+} fo_dropout_args;
+
+/* y = x * (kept ? 1/(1-p) : 0), P(kept) = 1 - p; p = 0: y = x, p = 1: y = 0*x.
+ * mask may be NULL (not stored). y may be x (in place). */
+void fo_dropout_forward_f32(float *y, uint8_t *mask, const float *x, int64_t n,
+                            const fo_dropout_args *a);
+void fo_dropout_forward_f64(double *y, uint8_t *mask, const double *x, int64_t n,
+                            const fo_dropout_args *a);
+
+/* dx = dy * (kept ? 1/(1-p) : 0), kept from mask, or when mask is NULL from
+ * (seed, offset) regenerated exactly as forward drew it. dx may be dy. */
+void fo_dropout_backward_f32(float *dx, const uint8_t *mask, const float *dy, int64_t n,
+                             const fo_dropout_args *a);
+void fo_dropout_backward_f64(double *dx, const uint8_t *mask, const double *dy, int64_t n,
+                             const fo_dropout_args *a);
+
+typedef struct {
+    double std;
+    uint64_t seed, offset;
+} fo_noise_args;
+
+/* y = x + std * z, z ~ N(0, 1) by Box-Muller from the same Philox stream
+ * layout. y may be x (in place). */
+void fo_gaussian_noise_f32(float *y, const float *x, int64_t n, const fo_noise_args *a);
+void fo_gaussian_noise_f64(double *y, const double *x, int64_t n, const fo_noise_args *a);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,171 @@
+/* dropout.c -- inverted dropout and Gaussian noise injection, drawing from
+ * Philox4x32-10 (rng.h) keyed by (seed, offset, element index).
+ *
+ * Dropout keeps element i when its 32-bit uniform >= round(p * 2^32), so
+ * P(keep) = 1 - p to 2^-32 (see group_keep_bits for where the bits come
+ * from); kept elements are scaled by
+ * 1/(1-p). The output is y = x * m with m = kept ? scale : 0 (a multiply, not
+ * a select, so that NaN and Inf propagate through dropped elements as they do
+ * in PyTorch). The mask is bit-packed: bit i % 8 of byte i / 8 is 1 when
+ * element i is kept (np.unpackbits(mask, bitorder='little') reads it).
+ *
+ * Work is split into whole 128-element groups (16 mask bytes; the random
+ * bits of one group come from 16 Philox blocks side by side in vector lanes);
+ * results do not depend on the thread count. Large outputs are written with streaming stores (stream.h).
+ * The math lives in dropout_impl.h, instantiated for float32 and float64. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fastopt.h"
+#include "parallel.h"
+#include "rng.h"
+#include "stream.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Below this many groups per thread (32K elements) an extra thread does not pay. */
+#define FO_DROPOUT_MIN_GROUPS 256
+/* Elements per dropout group: 16-bit draws, the low and high halves of the
+ * 64 words of one Philox group (fo_philox_group). */
+#define FO_DROPOUT_GROUP 128
+/* groups per tile of output computed in L1 */
+#define FO_DROPOUT_TILE_GROUPS 8
+
+typedef enum { KEEP_ALL, KEEP_NONE, KEEP_RANDOM } keep_mode;
+
+typedef struct {
+    keep_mode mode;
+    uint32_t t_hi, t_lo;   /* the 32-bit threshold round(p * 2^32) in 16-bit halves */
+    double scale;          /* 1/(1-p); 0 when p == 1 */
+} dropout_plan;
+
+static dropout_plan make_plan(double p) {
+    dropout_plan d;
+    d.t_hi = d.t_lo = 0;
+    if (p <= 0) {
+        d.mode = KEEP_ALL; d.scale = 1.0;
+    } else if (p >= 1) {
+        d.mode = KEEP_NONE; d.scale = 0.0;
+    } else {
+        double t = nearbyint(p * 4294967296.0);
+        uint32_t ti = t >= 4294967295.0 ? 4294967295u : (uint32_t)t;
+        d.mode = KEEP_RANDOM;
+        d.t_hi = ti >> 16;
+        d.t_lo = ti & 0xffffu;
+        d.scale = 1.0 / (1.0 - p);
+    }
+    return d;
+}
+
+/* Element i is kept when its 32-bit uniform U(i) >= round(p * 2^32), so
+ * P(keep) = 1 - p to 2^-32. Philox words are the expensive part (about 0.4 ns
+ * per word here, more than a copy of the element), so U's top 16 bits come
+ * from half a word: element 128*g + e takes the low half of word e of group g
+ * (e < 64) or the high half of word e - 64. Only when those 16 bits equal the
+ * threshold's (probability 2^-16) are U's low 16 bits needed: they come from
+ * a separate block, counter (i as 64 bits with the top bit set, offset),
+ * which no group counter (< 2^63) ever uses. */
+static uint32_t extra_low_bits(uint64_t i, uint64_t seed, uint64_t offset) {
+    uint32_t ctr[4] = {(uint32_t)i, (uint32_t)(i >> 32) | 0x80000000u,
+                       (uint32_t)offset, (uint32_t)(offset >> 32)};
+    uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
+    fo_philox4x32_10(ctr, key);
+    return ctr[0] & 0xffffu;
+}
+
+/* The keep bits of group g: bit b of bits[w] = element 128*g + 32*w + b. */
+INLINE void group_keep_bits(uint32_t bits[4], const dropout_plan *d, uint64_t g,
+                            uint64_t seed, uint64_t offset) {
+    if (d->mode != KEEP_RANDOM) {
+        uint32_t all = d->mode == KEEP_ALL ? ~(uint32_t)0 : 0;
+        bits[0] = bits[1] = bits[2] = bits[3] = all;
+        return;
+    }
+    uint32_t r[FO_RNG_GROUP];
+    fo_philox_group(r, g, seed, offset);
+    const uint32_t t_hi = d->t_hi;
+    uint32_t ties = 0;
+    for (int w = 0; w < 4; w++) {
+        /* 32-bit lanes and an OR-reduction: this vectorizes */
+        const uint32_t *rw = r + 32 * (w % 2);
+        const int shift = w < 2 ? 0 : 16;
+        uint32_t acc = 0;
+        for (int b = 0; b < 32; b++) {
+            uint32_t u = (rw[b] >> shift) & 0xffffu;
+            acc |= (uint32_t)(u > t_hi) << b;
+            ties |= u == t_hi;
+        }
+        bits[w] = acc;
+    }
+    if (ties) {
+        for (int e = 0; e < FO_DROPOUT_GROUP; e++) {
+            uint32_t u = e < 64 ? r[e] & 0xffffu : r[e - 64] >> 16;
+            if (u == t_hi) {
+                uint64_t i = g * FO_DROPOUT_GROUP + (uint64_t)e;
+                uint32_t keep = extra_low_bits(i, seed, offset) >= d->t_lo;
+                bits[e / 32] |= keep << (e % 32);
+            }
+        }
+    }
+}
+
+/* Mask bytes of a group (16, fewer at the end), little-endian whatever the
+ * host's byte order. */
+INLINE void store_mask_bytes(uint8_t *mask, const uint32_t bits[4], int64_t nbytes) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (nbytes == 16) {
+        memcpy(mask, bits, 16);
+        return;
+    }
+#endif
+    for (int64_t k = 0; k < nbytes; k++) mask[k] = (uint8_t)(bits[k / 4] >> (8 * (k % 4)));
+}
+
+INLINE void load_mask_bytes(uint32_t bits[4], const uint8_t *mask, int64_t nbytes) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (nbytes == 16) {
+        memcpy(bits, mask, 16);
+        return;
+    }
+#endif
+    bits[0] = bits[1] = bits[2] = bits[3] = 0;
+    for (int64_t k = 0; k < nbytes; k++) bits[k / 4] |= (uint32_t)mask[k] << (8 * (k % 4));
+}
+
+/* Split groups [0, ngroups) into one contiguous range per thread and call
+ * body(ctx, g0, g1) on each. */
+typedef void (*group_fn)(void *ctx, int64_t g0, int64_t g1);
+
+static void for_groups(int64_t ngroups, group_fn body, void *ctx) {
+    if (ngroups <= 0) return;
+    int64_t nt = fo_get_num_threads();
+    if (nt > ngroups / FO_DROPOUT_MIN_GROUPS) nt = ngroups / FO_DROPOUT_MIN_GROUPS;
+    if (nt <= 1) {
+        body(ctx, 0, ngroups);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)nt)
+    {
+        int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        body(ctx, ngroups * t / n, ngroups * (t + 1) / n);
+    }
+#endif
+}
+
+#define T float
+#define SFX(x) x##_f32
+#include "dropout_impl.h"
+#undef T
+#undef SFX
+
+#define T double
+#define SFX(x) x##_f64
+#include "dropout_impl.h"
+#undef T
+#undef SFX

@@ -1,0 +1,122 @@
+/* dropout_impl.h -- dropout and noise kernels for one precision; dropout.c
+ * includes it twice with T = float / double and SFX(x) = x ## _f32 / _f64. */
+
+typedef struct {
+    T *out;
+    const T *in;
+    uint8_t *mask;          /* forward: written (may be NULL); backward: read */
+    int64_t n;
+    dropout_plan d;
+    uint64_t seed, offset;
+    double std;             /* noise */
+    int stream_out;
+} SFX(dropout_job);
+
+/* out[e] = in[e] * (bit e ? scale : 0) for the n <= 128 elements of a group. */
+INLINE void SFX(apply_bits)(T *restrict out, const T *restrict in, const uint32_t bits[4],
+                            T scale, int64_t n) {
+    if (n == FO_DROPOUT_GROUP) {
+        for (int w = 0; w < 4; w++) {
+            uint32_t b = bits[w];
+            for (int e = 0; e < 32; e++)
+                out[32 * w + e] = in[32 * w + e] * (((b >> e) & 1) ? scale : (T)0);
+        }
+    } else {
+        for (int64_t e = 0; e < n; e++)
+            out[e] = in[e] * (((bits[e / 32] >> (e % 32)) & 1) ? scale : (T)0);
+    }
+}
+
+/* Groups [g0, g1): bits from the RNG (forward, backward without a mask) or
+ * from the mask (backward), applied to in -> out, tile by tile. */
+INLINE void SFX(dropout_groups)(const SFX(dropout_job) *j, int64_t g0, int64_t g1,
+                                const int bits_from_mask, const int write_mask) {
+    T tile[FO_DROPOUT_TILE_GROUPS * FO_DROPOUT_GROUP];
+    const T scale = (T)j->d.scale;
+    for (int64_t t0 = g0; t0 < g1; t0 += FO_DROPOUT_TILE_GROUPS) {
+        int64_t t1 = t0 + FO_DROPOUT_TILE_GROUPS < g1 ? t0 + FO_DROPOUT_TILE_GROUPS : g1;
+        int64_t base = t0 * FO_DROPOUT_GROUP;
+        T *dst = j->stream_out ? tile : j->out + base;
+        for (int64_t g = t0; g < t1; g++) {
+            int64_t i = g * FO_DROPOUT_GROUP;
+            int64_t n = j->n - i < FO_DROPOUT_GROUP ? j->n - i : FO_DROPOUT_GROUP;
+            int64_t nbytes = (n + 7) / 8;
+            uint32_t bits[4];
+            if (bits_from_mask) {
+                load_mask_bytes(bits, j->mask + g * 16, nbytes);
+            } else {
+                group_keep_bits(bits, &j->d, (uint64_t)g, j->seed, j->offset);
+                for (int w = 0; w < 4; w++) {   /* clear the bits past the end */
+                    int64_t left = n - 32 * w;
+                    if (left < 32) bits[w] &= left <= 0 ? 0 : ((uint32_t)1 << left) - 1;
+                }
+            }
+            if (write_mask) store_mask_bytes(j->mask + g * 16, bits, nbytes);
+            SFX(apply_bits)(dst + (i - base), j->in + i, bits, scale, n);
+        }
+        if (j->stream_out) {
+            int64_t hi = t1 * FO_DROPOUT_GROUP < j->n ? t1 * FO_DROPOUT_GROUP : j->n;
+            fo_stream_store(j->out + base, tile, (hi - base) * (int64_t)sizeof(T));
+        }
+    }
+    if (j->stream_out) fo_stream_fence();
+}
+
+FO_DISPATCH static void SFX(dropout_fwd_body)(void *c, int64_t g0, int64_t g1) {
+    const SFX(dropout_job) *j = (const SFX(dropout_job) *)c;
+    if (j->mask) SFX(dropout_groups)(j, g0, g1, 0, 1);
+    else SFX(dropout_groups)(j, g0, g1, 0, 0);
+}
+
+FO_DISPATCH static void SFX(dropout_bwd_mask_body)(void *c, int64_t g0, int64_t g1) {
+    SFX(dropout_groups)((const SFX(dropout_job) *)c, g0, g1, 1, 0);
+}
+
+static void SFX(dropout_run)(SFX(dropout_job) *j, group_fn body) {
+    j->stream_out = j->n * (int64_t)sizeof(T) >= FO_STREAM_MIN_BYTES;
+    for_groups((j->n + FO_DROPOUT_GROUP - 1) / FO_DROPOUT_GROUP, body, j);
+}
+
+void SFX(fo_dropout_forward)(T *y, uint8_t *mask, const T *x, int64_t n,
+                             const fo_dropout_args *a) {
+    SFX(dropout_job) j = {y, x, mask, n, make_plan(a->p), a->seed, a->offset, 0, 0};
+    SFX(dropout_run)(&j, SFX(dropout_fwd_body));
+}
+
+void SFX(fo_dropout_backward)(T *dx, const uint8_t *mask, const T *dy, int64_t n,
+                              const fo_dropout_args *a) {
+    SFX(dropout_job) j = {dx, dy, (uint8_t *)mask, n, make_plan(a->p), a->seed, a->offset, 0, 0};
+    if (mask) SFX(dropout_run)(&j, SFX(dropout_bwd_mask_body));
+    else SFX(dropout_run)(&j, SFX(dropout_fwd_body));   /* regenerate the bits */
+}
+
+/* ------------------------------------------------------- Gaussian noise */
+/* Box-Muller on the words of each Philox block: (w0, w1) -> elements l and
+ * 16 + l, (w2, w3) -> elements 32 + l and 48 + l; u = (r + 0.5) * 2^-32 lies
+ * in (0, 1), so log(u) is finite. In double: libm calls are scalar anyway. */
+static void SFX(noise_body)(void *c, int64_t g0, int64_t g1) {
+    const SFX(dropout_job) *j = (const SFX(dropout_job) *)c;
+    const double two_pi = 6.283185307179586, inv32 = 1.0 / 4294967296.0;
+    for (int64_t g = g0; g < g1; g++) {
+        uint32_t r[FO_RNG_GROUP];
+        double z[FO_RNG_GROUP];
+        fo_philox_group(r, (uint64_t)g, j->seed, j->offset);
+        for (int h = 0; h < 2; h++) {
+            for (int l = 0; l < FO_RNG_LANES; l++) {
+                double u1 = ((double)r[2 * h * FO_RNG_LANES + l] + 0.5) * inv32;
+                double u2 = ((double)r[(2 * h + 1) * FO_RNG_LANES + l] + 0.5) * inv32;
+                double rad = sqrt(-2.0 * log(u1)), th = two_pi * u2;
+                z[2 * h * FO_RNG_LANES + l] = rad * cos(th);
+                z[(2 * h + 1) * FO_RNG_LANES + l] = rad * sin(th);
+            }
+        }
+        int64_t i = g * FO_RNG_GROUP;
+        int64_t n = j->n - i < FO_RNG_GROUP ? j->n - i : FO_RNG_GROUP;
+        for (int64_t e = 0; e < n; e++) j->out[i + e] = (T)((double)j->in[i + e] + j->std * z[e]);
+    }
+}
+
+void SFX(fo_gaussian_noise)(T *y, const T *x, int64_t n, const fo_noise_args *a) {
+    SFX(dropout_job) j = {y, x, 0, n, make_plan(0), a->seed, a->offset, a->std, 0};
+    for_groups((n + FO_RNG_GROUP - 1) / FO_RNG_GROUP, SFX(noise_body), &j);
+}
