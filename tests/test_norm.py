@@ -1,0 +1,402 @@
+"""Batch norm: fastopt against a NumPy float64 reference written here from the
+formulas, against torch.nn.functional.batch_norm with autograd, and against
+finite differences; thread determinism, robustness, bad input."""
+import numpy as np
+import pytest
+
+import fastopt as fo
+from fastopt import functional as F
+
+DTYPES = [np.float32, np.float64]
+TOL = {np.float32: 2e-5, np.float64: 1e-11}
+
+# (shape, channels_last): (N, C), NCHW with small and large spatial sizes
+# (both loop shapes of the kernel), 3-D spatial, channels-last.
+SHAPES = [((2, 3), False), ((16, 5), False), ((7, 33), False), ((8, 3, 2), False),
+          ((4, 3, 5, 7), False), ((3, 2, 4, 5, 6), False), ((2, 3, 5000), False),
+          ((4, 5, 7, 3), True), ((2, 3, 4, 5, 6), True), ((1, 9, 4), True)]
+
+
+def channel_axis(x, channels_last):
+    return x.ndim - 1 if channels_last else 1
+
+
+def bshape(x, channels_last):
+    s = [1] * x.ndim
+    s[channel_axis(x, channels_last)] = -1
+    return s
+
+
+def reduce_axes(x, channels_last):
+    ax = channel_axis(x, channels_last)
+    return tuple(i for i in range(x.ndim) if i != ax)
+
+
+def ref_forward(x, w, b, rm, rv, training, momentum, eps, cl):
+    """float64 reference: returns y, new running mean, new running var."""
+    xd = x.astype(np.float64)
+    axes, bs = reduce_axes(x, cl), bshape(x, cl)
+    if training:
+        mean, var = xd.mean(axes), xd.var(axes)
+        m = xd.size // mean.size
+        if rm is not None:
+            rm = (1 - momentum) * rm + momentum * mean
+            rv = (1 - momentum) * rv + momentum * var * m / (m - 1)
+    else:
+        mean, var = rm.astype(np.float64), rv.astype(np.float64)
+    y = (xd - mean.reshape(bs)) / np.sqrt(var.reshape(bs) + eps)
+    if w is not None:
+        y = y * w.reshape(bs) + b.reshape(bs)
+    return y, rm, rv
+
+
+def ref_backward(dy, x, w, mean, var, eps, training, cl):
+    """float64 reference of d(sum(dy*y)) w.r.t. x, weight, bias."""
+    xd, dyd = x.astype(np.float64), dy.astype(np.float64)
+    axes, bs = reduce_axes(x, cl), bshape(x, cl)
+    invstd = 1 / np.sqrt(var + eps)
+    xhat = (xd - mean.reshape(bs)) * invstd.reshape(bs)
+    wd = np.ones_like(mean) if w is None else w.astype(np.float64)
+    dw, db = (dyd * xhat).sum(axes), dyd.sum(axes)
+    if training:
+        dx = (wd * invstd).reshape(bs) * (dyd - dyd.mean(axes).reshape(bs)
+                                          - xhat * (dyd * xhat).mean(axes).reshape(bs))
+    else:
+        dx = (wd * invstd).reshape(bs) * dyd
+    return dx, dw, db
+
+
+def make(shape, dtype, seed=0, loc=0.0, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (loc + scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def close(a, b, dtype, scale=1.0):
+    np.testing.assert_allclose(a, b, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cl", SHAPES)
+def test_training_forward_backward_and_running_stats(shape, cl, dtype):
+    x0 = make(shape, dtype, 0, loc=0.5, scale=2.0)
+    C = shape[-1] if cl else shape[1]
+    bn = fo.BatchNorm(C, momentum=0.1, dtype=dtype, channels_last=cl)
+    bn.weight[:] = make((C,), dtype, 1)
+    bn.bias[:] = make((C,), dtype, 2)
+    rm, rv = np.zeros(C), np.ones(C)
+    gw, gb = np.zeros(C), np.zeros(C)
+    for step in range(4):   # several steps: running stats and accumulated grads drift
+        x = make(shape, dtype, 10 + step, loc=0.5, scale=2.0) if step else x0
+        y = bn.forward(x)
+        yr, rm, rv = ref_forward(x, bn.weight, bn.bias, rm, rv, True, 0.1, 1e-5, cl)
+        close(y, yr, dtype, scale=3)
+        dy = make(shape, dtype, 20 + step)
+        x_before, dy_before = x.copy(), dy.copy()
+        dx = bn.backward(dy)
+        xd = x.astype(np.float64)
+        dxr, dw, db = ref_backward(dy, x, bn.weight, xd.mean(reduce_axes(x, cl)),
+                                   xd.var(reduce_axes(x, cl)), 1e-5, True, cl)
+        gw += dw
+        gb += db
+        # dx cancels (exactly 0 for 2 values per channel): absolute tolerance on
+        # the scale of its terms, |w*invstd*dy|
+        term = np.abs(dy).max() * np.abs(bn.weight).max() / np.sqrt(
+            xd.var(reduce_axes(x, cl)).min() + 1e-5)
+        close(dx, dxr, dtype, scale=10 * term)
+        close(bn.grad_weight, gw, dtype, scale=np.abs(gw).max() * 10)
+        close(bn.grad_bias, gb, dtype, scale=np.abs(gb).max() * 10)
+        np.testing.assert_array_equal(x, x_before)      # inputs unchanged
+        np.testing.assert_array_equal(dy, dy_before)
+    close(bn.running_mean, rm, dtype)
+    close(bn.running_var, rv, dtype)
+    assert bn.num_batches_tracked == 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cl", SHAPES)
+def test_eval_forward_backward(shape, cl, dtype):
+    C = shape[-1] if cl else shape[1]
+    bn = fo.BatchNorm(C, dtype=dtype, channels_last=cl).eval()
+    bn.running_mean[:] = make((C,), dtype, 3)
+    bn.running_var[:] = np.abs(make((C,), dtype, 4)) + 0.5
+    bn.weight[:] = make((C,), dtype, 5)
+    bn.bias[:] = make((C,), dtype, 6)
+    x, dy = make(shape, dtype, 7), make(shape, dtype, 8)
+    rm0, rv0 = bn.running_mean.copy(), bn.running_var.copy()
+    y = bn.forward(x)
+    yr, _, _ = ref_forward(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, False,
+                           0.1, 1e-5, cl)
+    close(y, yr, dtype, scale=3)
+    dx = bn.backward(dy)
+    dxr, dw, db = ref_backward(dy, x, bn.weight, rm0.astype(np.float64),
+                               rv0.astype(np.float64), 1e-5, False, cl)
+    close(dx, dxr, dtype, scale=3)
+    close(bn.grad_weight, dw, dtype, scale=np.abs(dw).max() * 10)
+    close(bn.grad_bias, db, dtype, scale=np.abs(db).max() * 10)
+    np.testing.assert_array_equal(bn.running_mean, rm0)   # eval does not update
+    np.testing.assert_array_equal(bn.running_var, rv0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_no_affine_no_running_stats_cumulative_momentum(dtype):
+    shape = (6, 4, 3, 3)
+    x, dy = make(shape, dtype, 1, 2.0, 3.0), make(shape, dtype, 2)
+    bn = fo.BatchNorm(4, affine=False, track_running_stats=False, dtype=dtype)
+    assert bn.parameters() == [] and bn.gradients() == []
+    for mode in (True, False):   # batch statistics in both modes
+        bn.train(mode)
+        y = bn.forward(x)
+        close(y, ref_forward(x, None, None, None, None, True, 0, 1e-5, False)[0], dtype, 3)
+        dx = bn.backward(dy)
+        xd = x.astype(np.float64)
+        dxr = ref_backward(dy, x, None, xd.mean((0, 2, 3)), xd.var((0, 2, 3)), 1e-5, True,
+                           False)[0]
+        close(dx, dxr, dtype, scale=3)
+    # momentum=None: running stats are the plain average over batches
+    bn = fo.BatchNorm(4, momentum=None, dtype=dtype)
+    xs = [make(shape, dtype, 10 + i, 1.0, 2.0) for i in range(3)]
+    for xi in xs:
+        bn.forward(xi)
+    mean = np.mean([xi.astype(np.float64).mean((0, 2, 3)) for xi in xs], axis=0)
+    var = np.mean([xi.astype(np.float64).var((0, 2, 3), ddof=1) for xi in xs], axis=0)
+    close(bn.running_mean, mean, dtype, 3)
+    close(bn.running_var, var, dtype, 3)
+
+
+@pytest.mark.parametrize("shape,cl", [((5, 3), False), ((3, 2, 4, 3), False),
+                                      ((2, 3, 3, 2), True)])
+@pytest.mark.parametrize("training", [True, False])
+def test_finite_differences(shape, cl, training):
+    """Central differences of L = sum(r * y) in float64 for x, weight, bias."""
+    C = shape[-1] if cl else shape[1]
+    x, r = make(shape, np.float64, 1, 1.0, 2.0), make(shape, np.float64, 2)
+    w, b = make((C,), np.float64, 3), make((C,), np.float64, 4)
+    rm, rv = make((C,), np.float64, 5), np.abs(make((C,), np.float64, 6)) + 0.5
+
+    def loss(x, w, b):
+        y, _, _ = F.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training=training,
+                                       channels_last=cl)
+        return float((r * y).sum())
+
+    y, sm, si = F.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training=training,
+                                     channels_last=cl)
+    dx, dw, db = F.batch_norm_backward(r, x, sm, si, w, training=training, channels_last=cl)
+    h = 1e-6
+    for arr, grad in ((x, dx), (w, dw), (b, db)):
+        num = np.zeros(arr.size)
+        flat = arr.reshape(-1)
+        for i in range(arr.size):
+            old = flat[i]
+            flat[i] = old + h
+            lp = loss(x, w, b)
+            flat[i] = old - h
+            lm = loss(x, w, b)
+            flat[i] = old
+            num[i] = (lp - lm) / (2 * h)
+        np.testing.assert_allclose(grad.reshape(-1), num, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cl", [((4, 3, 5, 7), False), ((16, 5), False),
+                                      ((4, 5, 7, 3), True), ((3, 2, 4, 5, 6), False)])
+def test_torch_parity(torch, shape, cl, dtype):
+    """Forward, dx, dweight, dbias and running stats after several steps, against
+    torch.nn.functional.batch_norm with autograd (channels-last input is
+    compared through a permuted NCHW view)."""
+    tdt = torch.float32 if dtype == np.float32 else torch.float64
+    C = shape[-1] if cl else shape[1]
+    bn = fo.BatchNorm(C, dtype=dtype, channels_last=cl)
+    w0, b0 = make((C,), dtype, 1), make((C,), dtype, 2)
+    bn.weight[:], bn.bias[:] = w0, b0
+    tw = torch.tensor(w0, requires_grad=True)
+    tb = torch.tensor(b0, requires_grad=True)
+    trm, trv = torch.zeros(C, dtype=tdt), torch.ones(C, dtype=tdt)
+
+    def to_nchw(t):
+        return t.movedim(-1, 1) if cl else t
+
+    for step in range(3):
+        x, dy = make(shape, dtype, 10 + step, 0.3, 1.7), make(shape, dtype, 20 + step)
+        tx = torch.tensor(x, requires_grad=True)
+        ty = torch.nn.functional.batch_norm(to_nchw(tx), trm, trv, tw, tb, training=True,
+                                            momentum=0.1, eps=1e-5)
+        ty.backward(to_nchw(torch.tensor(dy)))
+        y = bn.forward(x)
+        dx = bn.backward(dy)
+        tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(y, ty.detach().movedim(1, -1).numpy() if cl
+                                   else ty.detach().numpy(), **tol)
+        np.testing.assert_allclose(dx, tx.grad.numpy(), **tol)
+        np.testing.assert_allclose(bn.grad_weight, tw.grad.numpy(), **tol)
+        np.testing.assert_allclose(bn.grad_bias, tb.grad.numpy(), **tol)
+    np.testing.assert_allclose(bn.running_mean, trm.numpy(), **tol)
+    np.testing.assert_allclose(bn.running_var, trv.numpy(), **tol)
+    # eval mode against torch's eval
+    bn.eval()
+    x = make(shape, dtype, 30)
+    ty = torch.nn.functional.batch_norm(to_nchw(torch.tensor(x)), trm, trv, tw.detach(),
+                                        tb.detach(), training=False, eps=1e-5)
+    y = bn.forward(x)
+    np.testing.assert_allclose(y, ty.movedim(1, -1).numpy() if cl else ty.numpy(), **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cl", [((16, 8, 32, 32), False), ((4096, 64), False),
+                                      ((8, 32, 32, 16), True), ((64, 6, 3, 100), False)])
+def test_thread_count_determinism(threads, shape, cl, dtype):
+    C = shape[-1] if cl else shape[1]
+    x, dy = make(shape, dtype, 1, 5.0, 2.0), make(shape, dtype, 2)
+    w, b = make((C,), dtype, 3), make((C,), dtype, 4)
+    results = []
+    for nt in (1, 2, 3):
+        fo.set_num_threads(nt)
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        y, sm, si = F.batch_norm_forward(x, rm, rv, w, b, training=True, channels_last=cl)
+        dx, dw, db = F.batch_norm_backward(dy, x, sm, si, w, channels_last=cl)
+        results.append((y, sm, si, rm, rv, dx, dw, db))
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            np.testing.assert_array_equal(a, b_)
+
+
+@pytest.mark.parametrize("shape,cl", [((64, 16, 8, 8), False), ((512, 32), False),
+                                      ((16, 8, 8, 12), True)])
+def test_large_mean_small_spread_float32(shape, cl):
+    """x = 1e4 + N(0, 1) in float32 still normalizes to unit variance (1e-3)."""
+    x = make(shape, np.float32, 0, loc=1e4, scale=1.0)
+    y, sm, si = F.batch_norm_forward(x, None, None, training=True, channels_last=cl)
+    axes = reduce_axes(x, cl)
+    yd = y.astype(np.float64)
+    assert np.abs(yd.var(axes) - 1).max() < 1e-3
+    assert np.abs(yd.mean(axes)).max() < 1e-3
+    xd = x.astype(np.float64)
+    np.testing.assert_allclose(sm, xd.mean(axes), rtol=1e-7)
+    np.testing.assert_allclose(1 / si.astype(np.float64) ** 2 - 1e-5, xd.var(axes), rtol=1e-4)
+
+
+def test_functional_out_buffers_and_in_place():
+    x = make((8, 4, 5), np.float32, 0)
+    out, sm, si = np.empty_like(x), np.empty(4, np.float32), np.empty(4, np.float32)
+    y, sm2, si2 = F.batch_norm_forward(x, None, None, training=True, out=out, save_mean=sm,
+                                       save_invstd=si)
+    assert y is out and sm2 is sm and si2 is si
+    ref = ref_forward(x, None, None, None, None, True, 0, 1e-5, False)[0]
+    close(y, ref, np.float32, 3)
+    dy = make(x.shape, np.float32, 1)
+    dxo, dw, db = np.empty_like(x), np.ones(4, np.float32), np.ones(4, np.float32)
+    w = np.ones(4, np.float32)
+    dx, dw2, db2 = F.batch_norm_backward(dy, x, sm, si, w, out=dxo, dweight=dw, dbias=db,
+                                         accumulate=True)
+    assert dx is dxo and dw2 is dw and db2 is db
+    _, rdw, rdb = ref_backward(dy, x, None, x.astype(np.float64).mean((0, 2)),
+                               x.astype(np.float64).var((0, 2)), 1e-5, True, False)
+    close(dw, rdw + 1, np.float32, 10)
+    close(db, rdb + 1, np.float32, 10)
+    # eval forward in place (y is x)
+    rm, rv = np.zeros(4, np.float32), np.full(4, 4.0, np.float32)
+    x2 = x.copy()
+    y, _, _ = F.batch_norm_forward(x2, rm, rv, training=False, out=x2)
+    assert y is x2
+    close(x2, x / np.sqrt(4 + 1e-5), np.float32, 3)
+
+
+def test_trains_with_adam():
+    """BatchNorm + Adam: fit weight/bias so that y matches a target affine map."""
+    rng = np.random.default_rng(0)
+    bn = fo.BatchNorm(3)
+    opt = fo.Adam(bn.parameters(), lr=0.05)
+    target_w, target_b = np.array([2.0, -1.0, 0.5]), np.array([0.3, 0.0, -2.0])
+    for _ in range(300):
+        x = rng.standard_normal((64, 3)).astype(np.float32) * 3 + 1
+        y = bn.forward(x)
+        xhat = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+        dy = (2 * (y - (xhat * target_w + target_b)) / y.size).astype(np.float32)
+        bn.zero_grad()
+        bn.backward(dy)
+        opt.step(bn.gradients())
+    np.testing.assert_allclose(bn.weight, target_w, atol=0.02)
+    np.testing.assert_allclose(bn.bias, target_b, atol=0.02)
+
+
+# ---------------------------------------------------------------- bad input
+
+def _snapshot(*arrays):
+    return [a.copy() for a in arrays]
+
+
+@pytest.mark.parametrize("case", ["dtype", "channels", "noncontig", "readonly_out",
+                                  "one_value", "eps", "momentum", "overlap", "running_pair",
+                                  "eval_no_stats", "not_array"])
+def test_forward_bad_input_raises_before_writing(case):
+    x = make((4, 3, 5), np.float32, 0)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    out = np.full_like(x, 7.0)
+    kw = dict(training=True, out=out)
+    args = [x, rm, rv, w, b]
+    if case == "dtype":
+        args[1] = rm.astype(np.float64)
+    elif case == "channels":
+        args[3] = np.ones(4, np.float32)
+    elif case == "noncontig":
+        args[0] = np.asfortranarray(x)
+    elif case == "readonly_out":
+        out.setflags(write=False)
+    elif case == "one_value":
+        args[0] = x[:1, :, :1].copy()
+        kw["out"] = None
+    elif case == "eps":
+        kw["eps"] = 0.0
+    elif case == "momentum":
+        kw["momentum"] = float("nan")
+    elif case == "overlap":
+        args[2] = rm      # running_var is running_mean
+    elif case == "running_pair":
+        args[2] = None
+    elif case == "eval_no_stats":
+        args[1] = args[2] = None
+        kw["training"] = False
+    elif case == "not_array":
+        args[0] = x.tolist()
+    before = _snapshot(x, rm, rv, w, b, out)
+    with pytest.raises((TypeError, ValueError)):
+        F.batch_norm_forward(*args, **kw)
+    for a, s in zip((x, rm, rv, w, b, out), before):
+        np.testing.assert_array_equal(a, s)
+
+
+def test_backward_bad_input_and_layer_checks():
+    x = make((4, 3, 5), np.float32, 0)
+    _, sm, si = F.batch_norm_forward(x, None, None, training=True)
+    dy = make(x.shape, np.float32, 1)
+    dw = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="dy"):
+        F.batch_norm_backward(dy[:3].copy(), x, sm, si, np.ones(3, np.float32), dweight=dw)
+    with pytest.raises(TypeError, match="dy"):
+        F.batch_norm_backward(dy.astype(np.float64), x, sm, si, dweight=dw)
+    with pytest.raises(ValueError, match="dweight"):
+        F.batch_norm_backward(dy, x, sm, si, dweight=sm)   # dweight shares memory with save_mean
+    assert not dw.any()
+    bn = fo.BatchNorm(3)
+    with pytest.raises(ValueError, match="without a matching forward"):
+        bn.backward(dy)
+    with pytest.raises(TypeError, match="dtype"):
+        bn.forward(x.astype(np.float64))
+    with pytest.raises(ValueError, match="num_features"):
+        bn.forward(make((4, 5), np.float32, 0))
+    rm = bn.running_mean.copy()
+    with pytest.raises(ValueError):
+        bn.forward(x[:1, :, :1].copy())            # one value per channel in training
+    np.testing.assert_array_equal(bn.running_mean, rm)
+    assert bn.num_batches_tracked == 0
+    bn.forward(x)
+    with pytest.raises(ValueError, match="shape"):
+        bn.backward(dy[:, :, :4].copy())
+    with pytest.raises(ValueError):
+        fo.BatchNorm(0)
+    with pytest.raises(ValueError):
+        fo.BatchNorm(3, eps=-1.0)
+    with pytest.raises(ValueError):
+        fo.BatchNorm(3, momentum=1.5)
+    with pytest.raises(TypeError):
+        fo.BatchNorm(3, dtype=np.int32)
