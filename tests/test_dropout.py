@@ -1,0 +1,289 @@
+"""Dropout and Gaussian noise: the mask against a NumPy Philox4x32-10 written
+here from the published algorithm (checked on its known-answer vectors) and
+the element layout documented in src_c/rng.h and dropout.c; keep-rate
+statistics; backward from the mask and from (seed, offset); torch parity of
+the scaling and gradients; thread determinism; bad input."""
+import numpy as np
+import pytest
+
+import fastopt as fo
+from fastopt import functional as F
+
+DTYPES = [np.float32, np.float64]
+SIZES = [0, 1, 7, 1023, 2**20 + 3]
+M32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Vectorized Philox4x32-10 (Salmon et al. 2011) on uint64 arrays holding
+    32-bit words."""
+    c = [np.asarray(v, np.uint64) & M32 for v in (c0, c1, c2, c3)]
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        c = [((p1 >> np.uint64(32)) ^ c[1] ^ k0) & M32, p1 & M32,
+             ((p0 >> np.uint64(32)) ^ c[3] ^ k1) & M32, p0 & M32]
+        k0 = (k0 + np.uint64(0x9E3779B9)) & M32
+        k1 = (k1 + np.uint64(0xBB67AE85)) & M32
+    return c
+
+
+def test_philox_reference_known_answers():
+    """Random123's known-answer vectors for philox4x32-10."""
+    cases = [((0, 0, 0, 0), (0, 0), (0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8)),
+             ((0xffffffff,) * 4, (0xffffffff,) * 2,
+              (0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd)),
+             ((0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344), (0xa4093822, 0x299f31d0),
+              (0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1))]
+    for ctr, key, want in cases:
+        assert [int(v) for v in philox4x32_10(*ctr, *key)] == list(want)
+
+
+def reference_keep(n, p, seed, offset):
+    """Kept elements per the documented layout: element i = 128*g + e takes the
+    low (e < 64) or high 16 bits of word e % 64 of group g, word w = j // 16 of
+    the block with counter (16*g + j % 16, offset) (j = e % 64), key seed; kept
+    when those bits, followed by 16 more bits drawn only on a tie (counter
+    (i | 2^63, offset), word 0), form a 32-bit U >= round(p * 2^32)."""
+    i = np.arange(n, dtype=np.uint64)
+    g, e = i // np.uint64(128), i % np.uint64(128)
+    j = e % np.uint64(64)
+    block = g * np.uint64(16) + j % np.uint64(16)
+    off_lo, off_hi = offset & 0xFFFFFFFF, offset >> 32
+    words = philox4x32_10(block & M32, block >> np.uint64(32), off_lo, off_hi,
+                          seed & 0xFFFFFFFF, seed >> 32)
+    word = np.choose((j // np.uint64(16)).astype(np.int64), words)
+    hi16 = np.where(e < 64, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    t = min(int(round(p * 2**32)), 2**32 - 1)
+    keep = hi16 > np.uint64(t >> 16)
+    tie = np.nonzero(hi16 == np.uint64(t >> 16))[0]
+    if tie.size:
+        it = i[tie]
+        extra = philox4x32_10(it & M32, (it >> np.uint64(32)) | np.uint64(0x80000000),
+                              off_lo, off_hi, seed & 0xFFFFFFFF, seed >> 32)[0]
+        keep[tie] = (extra & np.uint64(0xFFFF)) >= np.uint64(t & 0xFFFF)
+    return keep
+
+
+def unpack(mask, n):
+    return np.unpackbits(mask, count=n, bitorder="little").astype(bool)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("p,seed,offset", [(0.3, 123, 0), (0.5, 2**64 - 1, 2**40 + 5),
+                                           (0.9, 7, 3)])
+def test_mask_matches_reference_philox(n, p, seed, offset):
+    x = np.ones(n, np.float32)
+    y, mask = F.dropout(x, p, seed, offset=offset)
+    assert mask.dtype == np.uint8 and mask.size == (n + 7) // 8
+    np.testing.assert_array_equal(unpack(mask, n), reference_keep(n, p, seed, offset))
+    # the bits past the end are 0
+    assert not np.unpackbits(mask, bitorder="little")[n:].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", SIZES)
+def test_forward_backward_values(dtype, n):
+    p = 0.25
+    rng = np.random.default_rng(n)
+    x, dy = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    x0 = x.copy()
+    y, mask = F.dropout(x, p, 99, offset=4)
+    keep = unpack(mask, n)
+    scale = dtype(1 / (1 - p))
+    np.testing.assert_allclose(y, np.where(keep, x * scale, 0), rtol=1e-7 if dtype == np.float32 else 1e-15)
+    np.testing.assert_array_equal(x, x0)
+    dx = F.dropout_backward(dy, mask, p)
+    np.testing.assert_allclose(dx, np.where(keep, dy * scale, 0), rtol=1e-7 if dtype == np.float32 else 1e-15)
+    # without a mask: regenerated from (seed, offset), bitwise the same
+    dx2 = F.dropout_backward(dy, None, p, seed=99, offset=4)
+    np.testing.assert_array_equal(dx2, dx)
+    y2, none = F.dropout(x, p, 99, offset=4, store_mask=False)
+    assert none is None
+    np.testing.assert_array_equal(y2, y)
+
+
+@pytest.mark.parametrize("p", [0.01, 0.1, 0.5, 0.9, 0.999])
+def test_keep_rate_is_binomial(p):
+    n = 2**22
+    _, mask = F.dropout(np.ones(n, np.float32), p, seed=2024)
+    k = int(np.unpackbits(mask).sum())
+    mean, sd = n * (1 - p), np.sqrt(n * p * (1 - p))
+    assert abs(k - mean) < 5 * sd
+    # independence across offsets: two masks agree at rate p^2 + (1-p)^2
+    _, mask2 = F.dropout(np.ones(n, np.float32), p, seed=2024, offset=1)
+    agree = n - int(np.unpackbits(mask ^ mask2).sum())
+    q = p * p + (1 - p) ** 2
+    assert abs(agree - n * q) < 5 * np.sqrt(n * q * (1 - q))
+
+
+def test_keep_rate_of_blocks_is_uniform():
+    """Chi-square of kept counts over 64 positions of each 128-group."""
+    n, p = 128 * 20000, 0.5
+    _, mask = F.dropout(np.ones(n, np.float32), p, seed=5)
+    keep = unpack(mask, n).reshape(-1, 128).sum(0)
+    expect = 20000 * (1 - p)
+    chi2 = ((keep - expect) ** 2 / (expect * p)).sum()
+    assert chi2 < 200     # 127 degrees of freedom: mean 127, sd 16
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_p0_identity_p1_zeros(dtype):
+    x = np.random.default_rng(0).standard_normal(1001).astype(dtype)
+    y, mask = F.dropout(x, 0.0, 1)
+    np.testing.assert_array_equal(y, x)
+    assert unpack(mask, x.size).all()
+    y, mask = F.dropout(x, 1.0, 1)
+    np.testing.assert_array_equal(y, np.zeros_like(x))
+    assert not mask.any()
+    np.testing.assert_array_equal(F.dropout_backward(x, mask, 1.0), np.zeros_like(x))
+
+
+def test_nan_propagates_like_torch_multiply():
+    x = np.array([np.nan, np.inf, 1.0] * 100, np.float32)
+    y, mask = F.dropout(x, 0.5, 3)
+    keep = unpack(mask, x.size)
+    assert np.isnan(y[0::3]).all()                       # NaN * anything
+    assert np.isnan(y[1::3][~keep[1::3]]).all()          # inf * 0
+    assert np.isinf(y[1::3][keep[1::3]]).all()
+
+
+def test_threads_and_in_place(threads):
+    x = np.random.default_rng(0).standard_normal(3 * 10**6 + 5).astype(np.float32)
+    outs = []
+    for nt in (1, 2, 3):
+        fo.set_num_threads(nt)
+        outs.append(F.dropout(x, 0.4, 11, offset=2))
+    for y, m in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0][0])
+        np.testing.assert_array_equal(m, outs[0][1])
+    z = x.copy()
+    y, _ = F.dropout(z, 0.4, 11, out=z, offset=2)
+    assert y is z
+    np.testing.assert_array_equal(z, outs[0][0])
+    noisy = [None, None]
+    for k, nt in enumerate((1, 2)):
+        fo.set_num_threads(nt)
+        noisy[k] = F.gaussian_noise(x, 0.3, seed=8)
+    np.testing.assert_array_equal(noisy[0], noisy[1])
+
+
+def test_torch_parity(torch):
+    """torch.nn.Dropout scales kept units by 1/(1-p) like us (compared on the
+    elements both keep), its eval is the identity, and autograd through
+    x * mask / (1-p) with our mask gives our backward."""
+    p = 0.3
+    x = np.random.default_rng(1).standard_normal(10000).astype(np.float32)
+    y, mask = F.dropout(x, p, 5)
+    ty = torch.nn.Dropout(p).train()(torch.tensor(x)).numpy()
+    both = unpack(mask, x.size) & (ty != 0)
+    np.testing.assert_allclose(y[both], ty[both], rtol=1e-6)
+    tkeep = (ty != 0).mean()
+    assert abs(tkeep - (1 - p)) < 0.02 and abs(unpack(mask, x.size).mean() - (1 - p)) < 0.02
+    layer = fo.Dropout(p, seed=5).eval()
+    np.testing.assert_array_equal(layer.forward(x), torch.nn.Dropout(p).eval()(torch.tensor(x)).numpy())
+    tx = torch.tensor(x, requires_grad=True)
+    tm = torch.tensor(unpack(mask, x.size).astype(np.float32))
+    (tx * tm / (1 - p)).backward(torch.tensor(np.arange(x.size, dtype=np.float32)))
+    dx = F.dropout_backward(np.arange(x.size, dtype=np.float32), mask, p)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-6)
+
+
+def test_layer_offsets_modes_and_store_mask():
+    x = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32)
+    a, b = fo.Dropout(0.5, seed=42), fo.Dropout(0.5, seed=42, store_mask=False)
+    assert a.parameters() == [] and a.gradients() == []
+    ya1, yb1 = a.forward(x), b.forward(x)
+    np.testing.assert_array_equal(ya1, yb1)
+    ya2 = a.forward(x)
+    assert not np.array_equal(ya1, ya2)           # a new mask every step
+    dy = np.ones_like(x)
+    da, db = a.backward(dy), b.forward(x) is not None and b.backward(dy)
+    np.testing.assert_array_equal(da, np.where(ya2 != 0, 2.0, 0.0).astype(np.float32))
+    np.testing.assert_array_equal(db, da)         # b's 2nd forward used the same offset
+    ref, _ = F.dropout(x, 0.5, 42, offset=1)
+    np.testing.assert_array_equal(ya2, ref)
+    a.eval()
+    assert a.forward(x) is x and a.backward(dy) is dy
+    assert not a.training
+    a.train()
+    assert a.training
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gaussian_noise(dtype):
+    n = 2**20 + 3
+    x = np.linspace(-1, 1, n).astype(dtype)
+    y = F.gaussian_noise(x, 0.5, seed=1)
+    z = (y.astype(np.float64) - x) / 0.5
+    assert abs(z.mean()) < 5 / np.sqrt(n)
+    assert abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+    assert abs(((z ** 4).mean()) - 3) < 0.05        # Gaussian kurtosis
+    assert abs(np.mean(z[:-1] * z[1:])) < 5 / np.sqrt(n)
+    np.testing.assert_array_equal(F.gaussian_noise(x, 0.5, seed=1), y)
+    assert not np.array_equal(F.gaussian_noise(x, 0.5, seed=1, offset=1), y)
+    np.testing.assert_array_equal(F.gaussian_noise(x, 0.0, seed=1), x)
+    x2 = x.copy()
+    assert F.gaussian_noise(x2, 0.5, seed=1, out=x2) is x2
+    np.testing.assert_array_equal(x2, y)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("case", ["p_high", "p_nan", "mask_size", "mask_dtype", "readonly",
+                                  "out_dtype", "overlap", "seed", "not_array"])
+def test_bad_input_leaves_arrays_unchanged(case):
+    x = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    out = np.full_like(x, 7.0)
+    mask = np.full(13, 0xAA, np.uint8)
+    kw = dict(p=0.5, seed=1, out=out, mask=mask)
+    if case == "p_high":
+        kw["p"] = 1.5
+    elif case == "p_nan":
+        kw["p"] = float("nan")
+    elif case == "mask_size":
+        kw["mask"] = mask = np.full(12, 0xAA, np.uint8)
+    elif case == "mask_dtype":
+        kw["mask"] = mask = np.full(13, 3, np.int32)
+    elif case == "readonly":
+        out.setflags(write=False)
+    elif case == "out_dtype":
+        kw["out"] = out = np.full(100, 7.0)
+    elif case == "overlap":
+        big = np.zeros(150, np.float32)
+        x = big[:100]
+        x[:] = 1
+        kw["out"] = out = big[50:]
+    elif case == "seed":
+        kw["seed"] = -1
+    elif case == "not_array":
+        x = x.tolist()
+    before = (np.array(x).copy(), out.copy(), mask.copy())
+    with pytest.raises((TypeError, ValueError)):
+        F.dropout(x, **kw)
+    np.testing.assert_array_equal(np.array(x), before[0])
+    np.testing.assert_array_equal(out, before[1])
+    np.testing.assert_array_equal(mask, before[2])
+
+
+def test_backward_bad_input():
+    dy = np.ones(100, np.float32)
+    with pytest.raises(ValueError, match="mask"):
+        F.dropout_backward(dy, None, 0.5)              # neither mask nor seed
+    with pytest.raises(ValueError, match="mask"):
+        F.dropout_backward(dy, np.zeros(3, np.uint8), 0.5)
+    with pytest.raises(ValueError, match="p"):
+        F.dropout_backward(dy, np.zeros(13, np.uint8), -0.1)
+    layer = fo.Dropout(0.5, seed=0)
+    with pytest.raises(ValueError, match="without a matching forward"):
+        layer.backward(dy)
+    layer.forward(dy)
+    with pytest.raises(ValueError, match="shape"):
+        layer.backward(dy[:50].copy())
+    with pytest.raises(TypeError, match="dtype"):
+        layer.backward(dy.astype(np.float64))
+    with pytest.raises(ValueError):
+        fo.Dropout(1.5)
+    with pytest.raises(ValueError, match="std"):
+        F.gaussian_noise(dy, -1.0)
