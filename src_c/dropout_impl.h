@@ -62,13 +62,77 @@ INLINE void SFX(dropout_groups)(const SFX(dropout_job) *j, int64_t g0, int64_t g
     if (j->stream_out) fo_stream_fence();
 }
 
+#ifdef FO_DROPOUT_AVX512
+/* out[16q + b] = in[16q + b] * (bit b of keep[q] ? scale : 0), q < 8 */
+AVX512_TARGET static inline void SFX(apply_masks_avx512)(T *out, const T *in,
+                                                         const __mmask16 keep[8], T scale) {
+#if FO_T_IS_F64
+    const __m512d s = _mm512_set1_pd(scale);
+    for (int q = 0; q < 8; q++) {
+        __m512d m0 = _mm512_maskz_mov_pd((__mmask8)keep[q], s);
+        __m512d m1 = _mm512_maskz_mov_pd((__mmask8)(keep[q] >> 8), s);
+        _mm512_storeu_pd(out + 16 * q, _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q), m0));
+        _mm512_storeu_pd(out + 16 * q + 8, _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q + 8), m1));
+    }
+#else
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int q = 0; q < 8; q++) {
+        __m512 m = _mm512_maskz_mov_ps(keep[q], s);
+        _mm512_storeu_ps(out + 16 * q, _mm512_mul_ps(_mm512_loadu_ps(in + 16 * q), m));
+    }
+#endif
+}
+
+/* dropout_groups for AVX-512 CPUs: whole groups here, a partial last group
+ * through the portable code. */
+AVX512_TARGET static void SFX(dropout_groups_avx512)(const SFX(dropout_job) *j, int64_t g0,
+                                                     int64_t g1, const int bits_from_mask,
+                                                     const int write_mask) {
+    T tile[FO_DROPOUT_TILE_GROUPS * FO_DROPOUT_GROUP];
+    const T scale = (T)j->d.scale;
+    int64_t full = j->n / FO_DROPOUT_GROUP;   /* groups with 128 elements */
+    int64_t gend = g1 < full ? g1 : full;
+    for (int64_t t0 = g0; t0 < gend; t0 += FO_DROPOUT_TILE_GROUPS) {
+        int64_t t1 = t0 + FO_DROPOUT_TILE_GROUPS < gend ? t0 + FO_DROPOUT_TILE_GROUPS : gend;
+        int64_t base = t0 * FO_DROPOUT_GROUP;
+        T *dst = j->stream_out ? tile : j->out + base;
+        for (int64_t g = t0; g < t1; g++) {
+            int64_t i = g * FO_DROPOUT_GROUP;
+            __mmask16 keep[8];
+            if (bits_from_mask) memcpy(keep, j->mask + g * 16, 16);   /* little-endian */
+            else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset);
+            if (write_mask) memcpy(j->mask + g * 16, keep, 16);
+            SFX(apply_masks_avx512)(dst + (i - base), j->in + i, keep, scale);
+        }
+        if (j->stream_out)
+            fo_stream_store(j->out + base, tile,
+                            (t1 - t0) * FO_DROPOUT_GROUP * (int64_t)sizeof(T));
+    }
+    if (j->stream_out) fo_stream_fence();
+    if (g1 > gend) SFX(dropout_groups)(j, gend, g1, bits_from_mask, write_mask);
+}
+#endif
+
 FO_DISPATCH static void SFX(dropout_fwd_body)(void *c, int64_t g0, int64_t g1) {
     const SFX(dropout_job) *j = (const SFX(dropout_job) *)c;
+#ifdef FO_DROPOUT_AVX512
+    if (have_avx512()) {
+        if (j->mask) SFX(dropout_groups_avx512)(j, g0, g1, 0, 1);
+        else SFX(dropout_groups_avx512)(j, g0, g1, 0, 0);
+        return;
+    }
+#endif
     if (j->mask) SFX(dropout_groups)(j, g0, g1, 0, 1);
     else SFX(dropout_groups)(j, g0, g1, 0, 0);
 }
 
 FO_DISPATCH static void SFX(dropout_bwd_mask_body)(void *c, int64_t g0, int64_t g1) {
+#ifdef FO_DROPOUT_AVX512
+    if (have_avx512()) {
+        SFX(dropout_groups_avx512)((const SFX(dropout_job) *)c, g0, g1, 1, 0);
+        return;
+    }
+#endif
     SFX(dropout_groups)((const SFX(dropout_job) *)c, g0, g1, 1, 0);
 }
 

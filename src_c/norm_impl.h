@@ -83,6 +83,22 @@ INLINE void SFX(reduce_row)(const T *restrict x, const T *restrict dy,
     }
 }
 
+/* Four rows per pass over s1/s2: a quarter of the L1 traffic of reduce_row
+ * (the partial sums are loaded and stored once per four rows). */
+INLINE void SFX(reduce_row4)(const T *restrict x, const T *restrict dy,
+                             const double *restrict center, double *restrict s1,
+                             double *restrict s2, int64_t L, const int has_dy) {
+    for (int64_t j = 0; j < L; j++) {
+        double c = center[j];
+        double u0 = (double)x[j] - c, u1 = (double)x[L + j] - c;
+        double u2 = (double)x[2 * L + j] - c, u3 = (double)x[3 * L + j] - c;
+        double a0 = has_dy ? (double)dy[j] : u0, a1 = has_dy ? (double)dy[L + j] : u1;
+        double a2 = has_dy ? (double)dy[2 * L + j] : u2, a3 = has_dy ? (double)dy[3 * L + j] : u3;
+        s1[j] += (a0 + a1) + (a2 + a3);
+        s2[j] += (a0 * u0 + a1 * u1) + (a2 * u2 + a3 * u3);
+    }
+}
+
 INLINE void SFX(reduce_segment)(const T *restrict x, const T *restrict dy, double center,
                                 double *restrict acc1, double *restrict acc2, int64_t n,
                                 const int has_dy) {
@@ -111,7 +127,11 @@ INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const in
         memset(s1, 0, sizeof(double) * 2 * (size_t)p->W);
         int64_t r0 = unit * p->per_unit;
         int64_t r1 = r0 + p->per_unit < p->outer ? r0 + p->per_unit : p->outer;
-        for (int64_t r = r0; r < r1; r++)
+        int64_t r = r0;
+        for (; r + 4 <= r1; r += 4)
+            SFX(reduce_row4)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->center,
+                             s1, s2, L, has_dy);
+        for (; r < r1; r++)
             SFX(reduce_row)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->center,
                             s1, s2, L, has_dy);
     } else {
