@@ -18,6 +18,7 @@ cdef extern from "fastopt.h" nogil:
                                  const fo_dropout_args *a)
     void fo_dropout_backward_f64(double *dx, const uint8_t *mask, const double *dy, int64_t n,
                                  const fo_dropout_args *a)
+    void fo_dropout_use_portable(int on)
     void fo_gaussian_noise_f32(float *y, const float *x, int64_t n, const fo_noise_args *a)
     void fo_gaussian_noise_f64(double *y, const double *x, int64_t n, const fo_noise_args *a)
 
@@ -111,3 +112,8 @@ def gaussian_noise(cnp.ndarray x, cnp.ndarray y, double std, uint64_t seed, uint
             fo_gaussian_noise_f64(<double *>py, <const double *>px, n, &a)
         else:
             fo_gaussian_noise_f32(<float *>py, <const float *>px, n, &a)
+
+
+def _dropout_use_portable(bint on):
+    """Testing hook: run the portable dropout code even on AVX-512 CPUs."""
+    fo_dropout_use_portable(on)

@@ -150,8 +150,11 @@ INLINE void load_mask_bytes(uint32_t bits[4], const uint8_t *mask, int64_t nbyte
 #include <immintrin.h>
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 
+static int force_portable = 0;   /* fo_dropout_use_portable(): for tests */
+
 static int have_avx512(void) {
     static int cached = -1;
+    if (force_portable) return 0;
     if (cached < 0) {
         __builtin_cpu_init();
         cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -210,6 +213,14 @@ AVX512_TARGET static inline void keep_masks_avx512(__mmask16 keep[8], const drop
     }
 }
 #endif
+
+void fo_dropout_use_portable(int on) {
+#ifdef FO_DROPOUT_AVX512
+    force_portable = on != 0;
+#else
+    (void)on;
+#endif
+}
 
 /* Split groups [0, ngroups) into one contiguous range per thread and call
  * body(ctx, g0, g1) on each. */

@@ -189,6 +189,10 @@ void fo_dropout_backward_f32(float *dx, const uint8_t *mask, const float *dy, in
 void fo_dropout_backward_f64(double *dx, const uint8_t *mask, const double *dy, int64_t n,
                              const fo_dropout_args *a);
 
+/* Testing hook: 1 = use the portable code even where the AVX-512 path runs
+ * (both give identical results); 0 = choose by CPU (the default). */
+void fo_dropout_use_portable(int on);
+
 typedef struct {
     double std;
     uint64_t seed, offset;

@@ -70,10 +70,20 @@ def unpack(mask, n):
     return np.unpackbits(mask, count=n, bitorder="little").astype(bool)
 
 
+@pytest.fixture(params=["dispatched", "portable"])
+def code_path(request):
+    """Both the run-time chosen code (AVX-512 where the CPU has it) and the
+    portable code."""
+    from fastopt import _fastopt
+    _fastopt._dropout_use_portable(request.param == "portable")
+    yield request.param
+    _fastopt._dropout_use_portable(False)
+
+
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("p,seed,offset", [(0.3, 123, 0), (0.5, 2**64 - 1, 2**40 + 5),
                                            (0.9, 7, 3)])
-def test_mask_matches_reference_philox(n, p, seed, offset):
+def test_mask_matches_reference_philox(code_path, n, p, seed, offset):
     x = np.ones(n, np.float32)
     y, mask = F.dropout(x, p, seed, offset=offset)
     assert mask.dtype == np.uint8 and mask.size == (n + 7) // 8
@@ -84,7 +94,7 @@ def test_mask_matches_reference_philox(n, p, seed, offset):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
-def test_forward_backward_values(dtype, n):
+def test_forward_backward_values(code_path, dtype, n):
     p = 0.25
     rng = np.random.default_rng(n)
     x, dy = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
