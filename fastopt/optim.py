@@ -196,8 +196,8 @@ class Optimizer:
                         raise ValueError(f"state of param {pid} lacks '{n}'")
                     a = np.asarray(a)
                     if a.shape != p.shape or a.dtype != p.dtype:
-                        raise ValueError(f"state '{n}' of param {pid} has {a.dtype}"
-                                         f"{a.shape}, expected {p.dtype}{p.shape}")
+                        raise ValueError(f"state '{n}' of param {pid} has dtype {a.dtype} "
+                                         f"shape {a.shape}, expected {p.dtype} {p.shape}")
                     arrays[n].append(a)
             if len(steps) > 1:
                 raise ValueError(f"params of group {gi} have different steps {sorted(steps)}")
