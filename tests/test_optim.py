@@ -484,3 +484,34 @@ def test_add_param_group_and_lr_schedule_edit():
     opt.param_groups[0]["lr"] = 0.5
     opt.step([np.ones(3, np.float32), np.ones(2, np.float32)])
     np.testing.assert_allclose(a, 0.4, rtol=1e-6)
+
+
+# ---------------------------------------------------------- properties
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_hyper = st.fixed_dictionaries({
+    "lr": st.floats(1e-4, 0.5), "weight_decay": st.sampled_from([0.0, 0.01, 0.3]),
+    "l1": st.sampled_from([0.0, 0.001]), "maximize": st.booleans(),
+})
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]),
+       sizes=st.lists(st.integers(0, 300), min_size=1, max_size=4),
+       steps=st.integers(1, 8), h=_hyper, amsgrad=st.booleans(), centered=st.booleans(),
+       momentum=st.sampled_from([0.0, 0.5, 0.9]), dtype=st.sampled_from(DTYPES))
+def test_random_configs_match_formula(name, sizes, steps, h, amsgrad, centered, momentum, dtype):
+    cfg = dict(h)
+    if name in ("Adam", "AdamW"):
+        cfg["amsgrad"] = amsgrad
+    if name == "RMSprop":
+        cfg.update(centered=centered, momentum=momentum, lr=cfg["lr"] * 0.1)
+    if name == "SGD":
+        cfg["momentum"] = momentum
+    shapes = [(n,) for n in sizes]
+    groups = [(cfg, list(range(len(shapes))))]
+    p_fo, p_ref = init_params(shapes, dtype, 7), init_params(shapes, dtype, 7)
+    run_fastopt(name, groups, p_fo, steps, dtype)
+    run_reference(CONFIGS[name][0], groups, p_ref, steps, dtype)
+    assert_close(p_fo, p_ref, dtype)
