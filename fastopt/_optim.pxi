@@ -128,7 +128,7 @@ def check_grads(TensorTable params, object grads):
     return t
 
 
-def sgd_step(TensorTable params, GradTable g, TensorTable momentum_buffer, *,
+def sgd_step(TensorTable params, GradTable g, TensorTable momentum_buffer,
              double lr, double momentum, double dampening, double weight_decay,
              double l1, bint nesterov, bint maximize, bint first_step):
     """One SGD step over a whole group (momentum_buffer None when momentum == 0)."""
@@ -146,7 +146,7 @@ def sgd_step(TensorTable params, GradTable g, TensorTable momentum_buffer, *,
                             params.numel, params.n, &a)
 
 
-def adagrad_step(TensorTable params, GradTable g, TensorTable state_sum, *,
+def adagrad_step(TensorTable params, GradTable g, TensorTable state_sum,
                  double lr, double lr_decay, double weight_decay, double eps,
                  double l1, bint maximize, int64_t step):
     """One Adagrad step over a whole group."""
@@ -163,7 +163,7 @@ def adagrad_step(TensorTable params, GradTable g, TensorTable state_sum, *,
 
 
 def rmsprop_step(TensorTable params, GradTable g, TensorTable square_avg,
-                 TensorTable grad_avg, TensorTable momentum_buffer, *,
+                 TensorTable grad_avg, TensorTable momentum_buffer,
                  double lr, double alpha, double eps, double weight_decay,
                  double momentum, double l1, bint centered, bint nesterov,
                  bint maximize):
@@ -187,7 +187,7 @@ def rmsprop_step(TensorTable params, GradTable g, TensorTable square_avg,
 
 
 def adam_step(TensorTable params, GradTable g, TensorTable exp_avg, TensorTable exp_avg_sq,
-              TensorTable max_exp_avg_sq, *, double lr, double beta1, double beta2,
+              TensorTable max_exp_avg_sq, double lr, double beta1, double beta2,
               double eps, double weight_decay, double l1, bint amsgrad,
               bint maximize, bint decoupled, int64_t step):
     """One Adam (decoupled=False) or AdamW (decoupled=True) step over a whole

@@ -129,7 +129,11 @@ class Optimizer:
                              "(one per param, all groups in order)")
         checked, start = [], 0
         for group, g in zip(self.param_groups, self._groups):
-            self._validate(group)
+            # re-check hyperparameters only when one was edited since the last step
+            values = [v for k, v in group.items() if k != "params"]
+            if values != g.get("validated"):
+                self._validate(group)
+                g["validated"] = [v for k, v in group.items() if k != "params"]
             n = g["params"].n
             checked.append(_fastopt.check_grads(g["params"], grads[start:start + n]))
             start += n
@@ -196,8 +200,8 @@ class Optimizer:
                         raise ValueError(f"state of param {pid} lacks '{n}'")
                     a = np.asarray(a)
                     if a.shape != p.shape or a.dtype != p.dtype:
-                        raise ValueError(f"state '{n}' of param {pid} has {a.dtype}"
-                                         f"{a.shape}, expected {p.dtype}{p.shape}")
+                        raise ValueError(f"state '{n}' of param {pid} has dtype {a.dtype} "
+                                         f"shape {a.shape}, expected {p.dtype} {p.shape}")
                     arrays[n].append(a)
             if len(steps) > 1:
                 raise ValueError(f"params of group {gi} have different steps {sorted(steps)}")
@@ -263,12 +267,10 @@ class SGD(Optimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _update(self, g, grads, group, fresh):
-        _fastopt.sgd_step(
-            g["params"], grads, _state(g, "momentum_buffer"), lr=group["lr"],
-            momentum=group["momentum"], dampening=group["dampening"],
-            weight_decay=group["weight_decay"], l1=group["l1"],
-            nesterov=bool(group["nesterov"]), maximize=group["maximize"],
-            first_step="momentum_buffer" in fresh)
+        _fastopt.sgd_step(  # positional: keyword parsing costs ~1 us per call
+            g["params"], grads, _state(g, "momentum_buffer"), group["lr"],
+            group["momentum"], group["dampening"], group["weight_decay"], group["l1"],
+            bool(group["nesterov"]), group["maximize"], "momentum_buffer" in fresh)
 
 
 class Adagrad(Optimizer):
@@ -299,9 +301,8 @@ class Adagrad(Optimizer):
 
     def _update(self, g, grads, group, fresh):
         _fastopt.adagrad_step(
-            g["params"], grads, g["state"]["sum"], lr=group["lr"],
-            lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-            eps=group["eps"], l1=group["l1"], maximize=group["maximize"], step=g["step"])
+            g["params"], grads, g["state"]["sum"], group["lr"], group["lr_decay"],
+            group["weight_decay"], group["eps"], group["l1"], group["maximize"], g["step"])
 
 
 class RMSprop(Optimizer):
@@ -336,10 +337,9 @@ class RMSprop(Optimizer):
     def _update(self, g, grads, group, fresh):
         _fastopt.rmsprop_step(
             g["params"], grads, g["state"]["square_avg"], _state(g, "grad_avg"),
-            _state(g, "momentum_buffer"), lr=group["lr"], alpha=group["alpha"],
-            eps=group["eps"], weight_decay=group["weight_decay"],
-            momentum=group["momentum"], l1=group["l1"], centered=bool(group["centered"]),
-            nesterov=bool(group["nesterov"]), maximize=group["maximize"])
+            _state(g, "momentum_buffer"), group["lr"], group["alpha"], group["eps"],
+            group["weight_decay"], group["momentum"], group["l1"], bool(group["centered"]),
+            bool(group["nesterov"]), group["maximize"])
 
 
 class Adam(Optimizer):
@@ -374,10 +374,9 @@ class Adam(Optimizer):
         b1, b2 = group["betas"]
         _fastopt.adam_step(
             g["params"], grads, g["state"]["exp_avg"], g["state"]["exp_avg_sq"],
-            _state(g, "max_exp_avg_sq"), lr=group["lr"], beta1=b1, beta2=b2,
-            eps=group["eps"], weight_decay=group["weight_decay"], l1=group["l1"],
-            amsgrad=bool(group["amsgrad"]), maximize=group["maximize"],
-            decoupled=self._decoupled, step=g["step"])
+            _state(g, "max_exp_avg_sq"), group["lr"], b1, b2, group["eps"],
+            group["weight_decay"], group["l1"], bool(group["amsgrad"]), group["maximize"],
+            self._decoupled, g["step"])
 
 
 class AdamW(Adam):

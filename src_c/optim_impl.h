@@ -169,7 +169,7 @@ typedef struct {
     T *const *p, *const *m, *const *v, *const *vmax;
     const T *const *g;
     T one_minus_beta1, beta2, one_minus_beta2, eps, wd, l1;
-    T step_size, bc2_sqrt, decay, lr_l1;
+    T step_size, inv_bc2_sqrt, decay, lr_l1;
     int amsgrad, maximize;
 } SFX(adam_ctx);
 
@@ -182,7 +182,7 @@ INLINE void SFX(adam_loop)(const SFX(adam_ctx) *c, int64_t k, int64_t lo, int64_
     const T *restrict g = c->g[k];
     const T omb1 = c->one_minus_beta1, b2 = c->beta2, omb2 = c->one_minus_beta2;
     const T eps = c->eps, wd = c->wd, l1 = c->l1, step_size = c->step_size;
-    const T bc2_sqrt = c->bc2_sqrt, decay = c->decay, lr_l1 = c->lr_l1;
+    const T inv_bc2_sqrt = c->inv_bc2_sqrt, decay = c->decay, lr_l1 = c->lr_l1;
     const int maximize = c->maximize, has_wd = wd != 0;
     for (int64_t i = lo; i < hi; i++) {
         T pi = p[i];
@@ -200,7 +200,7 @@ INLINE void SFX(adam_loop)(const SFX(adam_ctx) *c, int64_t k, int64_t lo, int64_
             vmax[i] = vm;
             vi = vm;
         }
-        T denom = SQRT(vi) / bc2_sqrt + eps;
+        T denom = SQRT(vi) * inv_bc2_sqrt + eps;   /* one division per element, not two */
         p[i] = pi - step_size * (mi / denom);
     }
 }
@@ -221,7 +221,7 @@ void SFX(fo_adam_step)(T *const *param, T *const *exp_avg, T *const *exp_avg_sq,
     SFX(adam_ctx) c = {param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad,
                        (T)(1.0 - a->beta1), (T)a->beta2, (T)(1.0 - a->beta2), (T)a->eps,
                        dec ? 0 : (T)a->weight_decay, dec ? 0 : (T)a->l1,
-                       (T)(a->lr / bc1), (T)sqrt(bc2),
+                       (T)(a->lr / bc1), (T)(1.0 / sqrt(bc2)),
                        dec ? (T)(1.0 - a->lr * a->weight_decay) : 1,
                        dec ? (T)(a->lr * a->l1) : 0,
                        a->amsgrad, a->maximize};

@@ -88,8 +88,11 @@ def set_threads(n):
 def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005):
     """Median seconds per call of each callable, timed in interleaved rounds.
 
-    Each callable first runs once (warm-up), then `number` calls per round where
-    one round takes ~target seconds; at least 5 rounds and min_time in total."""
+    A round gives each callable one block of `number` timed calls (a block
+    takes ~target seconds), preceded by one untimed call: that call absorbs the
+    hand-over from the previous library (another OpenMP pool still spinning on
+    the other core, cold caches), which would otherwise be charged to whoever
+    runs next. At least 5 rounds and min_time in total."""
     number = {}
     for k, f in fns.items():
         f()
@@ -98,11 +101,12 @@ def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005):
         dt = time.perf_counter() - t0
         number[k] = max(1, int(target / max(dt, 1e-7)))
     samples = {k: [] for k in fns}
-    total_per_round = sum(1e-9 + target for _ in fns)
-    n_rounds = rounds or max(5, min(200, int(min_time / total_per_round)))
+    per_round = sum(2 * target for _ in fns)
+    n_rounds = rounds or max(5, min(200, int(min_time / per_round)))
     for _ in range(n_rounds):
         for k, f in fns.items():
             n = number[k]
+            f()
             t0 = time.perf_counter()
             for _ in range(n):
                 f()

@@ -1,0 +1,39 @@
+"""Type stubs for the binding layer fastopt._fastopt (see _fastopt.pyx)."""
+from typing import Optional, Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+# threads and baselines (_common.pxi)
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def has_openmp() -> bool: ...
+def copy(dst: NDArray, src: NDArray) -> None: ...
+def stream_add(a: NDArray[np.float32], b: NDArray[np.float32]) -> None: ...
+
+# optimizers (_optim.pxi)
+class TensorTable:
+    arrays: tuple[NDArray, ...]
+    dtype: Optional[np.dtype]
+    n: int
+    is_f64: bool
+    def __init__(self, arrays: Sequence[NDArray], name: str,
+                 shapes_of: Optional["TensorTable"] = ...) -> None: ...
+
+class GradTable: ...
+
+def check_grads(params: TensorTable, grads: Sequence[ArrayLike]) -> GradTable: ...
+def sgd_step(params: TensorTable, g: GradTable, momentum_buffer: Optional[TensorTable],
+             lr: float, momentum: float, dampening: float, weight_decay: float,
+             l1: float, nesterov: bool, maximize: bool, first_step: bool) -> None: ...
+def adagrad_step(params: TensorTable, g: GradTable, state_sum: TensorTable, lr: float,
+                 lr_decay: float, weight_decay: float, eps: float, l1: float,
+                 maximize: bool, step: int) -> None: ...
+def rmsprop_step(params: TensorTable, g: GradTable, square_avg: TensorTable,
+                 grad_avg: Optional[TensorTable], momentum_buffer: Optional[TensorTable],
+                 lr: float, alpha: float, eps: float, weight_decay: float, momentum: float,
+                 l1: float, centered: bool, nesterov: bool, maximize: bool) -> None: ...
+def adam_step(params: TensorTable, g: GradTable, exp_avg: TensorTable,
+              exp_avg_sq: TensorTable, max_exp_avg_sq: Optional[TensorTable], lr: float,
+              beta1: float, beta2: float, eps: float, weight_decay: float, l1: float,
+              amsgrad: bool, maximize: bool, decoupled: bool, step: int) -> None: ...

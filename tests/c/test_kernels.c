@@ -1,0 +1,130 @@
+/* test_kernels.c -- the C ABI used with no Python: a few steps of every
+ * optimizer kernel, float32 and float64, multi-tensor, against a scalar
+ * reference written here from the formulas. Build and run (as .ci/run does):
+ *   cc -std=c99 -O2 -fopenmp -fno-math-errno -Isrc_c tests/c/test_kernels.c \
+ *      (every .c file in src_c) -lm -o test_kernels && ./test_kernels
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "fastopt.h"
+
+static int failures = 0;
+
+static void check(const char *what, double got, double want, double rtol) {
+    if (!(fabs(got - want) <= rtol * (1.0 + fabs(want)))) {
+        printf("FAIL %s: got %.9g, want %.9g\n", what, got, want);
+        failures++;
+    }
+}
+
+static double grad_value(int t, int64_t i) { return sin(0.37 * (double)i + 1.3 * t); }
+static double init_value(int64_t i) { return cos(0.11 * (double)i) * 2.0; }
+
+/* Scalar double references, one element. */
+static void ref_adam(double *p, double g, double *m, double *v, double *vmax, int t,
+                     const fo_adam_args *a) {
+    if (a->decoupled) *p *= 1 - a->lr * a->weight_decay;
+    else g += a->weight_decay * *p;
+    *m = a->beta1 * *m + (1 - a->beta1) * g;
+    *v = a->beta2 * *v + (1 - a->beta2) * g * g;
+    double vv = *v;
+    if (a->amsgrad) { if (*v > *vmax) *vmax = *v; vv = *vmax; }
+    double denom = sqrt(vv) / sqrt(1 - pow(a->beta2, t)) + a->eps;
+    *p -= a->lr / (1 - pow(a->beta1, t)) * *m / denom;
+}
+
+static void ref_sgd(double *p, double g, double *b, int t, const fo_sgd_args *a) {
+    g += a->weight_decay * *p;
+    *b = t == 1 ? g : a->momentum * *b + (1 - a->dampening) * g;
+    g = a->nesterov ? g + a->momentum * *b : *b;
+    *p -= a->lr * g;
+}
+
+static void ref_adagrad(double *p, double g, double *s, int t, const fo_adagrad_args *a) {
+    *s += g * g;
+    *p -= a->lr / (1 + (t - 1) * a->lr_decay) * g / (sqrt(*s) + a->eps);
+}
+
+static void ref_rmsprop(double *p, double g, double *s, double *ga, double *b,
+                        const fo_rmsprop_args *a) {
+    *s = a->alpha * *s + (1 - a->alpha) * g * g;
+    *ga = a->alpha * *ga + (1 - a->alpha) * g;
+    double avg = sqrt(*s - *ga * *ga) + a->eps;
+    *b = a->momentum * *b + g / avg;
+    *p -= a->lr * *b;
+}
+
+#define NT 3
+static const int64_t numel[NT] = {1, 1000, 70001};   /* odd sizes: vector tails */
+
+/* One test per precision from one body, as the library itself does. */
+#define DEFINE_TEST(T, SFX, RTOL)                                                   \
+static void test_##SFX(void) {                                                      \
+    T *p[NT], *s1[NT], *s2[NT], *s3[NT], *g[NT];                                    \
+    double *rp[NT], *r1[NT], *r2[NT], *r3[NT];                                      \
+    for (int opt = 0; opt < 4; opt++) {                                             \
+        for (int k = 0; k < NT; k++) {                                              \
+            size_t n = (size_t)numel[k];                                            \
+            p[k] = malloc(n * sizeof(T)); g[k] = malloc(n * sizeof(T));             \
+            s1[k] = calloc(n, sizeof(T)); s2[k] = calloc(n, sizeof(T));             \
+            s3[k] = calloc(n, sizeof(T));                                           \
+            rp[k] = malloc(n * sizeof(double)); r1[k] = calloc(n, sizeof(double));  \
+            r2[k] = calloc(n, sizeof(double)); r3[k] = calloc(n, sizeof(double));   \
+            for (int64_t i = 0; i < numel[k]; i++) p[k][i] = (T)(rp[k][i] = init_value(i)); \
+        }                                                                           \
+        fo_adam_args aa = {1e-2, 0.9, 0.999, 1e-8, 0.1, 0, 1, 0, opt == 3, 0};      \
+        fo_sgd_args sa = {1e-2, 0.9, 0.1, 0.01, 0, 1, 0, 0};                        \
+        fo_adagrad_args ga = {1e-2, 0.01, 0, 1e-10, 0, 0, 0};                       \
+        fo_rmsprop_args ra = {1e-2, 0.9, 1e-8, 0, 0.5, 0, 1, 0, 0};                 \
+        for (int t = 1; t <= 5; t++) {                                              \
+            for (int k = 0; k < NT; k++)                                            \
+                for (int64_t i = 0; i < numel[k]; i++) g[k][i] = (T)grad_value(t, i); \
+            if (opt == 0) {                                                         \
+                sa.nesterov = 1; sa.dampening = 0; sa.first_step = t == 1;          \
+                fo_sgd_step_##SFX(p, s1, (const T *const *)g, numel, NT, &sa);      \
+            } else if (opt == 1) {                                                  \
+                ga.step = t;                                                        \
+                fo_adagrad_step_##SFX(p, s1, (const T *const *)g, numel, NT, &ga);  \
+            } else if (opt == 2) {                                                  \
+                fo_rmsprop_step_##SFX(p, s1, s2, s3, (const T *const *)g, numel, NT, &ra); \
+            } else {                                                                \
+                aa.step = t;                                                        \
+                fo_adam_step_##SFX(p, s1, s2, s3, (const T *const *)g, numel, NT, &aa); \
+            }                                                                       \
+            for (int k = 0; k < NT; k++)                                            \
+                for (int64_t i = 0; i < numel[k]; i++) {                            \
+                    double gi = (T)grad_value(t, i);                                \
+                    if (opt == 0) ref_sgd(&rp[k][i], gi, &r1[k][i], t, &sa);        \
+                    else if (opt == 1) ref_adagrad(&rp[k][i], gi, &r1[k][i], t, &ga); \
+                    else if (opt == 2) ref_rmsprop(&rp[k][i], gi, &r1[k][i], &r2[k][i], &r3[k][i], &ra); \
+                    else ref_adam(&rp[k][i], gi, &r1[k][i], &r2[k][i], &r3[k][i], t, &aa); \
+                }                                                                   \
+        }                                                                           \
+        static const char *names[4] = {"sgd-nesterov", "adagrad", "rmsprop-centered-momentum", "adamw-amsgrad"}; \
+        char what[96];                                                              \
+        for (int k = 0; k < NT; k++) {                                              \
+            for (int64_t i = 0; i < numel[k]; i += 1 + numel[k] / 97) {             \
+                snprintf(what, sizeof what, "%s %s tensor %d [%lld]", names[opt], #SFX, k, (long long)i); \
+                check(what, p[k][i], rp[k][i], RTOL);                               \
+            }                                                                       \
+            free(p[k]); free(g[k]); free(s1[k]); free(s2[k]); free(s3[k]);          \
+            free(rp[k]); free(r1[k]); free(r2[k]); free(r3[k]);                     \
+        }                                                                           \
+    }                                                                               \
+}
+
+DEFINE_TEST(float, f32, 1e-4)
+DEFINE_TEST(double, f64, 1e-10)
+
+int main(void) {
+    for (int nt = 1; nt <= 2; nt++) {
+        fo_set_num_threads(nt);
+        test_f32();
+        test_f64();
+    }
+    printf("%s: C kernel tests (OpenMP %s)\n", failures ? "FAILED" : "ok",
+           fo_has_openmp() ? "on" : "off");
+    return failures != 0;
+}
