@@ -1,6 +1,6 @@
 /* test_kernels.c -- the C ABI used with no Python: a few steps of every
  * optimizer kernel, float32 and float64, multi-tensor, against a scalar
- * reference written here from the formulas. Build and run (as .ci/run does):
+ * reference written here from the formulas; batch norm and dropout. Build and run (as .ci/run does):
  *   cc -std=c99 -O2 -fopenmp -fno-math-errno -Isrc_c tests/c/test_kernels.c \
  *      (every .c file in src_c) -lm -o test_kernels && ./test_kernels
  */
@@ -118,11 +118,84 @@ static void test_##SFX(void) {                                                  
 DEFINE_TEST(float, f32, 1e-4)
 DEFINE_TEST(double, f64, 1e-10)
 
+/* ---- batch norm and dropout -------------------------------------------- */
+
+/* Batch norm on (outer, C, inner) = (5, 3, 7) with a large mean: batch
+ * statistics against a two-pass double reference; backward's dbias = sum(dy). */
+static void test_batchnorm(void) {
+    enum { O = 5, C = 3, I = 7, N = O * C * I };
+    float x[N], y[N], dy[N], dx[N], mean[C], invstd[C], rm[C] = {0}, rv[C] = {1, 1, 1};
+    float dw[C], db[C];
+    for (int i = 0; i < N; i++) {
+        x[i] = (float)(1e4 + init_value(i));
+        dy[i] = (float)grad_value(1, i);
+    }
+    fo_batchnorm_args a = {1e-5, 0.1, 1};
+    check("batchnorm_forward rc", fo_batchnorm_forward_f32(y, mean, invstd, rm, rv, x, NULL,
+                                                           NULL, O, C, I, &a), 0, 0);
+    fo_batchnorm_backward_args ba = {1, 0};
+    fo_batchnorm_backward_f32(dx, dw, db, dy, x, mean, invstd, NULL, O, C, I, &ba);
+    for (int c = 0; c < C; c++) {
+        double m = 0, v = 0, ys = 0, yss = 0, sdy = 0;
+        for (int o = 0; o < O; o++)
+            for (int i = 0; i < I; i++) m += x[(o * C + c) * I + i];
+        m /= O * I;
+        for (int o = 0; o < O; o++)
+            for (int i = 0; i < I; i++) {
+                int k = (o * C + c) * I + i;
+                v += (x[k] - m) * (x[k] - m);
+                ys += y[k];
+                yss += (double)y[k] * y[k];
+                sdy += dy[k];
+            }
+        v /= O * I;
+        check("batchnorm mean", mean[c], m, 1e-6);
+        check("batchnorm invstd", invstd[c], 1 / sqrt(v + 1e-5), 1e-4);
+        check("batchnorm running_var", rv[c], 0.9 + 0.1 * v * O * I / (O * I - 1), 1e-4);
+        check("batchnorm y mean", ys / (O * I), 0, 1e-4);
+        check("batchnorm y var", yss / (O * I), 1, 1e-3);
+        check("batchnorm dbias", db[c], sdy, 1e-5);
+    }
+}
+
+/* Dropout: the Random123 known-answer vector through the documented layout
+ * (element 0 keeps iff the low 16 bits of philox(ctr 0, key seed) word 0 are
+ * above the threshold's), p = 0 / 1, and backward from the mask = backward
+ * from (seed, offset). */
+static void test_dropout(void) {
+    enum { N = 1000 };
+    static float x[N], y[N], d1[N], d2[N];
+    static uint8_t mask[(N + 7) / 8];
+    for (int i = 0; i < N; i++) x[i] = (float)init_value(i);
+    fo_dropout_args a = {0.5, 0, 0};
+    fo_dropout_forward_f32(y, mask, x, N, &a);
+    /* philox4x32-10(ctr 0, key 0) word 0 = 0x6627e8d5: low 16 bits 0xe8d5 >= 0x8000 */
+    check("dropout element 0 kept", mask[0] & 1, 1, 0);
+    int kept = 0;
+    for (int i = 0; i < N; i++) {
+        int k = (mask[i / 8] >> (i % 8)) & 1;
+        kept += k;
+        check("dropout value", y[i], k ? 2.0 * x[i] : 0.0, 1e-7);
+    }
+    check("dropout keep rate", kept, N / 2, 0.1);
+    fo_dropout_backward_f32(d1, mask, x, N, &a);
+    fo_dropout_backward_f32(d2, NULL, x, N, &a);
+    for (int i = 0; i < N; i++) check("dropout backward", d1[i], d2[i], 0);
+    a.p = 0;
+    fo_dropout_forward_f32(y, mask, x, N, &a);
+    for (int i = 0; i < N; i++) check("dropout p=0", y[i], x[i], 0);
+    a.p = 1;
+    fo_dropout_forward_f32(y, mask, x, N, &a);
+    for (int i = 0; i < N; i++) check("dropout p=1", y[i], 0, 0);
+}
+
 int main(void) {
     for (int nt = 1; nt <= 2; nt++) {
         fo_set_num_threads(nt);
         test_f32();
         test_f64();
+        test_batchnorm();
+        test_dropout();
     }
     printf("%s: C kernel tests (OpenMP %s)\n", failures ? "FAILED" : "ok",
            fo_has_openmp() ? "on" : "off");
