@@ -9,7 +9,6 @@ typedef struct {
     dropout_plan d;
     uint64_t seed, offset;
     double std;             /* noise */
-    int stream_out;
 } SFX(dropout_job);
 
 /* out[e] = in[e] * (bit e ? scale : 0) for the n <= 128 elements of a group. */
@@ -28,38 +27,27 @@ INLINE void SFX(apply_bits)(T *restrict out, const T *restrict in, const uint32_
 }
 
 /* Groups [g0, g1): bits from the RNG (forward, backward without a mask) or
- * from the mask (backward), applied to in -> out, tile by tile. */
+ * from the mask (backward), applied to in -> out. */
 INLINE void SFX(dropout_groups)(const SFX(dropout_job) *j, int64_t g0, int64_t g1,
                                 const int bits_from_mask, const int write_mask) {
-    T tile[FO_DROPOUT_TILE_GROUPS * FO_DROPOUT_GROUP];
     const T scale = (T)j->d.scale;
-    for (int64_t t0 = g0; t0 < g1; t0 += FO_DROPOUT_TILE_GROUPS) {
-        int64_t t1 = t0 + FO_DROPOUT_TILE_GROUPS < g1 ? t0 + FO_DROPOUT_TILE_GROUPS : g1;
-        int64_t base = t0 * FO_DROPOUT_GROUP;
-        T *dst = j->stream_out ? tile : j->out + base;
-        for (int64_t g = t0; g < t1; g++) {
-            int64_t i = g * FO_DROPOUT_GROUP;
-            int64_t n = j->n - i < FO_DROPOUT_GROUP ? j->n - i : FO_DROPOUT_GROUP;
-            int64_t nbytes = (n + 7) / 8;
-            uint32_t bits[4];
-            if (bits_from_mask) {
-                load_mask_bytes(bits, j->mask + g * 16, nbytes);
-            } else {
-                group_keep_bits(bits, &j->d, (uint64_t)g, j->seed, j->offset);
-                for (int w = 0; w < 4; w++) {   /* clear the bits past the end */
-                    int64_t left = n - 32 * w;
-                    if (left < 32) bits[w] &= left <= 0 ? 0 : ((uint32_t)1 << left) - 1;
-                }
+    for (int64_t g = g0; g < g1; g++) {
+        int64_t i = g * FO_DROPOUT_GROUP;
+        int64_t n = j->n - i < FO_DROPOUT_GROUP ? j->n - i : FO_DROPOUT_GROUP;
+        int64_t nbytes = (n + 7) / 8;
+        uint32_t bits[4];
+        if (bits_from_mask) {
+            load_mask_bytes(bits, j->mask + g * 16, nbytes);
+        } else {
+            group_keep_bits(bits, &j->d, (uint64_t)g, j->seed, j->offset);
+            for (int w = 0; w < 4; w++) {   /* clear the bits past the end */
+                int64_t left = n - 32 * w;
+                if (left < 32) bits[w] &= left <= 0 ? 0 : ((uint32_t)1 << left) - 1;
             }
-            if (write_mask) store_mask_bytes(j->mask + g * 16, bits, nbytes);
-            SFX(apply_bits)(dst + (i - base), j->in + i, bits, scale, n);
         }
-        if (j->stream_out) {
-            int64_t hi = t1 * FO_DROPOUT_GROUP < j->n ? t1 * FO_DROPOUT_GROUP : j->n;
-            fo_stream_store(j->out + base, tile, (hi - base) * (int64_t)sizeof(T));
-        }
+        if (write_mask) store_mask_bytes(j->mask + g * 16, bits, nbytes);
+        SFX(apply_bits)(j->out + i, j->in + i, bits, scale, n);
     }
-    if (j->stream_out) fo_stream_fence();
 }
 
 #ifdef FO_DROPOUT_AVX512
@@ -88,27 +76,17 @@ AVX512_TARGET static inline void SFX(apply_masks_avx512)(T *out, const T *in,
 AVX512_TARGET static void SFX(dropout_groups_avx512)(const SFX(dropout_job) *j, int64_t g0,
                                                      int64_t g1, const int bits_from_mask,
                                                      const int write_mask) {
-    T tile[FO_DROPOUT_TILE_GROUPS * FO_DROPOUT_GROUP];
     const T scale = (T)j->d.scale;
     int64_t full = j->n / FO_DROPOUT_GROUP;   /* groups with 128 elements */
     int64_t gend = g1 < full ? g1 : full;
-    for (int64_t t0 = g0; t0 < gend; t0 += FO_DROPOUT_TILE_GROUPS) {
-        int64_t t1 = t0 + FO_DROPOUT_TILE_GROUPS < gend ? t0 + FO_DROPOUT_TILE_GROUPS : gend;
-        int64_t base = t0 * FO_DROPOUT_GROUP;
-        T *dst = j->stream_out ? tile : j->out + base;
-        for (int64_t g = t0; g < t1; g++) {
-            int64_t i = g * FO_DROPOUT_GROUP;
-            __mmask16 keep[8];
-            if (bits_from_mask) memcpy(keep, j->mask + g * 16, 16);   /* little-endian */
-            else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset);
-            if (write_mask) memcpy(j->mask + g * 16, keep, 16);
-            SFX(apply_masks_avx512)(dst + (i - base), j->in + i, keep, scale);
-        }
-        if (j->stream_out)
-            fo_stream_store(j->out + base, tile,
-                            (t1 - t0) * FO_DROPOUT_GROUP * (int64_t)sizeof(T));
+    for (int64_t g = g0; g < gend; g++) {
+        int64_t i = g * FO_DROPOUT_GROUP;
+        __mmask16 keep[8];
+        if (bits_from_mask) memcpy(keep, j->mask + g * 16, 16);   /* little-endian */
+        else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset);
+        if (write_mask) memcpy(j->mask + g * 16, keep, 16);
+        SFX(apply_masks_avx512)(j->out + i, j->in + i, keep, scale);
     }
-    if (j->stream_out) fo_stream_fence();
     if (g1 > gend) SFX(dropout_groups)(j, gend, g1, bits_from_mask, write_mask);
 }
 #endif
@@ -137,19 +115,18 @@ FO_DISPATCH static void SFX(dropout_bwd_mask_body)(void *c, int64_t g0, int64_t 
 }
 
 static void SFX(dropout_run)(SFX(dropout_job) *j, group_fn body) {
-    j->stream_out = j->n * (int64_t)sizeof(T) >= FO_STREAM_MIN_BYTES;
     for_groups((j->n + FO_DROPOUT_GROUP - 1) / FO_DROPOUT_GROUP, body, j);
 }
 
 void SFX(fo_dropout_forward)(T *y, uint8_t *mask, const T *x, int64_t n,
                              const fo_dropout_args *a) {
-    SFX(dropout_job) j = {y, x, mask, n, make_plan(a->p), a->seed, a->offset, 0, 0};
+    SFX(dropout_job) j = {y, x, mask, n, make_plan(a->p), a->seed, a->offset, 0};
     SFX(dropout_run)(&j, SFX(dropout_fwd_body));
 }
 
 void SFX(fo_dropout_backward)(T *dx, const uint8_t *mask, const T *dy, int64_t n,
                               const fo_dropout_args *a) {
-    SFX(dropout_job) j = {dx, dy, (uint8_t *)mask, n, make_plan(a->p), a->seed, a->offset, 0, 0};
+    SFX(dropout_job) j = {dx, dy, (uint8_t *)mask, n, make_plan(a->p), a->seed, a->offset, 0};
     if (mask) SFX(dropout_run)(&j, SFX(dropout_bwd_mask_body));
     else SFX(dropout_run)(&j, SFX(dropout_fwd_body));   /* regenerate the bits */
 }
@@ -181,6 +158,6 @@ static void SFX(noise_body)(void *c, int64_t g0, int64_t g1) {
 }
 
 void SFX(fo_gaussian_noise)(T *y, const T *x, int64_t n, const fo_noise_args *a) {
-    SFX(dropout_job) j = {y, x, 0, n, make_plan(0), a->seed, a->offset, a->std, 0};
+    SFX(dropout_job) j = {y, x, 0, n, make_plan(0), a->seed, a->offset, a->std};
     for_groups((n + FO_RNG_GROUP - 1) / FO_RNG_GROUP, SFX(noise_body), &j);
 }

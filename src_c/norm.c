@@ -28,7 +28,6 @@
 
 #include "fastopt.h"
 #include "parallel.h"
-#include "stream.h"
 
 #ifdef _OPENMP
 #include <omp.h>

@@ -62,7 +62,6 @@ typedef struct {
     fo_norm_plan plan;
     const T *x, *dy;
     T *out;
-    int stream_out;          /* write `out` with streaming stores */
     const double *center;    /* reduction: sums of a*(x - center) */
     double *partial;         /* reduction: per unit 2*W (row) or 2 (segment) sums */
     const T *cen, *k1, *k2, *k3;   /* apply: out = k1*dy + k2*(x - cen) + k3 */
@@ -219,27 +218,21 @@ INLINE void SFX(apply_scalar)(T *restrict out, const T *restrict x, const T *res
     }
 }
 
-/* Elements [lo, hi) of row / segment `s`, written directly or through an L1
- * tile and streaming stores. */
+/* Row / segment `s`. Ordinary stores: streaming (non-temporal) stores through
+ * an L1 tile were measured here and were slower for every shape (as they
+ * were for dropout), so the output goes through the cache. */
 INLINE void SFX(apply_span)(const SFX(norm_job) *j, int64_t s, const int has_dy,
                             const int has_x) {
     const fo_norm_plan *p = &j->plan;
     int64_t len = p->row_mode ? p->W : p->inner;
     int64_t off = s * len;
     const T *x = j->x + off, *dy = has_dy ? j->dy + off : 0;
-    T *out = j->out + off;
-    int64_t c = p->row_mode ? 0 : s % p->C;
-    T tile[FO_TILE];
-    for (int64_t i = 0; i < len; i += FO_TILE) {
-        int64_t n = len - i < FO_TILE ? len - i : FO_TILE;
-        T *dst = j->stream_out ? tile : out + i;
-        if (p->row_mode)
-            SFX(apply_cols)(dst, x + i, has_dy ? dy + i : 0, j->cen + i, j->k1 + i,
-                            j->k2 + i, j->k3 + i, n, has_dy, has_x);
-        else
-            SFX(apply_scalar)(dst, x + i, has_dy ? dy + i : 0, j->cen[c], j->k1[c],
-                              j->k2[c], j->k3[c], n, has_dy, has_x);
-        if (j->stream_out) fo_stream_store(out + i, tile, n * (int64_t)sizeof(T));
+    if (p->row_mode) {
+        SFX(apply_cols)(j->out + off, x, dy, j->cen, j->k1, j->k2, j->k3, len, has_dy, has_x);
+    } else {
+        int64_t c = s % p->C;
+        SFX(apply_scalar)(j->out + off, x, dy, j->cen[c], j->k1[c], j->k2[c], j->k3[c], len,
+                          has_dy, has_x);
     }
 }
 
@@ -263,7 +256,6 @@ static void SFX(apply)(const SFX(norm_job) *j) {
 #pragma omp for schedule(static)
 #endif
         for (int64_t s = 0; s < nspans; s++) SFX(apply_one)(j, s);
-        if (j->stream_out) fo_stream_fence();
     }
 }
 
@@ -337,7 +329,6 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
     j.plan = p;
     j.x = x;
     j.out = y;
-    j.stream_out = M * C * (int64_t)sizeof(T) >= FO_STREAM_MIN_BYTES;
     j.partial = s.partial;
     j.center = s.center;
     j.cen = s.cen; j.k1 = s.k1; j.k2 = s.k2; j.k3 = s.k3;
@@ -391,7 +382,6 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
     j.x = x;
     j.dy = dy;
     j.out = dx;
-    j.stream_out = M * C * (int64_t)sizeof(T) >= FO_STREAM_MIN_BYTES;
     j.partial = s.partial;
     j.center = s.center;
     j.cen = s.cen; j.k1 = s.k1; j.k3 = s.k3;
