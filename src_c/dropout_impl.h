@@ -9,6 +9,7 @@ typedef struct {
     dropout_plan d;
     uint64_t seed, offset;
     double std;             /* noise */
+    int stream;             /* AVX-512 path: streaming stores (see store64_avx512) */
 } SFX(dropout_job);
 
 /* out[e] = in[e] * (bit e ? scale : 0) for the n <= 128 elements of a group. */
@@ -53,20 +54,24 @@ INLINE void SFX(dropout_groups)(const SFX(dropout_job) *j, int64_t g0, int64_t g
 #ifdef FO_DROPOUT_AVX512
 /* out[16q + b] = in[16q + b] * (bit b of keep[q] ? scale : 0), q < 8 */
 AVX512_TARGET static inline void SFX(apply_masks_avx512)(T *out, const T *in,
-                                                         const __mmask16 keep[8], T scale) {
+                                                         const __mmask16 keep[8], T scale,
+                                                         int stream) {
 #if FO_T_IS_F64
     const __m512d s = _mm512_set1_pd(scale);
     for (int q = 0; q < 8; q++) {
         __m512d m0 = _mm512_maskz_mov_pd((__mmask8)keep[q], s);
         __m512d m1 = _mm512_maskz_mov_pd((__mmask8)(keep[q] >> 8), s);
-        _mm512_storeu_pd(out + 16 * q, _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q), m0));
-        _mm512_storeu_pd(out + 16 * q + 8, _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q + 8), m1));
+        store64_avx512(out + 16 * q, _mm512_castpd_si512(
+            _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q), m0)), stream);
+        store64_avx512(out + 16 * q + 8, _mm512_castpd_si512(
+            _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q + 8), m1)), stream);
     }
 #else
     const __m512 s = _mm512_set1_ps(scale);
     for (int q = 0; q < 8; q++) {
         __m512 m = _mm512_maskz_mov_ps(keep[q], s);
-        _mm512_storeu_ps(out + 16 * q, _mm512_mul_ps(_mm512_loadu_ps(in + 16 * q), m));
+        store64_avx512(out + 16 * q, _mm512_castps_si512(
+            _mm512_mul_ps(_mm512_loadu_ps(in + 16 * q), m)), stream);
     }
 #endif
 }
@@ -85,8 +90,9 @@ AVX512_TARGET static void SFX(dropout_groups_avx512)(const SFX(dropout_job) *j, 
         if (bits_from_mask) memcpy(keep, j->mask + g * 16, 16);   /* little-endian */
         else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset);
         if (write_mask) memcpy(j->mask + g * 16, keep, 16);
-        SFX(apply_masks_avx512)(j->out + i, j->in + i, keep, scale);
+        SFX(apply_masks_avx512)(j->out + i, j->in + i, keep, scale, j->stream);
     }
+    if (j->stream) _mm_sfence();
     if (g1 > gend) SFX(dropout_groups)(j, gend, g1, bits_from_mask, write_mask);
 }
 #endif
@@ -115,18 +121,21 @@ FO_DISPATCH static void SFX(dropout_bwd_mask_body)(void *c, int64_t g0, int64_t 
 }
 
 static void SFX(dropout_run)(SFX(dropout_job) *j, group_fn body) {
+#ifdef FO_DROPOUT_AVX512
+    j->stream = stream_mode(j->out, j->n * (int64_t)sizeof(T));
+#endif
     for_groups((j->n + FO_DROPOUT_GROUP - 1) / FO_DROPOUT_GROUP, body, j);
 }
 
 void SFX(fo_dropout_forward)(T *y, uint8_t *mask, const T *x, int64_t n,
                              const fo_dropout_args *a) {
-    SFX(dropout_job) j = {y, x, mask, n, make_plan(a->p), a->seed, a->offset, 0};
+    SFX(dropout_job) j = {y, x, mask, n, make_plan(a->p), a->seed, a->offset, 0, 0};
     SFX(dropout_run)(&j, SFX(dropout_fwd_body));
 }
 
 void SFX(fo_dropout_backward)(T *dx, const uint8_t *mask, const T *dy, int64_t n,
                               const fo_dropout_args *a) {
-    SFX(dropout_job) j = {dx, dy, (uint8_t *)mask, n, make_plan(a->p), a->seed, a->offset, 0};
+    SFX(dropout_job) j = {dx, dy, (uint8_t *)mask, n, make_plan(a->p), a->seed, a->offset, 0, 0};
     if (mask) SFX(dropout_run)(&j, SFX(dropout_bwd_mask_body));
     else SFX(dropout_run)(&j, SFX(dropout_fwd_body));   /* regenerate the bits */
 }
@@ -158,6 +167,6 @@ static void SFX(noise_body)(void *c, int64_t g0, int64_t g1) {
 }
 
 void SFX(fo_gaussian_noise)(T *y, const T *x, int64_t n, const fo_noise_args *a) {
-    SFX(dropout_job) j = {y, x, 0, n, make_plan(0), a->seed, a->offset, a->std};
+    SFX(dropout_job) j = {y, x, 0, n, make_plan(0), a->seed, a->offset, a->std, 0};
     for_groups((n + FO_RNG_GROUP - 1) / FO_RNG_GROUP, SFX(noise_body), &j);
 }
