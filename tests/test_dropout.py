@@ -297,3 +297,30 @@ def test_backward_bad_input():
         fo.Dropout(1.5)
     with pytest.raises(ValueError, match="std"):
         F.gaussian_noise(dy, -1.0)
+
+
+@pytest.mark.parametrize("dtype,n", [(np.float32, 2**22 + 37), (np.float64, 2**21 + 5)])
+@pytest.mark.parametrize("align", [64, 16, 4])
+def test_large_outputs_streaming_stores(dtype, n, align):
+    """Outputs over 16 MB take the streaming-store path (64- or 16-byte
+    aligned; a 4-byte aligned output falls back to ordinary stores): values
+    against the mask, and bitwise equal to the portable code."""
+    from fastopt import _fastopt
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(n).astype(dtype)
+    raw = np.empty(n * x.itemsize + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + (align if align < 64 else 0)
+    out = raw[start:start + n * x.itemsize].view(dtype)
+    assert out.ctypes.data % 64 == (0 if align == 64 else align)
+    y, mask = F.dropout(x, 0.3, 17, out=out)
+    keep = unpack(mask, n)
+    np.testing.assert_array_equal(y, np.where(keep, x * dtype(1 / 0.7), 0))
+    dx = F.dropout_backward(x, mask, 0.3, out=np.empty_like(x))
+    np.testing.assert_array_equal(dx, y)
+    _fastopt._dropout_use_portable(True)
+    try:
+        y2, mask2 = F.dropout(x, 0.3, 17)
+    finally:
+        _fastopt._dropout_use_portable(False)
+    np.testing.assert_array_equal(mask2, mask)
+    np.testing.assert_array_equal(y2, y)
