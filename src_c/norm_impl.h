@@ -82,19 +82,21 @@ INLINE void SFX(reduce_row)(const T *restrict x, const T *restrict dy,
     }
 }
 
-/* Four rows per pass over s1/s2: a quarter of the L1 traffic of reduce_row
- * (the partial sums are loaded and stored once per four rows). */
+/* Four rows per pass over s1/s2: a quarter of the L1 traffic of reduce_row,
+ * and the four-row partial sums in T (twice the lanes of float64 for float32
+ * data), added to the float64 sums. The center is a T value (the shift K, or
+ * save_mean), so x - center is exact for x within a factor 2 of it (Sterbenz)
+ * and the partials of four shifted terms keep T's relative precision. */
 INLINE void SFX(reduce_row4)(const T *restrict x, const T *restrict dy,
                              const double *restrict center, double *restrict s1,
                              double *restrict s2, int64_t L, const int has_dy) {
     for (int64_t j = 0; j < L; j++) {
-        double c = center[j];
-        double u0 = (double)x[j] - c, u1 = (double)x[L + j] - c;
-        double u2 = (double)x[2 * L + j] - c, u3 = (double)x[3 * L + j] - c;
-        double a0 = has_dy ? (double)dy[j] : u0, a1 = has_dy ? (double)dy[L + j] : u1;
-        double a2 = has_dy ? (double)dy[2 * L + j] : u2, a3 = has_dy ? (double)dy[3 * L + j] : u3;
-        s1[j] += (a0 + a1) + (a2 + a3);
-        s2[j] += (a0 * u0 + a1 * u1) + (a2 * u2 + a3 * u3);
+        T c = (T)center[j];
+        T u0 = x[j] - c, u1 = x[L + j] - c, u2 = x[2 * L + j] - c, u3 = x[3 * L + j] - c;
+        T a0 = has_dy ? dy[j] : u0, a1 = has_dy ? dy[L + j] : u1;
+        T a2 = has_dy ? dy[2 * L + j] : u2, a3 = has_dy ? dy[3 * L + j] : u3;
+        s1[j] += (double)((a0 + a1) + (a2 + a3));
+        s2[j] += (double)((a0 * u0 + a1 * u1) + (a2 * u2 + a3 * u3));
     }
 }
 
@@ -169,24 +171,24 @@ static void SFX(reduce)(const SFX(norm_job) *j, double *sum1, double *sum2) {
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
 #endif
     for (int64_t u = 0; u < nunits; u++) SFX(reduce_unit)(j, u);
-    for (int64_t c = 0; c < p->C; c++) {
-        double t1 = 0, t2 = 0;
-        if (p->row_mode) {
-            for (int64_t u = 0; u < nunits; u++) {
-                const double *s1 = j->partial + u * 2 * p->W, *s2 = s1 + p->W;
+    /* unit-major loops (vectorized over channels); each channel still adds its
+     * partials in unit order, then column order within a unit */
+    for (int64_t c = 0; c < p->C; c++) sum1[c] = sum2[c] = 0;
+    if (p->row_mode) {
+        for (int64_t u = 0; u < nunits; u++) {
+            const double *s1 = j->partial + u * 2 * p->W, *s2 = s1 + p->W;
+            for (int64_t c = 0; c < p->C; c++)
                 for (int64_t q = 0; q < p->inner; q++) {
-                    t1 += s1[c * p->inner + q];
-                    t2 += s2[c * p->inner + q];
+                    sum1[c] += s1[c * p->inner + q];
+                    sum2[c] += s2[c * p->inner + q];
                 }
-            }
-        } else {
-            for (int64_t b = 0; b < p->nblocks; b++) {
-                t1 += j->partial[2 * (b * p->C + c)];
-                t2 += j->partial[2 * (b * p->C + c) + 1];
-            }
         }
-        sum1[c] = t1;
-        sum2[c] = t2;
+    } else {
+        for (int64_t b = 0; b < p->nblocks; b++)
+            for (int64_t c = 0; c < p->C; c++) {
+                sum1[c] += j->partial[2 * (b * p->C + c)];
+                sum2[c] += j->partial[2 * (b * p->C + c) + 1];
+            }
     }
 }
 
