@@ -169,7 +169,7 @@ class Dropout(_Layer):
     backward regenerates it from (seed, offset).
     """
 
-    def __init__(self, p=0.5, seed=None, *, store_mask=True, dtype=np.float32):
+    def __init__(self, p=0.5, seed=None, *, store_mask=True):
         p = _real(p, "p")
         if not 0 <= p <= 1:
             raise ValueError(f"p must be in [0, 1], got {p}")
@@ -179,14 +179,15 @@ class Dropout(_Layer):
         self.seed = _u64(seed, "seed")
         self.offset = 0
         self.store_mask = bool(store_mask)
-        self.dtype = _check_dtype(dtype)
         self._mask = None
-        self._ctx = None      # (shape, offset, training)
+        self._ctx = None      # (shape, dtype, offset, training)
 
     def forward(self, x, out=None):
-        self._check_input(x, "x")
+        """y = dropout(x) in training (float32 or float64 x), x itself in eval."""
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
         if not self.training:
-            self._ctx = (x.shape, None, False)
+            self._ctx = (x.shape, x.dtype, None, False)
             if out is None:
                 return x
             _fastopt.dropout_forward(x, out, None, 0.0, 0, 0)   # checked copy
@@ -199,15 +200,18 @@ class Dropout(_Layer):
                 self._mask = np.empty(nbytes, np.uint8)
             mask = self._mask
         _fastopt.dropout_forward(x, y, mask, self.p, self.seed, self.offset)
-        self._ctx = (x.shape, self.offset, True)
+        self._ctx = (x.shape, x.dtype, self.offset, True)
         self.offset += 1
         return y
 
     def backward(self, dy, out=None):
         if self._ctx is None:
             raise ValueError("backward called without a matching forward")
-        shape, offset, training = self._ctx
-        self._check_input(dy, "dy")
+        shape, dtype, offset, training = self._ctx
+        if not isinstance(dy, np.ndarray):
+            raise TypeError(f"dy must be a numpy.ndarray, got {type(dy).__name__}")
+        if dy.dtype != dtype:
+            raise TypeError(f"dy must have the forward input's dtype {dtype}, got {dy.dtype}")
         if dy.shape != shape:
             raise ValueError(f"dy must have the forward input's shape {shape}, got {dy.shape}")
         if not training:

@@ -214,6 +214,9 @@ def test_layer_offsets_modes_and_store_mask():
     np.testing.assert_array_equal(db, da)         # b's 2nd forward used the same offset
     ref, _ = F.dropout(x, 0.5, 42, offset=1)
     np.testing.assert_array_equal(ya2, ref)
+    x64 = x.astype(np.float64)                    # any float dtype, as torch
+    ref64, _ = F.dropout(x64, 0.5, 42, offset=2)
+    np.testing.assert_array_equal(a.forward(x64), ref64)
     a.eval()
     assert a.forward(x) is x and a.backward(dy) is dy
     assert not a.training

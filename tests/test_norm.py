@@ -400,3 +400,15 @@ def test_backward_bad_input_and_layer_checks():
         fo.BatchNorm(3, momentum=1.5)
     with pytest.raises(TypeError):
         fo.BatchNorm(3, dtype=np.int32)
+
+
+@pytest.mark.parametrize("shape,cl", [((6, 3, 4, 5), False), ((40, 3), False), ((6, 4, 5, 3), True)])
+def test_nan_propagates_to_its_channel(shape, cl):
+    x = make(shape, np.float32, 0)
+    idx = [0] * x.ndim
+    idx[channel_axis(x, cl)] = 1
+    x[tuple(idx)] = np.nan
+    y, sm, si = F.batch_norm_forward(x, None, None, training=True, channels_last=cl)
+    ch = np.moveaxis(y, channel_axis(x, cl), 0)
+    assert np.isnan(ch[1]).all() and np.isnan(sm[1]) and np.isnan(si[1])
+    assert np.isfinite(ch[[0, 2]]).all()
