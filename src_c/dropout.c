@@ -2,17 +2,18 @@
  * Philox4x32-10 (rng.h) keyed by (seed, offset, element index).
  *
  * Dropout keeps element i when its 32-bit uniform >= round(p * 2^32), so
- * P(keep) = 1 - p to 2^-32 (see group_keep_bits for where the bits come
- * from); kept elements are scaled by
- * 1/(1-p). The output is y = x * m with m = kept ? scale : 0 (a multiply, not
- * a select, so that NaN and Inf propagate through dropped elements as they do
- * in PyTorch). The mask is bit-packed: bit i % 8 of byte i / 8 is 1 when
- * element i is kept (np.unpackbits(mask, bitorder='little') reads it).
+ * P(keep) = 1 - p to 2^-32 (group_keep_bits says where the bits come from),
+ * and scales kept elements by 1/(1-p). The output is y = x * m with
+ * m = kept ? scale : 0 (a multiply, not a select, so that NaN and Inf
+ * propagate through dropped elements as they do in PyTorch). The mask is
+ * bit-packed: bit i % 8 of byte i / 8 is 1 when element i is kept
+ * (np.unpackbits(mask, bitorder='little') reads it).
  *
  * Work is split into whole 128-element groups (16 mask bytes; the random
  * bits of one group come from 16 Philox blocks side by side in vector lanes);
- * results do not depend on the thread count.
- * The math lives in dropout_impl.h, instantiated for float32 and float64. */
+ * results do not depend on the thread count. Portable C (target_clones) plus
+ * an AVX-512 path chosen at run time; both give the same bits. The math lives
+ * in dropout_impl.h, instantiated for float32 and float64. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>

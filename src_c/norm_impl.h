@@ -220,9 +220,10 @@ INLINE void SFX(apply_scalar)(T *restrict out, const T *restrict x, const T *res
     }
 }
 
-/* Row / segment `s`. Ordinary stores: streaming (non-temporal) stores through
- * an L1 tile were measured here and were slower for every shape (as they
- * were for dropout), so the output goes through the cache. */
+/* Row / segment `s`, with ordinary stores. (Streaming stores through an L1
+ * tile, the only way to get them out of GCC-vectorized C, measured slower
+ * here for every shape; dropout's AVX-512 path streams straight from
+ * registers, which batch norm does not do yet.) */
 INLINE void SFX(apply_span)(const SFX(norm_job) *j, int64_t s, const int has_dy,
                             const int has_x) {
     const fo_norm_plan *p = &j->plan;
