@@ -412,3 +412,43 @@ def test_nan_propagates_to_its_channel(shape, cl):
     ch = np.moveaxis(y, channel_axis(x, cl), 0)
     assert np.isnan(ch[1]).all() and np.isnan(sm[1]) and np.isnan(si[1])
     assert np.isfinite(ch[[0, 2]]).all()
+
+
+# ------------------------------------------------- random shapes (hypothesis)
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(2, 9), c=st.integers(1, 40),
+       spatial=st.lists(st.integers(1, 24), min_size=0, max_size=2),
+       cl=st.booleans(), dtype=st.sampled_from(DTYPES), training=st.booleans(),
+       loc=st.sampled_from([0.0, 3.0, 1e3]), seed=st.integers(0, 2**16))
+def test_random_shapes_against_reference(n, c, spatial, cl, dtype, training, loc, seed):
+    """Any (N, C, *spatial) / (N, *spatial, C): both kernel loop shapes, odd
+    sizes, vector tails, the row/segment boundary (inner around 16)."""
+    shape = (n, *spatial, c) if cl else (n, c, *spatial)
+    x = make(shape, dtype, seed, loc, 2.0)
+    dy = make(shape, dtype, seed + 1)
+    w, b = make((c,), dtype, seed + 2), make((c,), dtype, seed + 3)
+    rm, rv = make((c,), dtype, seed + 4, loc), np.abs(make((c,), dtype, seed + 5)) + 0.5
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, sm, si = F.batch_norm_forward(x, rm, rv, w, b, training=training, momentum=0.2,
+                                     channels_last=cl)
+    yr, rmr, rvr = ref_forward(x, w, b, rm0.astype(np.float64), rv0.astype(np.float64),
+                               training, 0.2, 1e-5, cl)
+    close(y, yr, dtype, scale=10)
+    close(rm, rmr, dtype, scale=10 * (1 + loc))
+    close(rv, rvr, dtype, scale=10)
+    dx, dw, db = F.batch_norm_backward(dy, x, sm, si, w, training=training, channels_last=cl)
+    axes = reduce_axes(x, cl)
+    mean = x.astype(np.float64).mean(axes) if training else rm0.astype(np.float64)
+    var = x.astype(np.float64).var(axes) if training else rv0.astype(np.float64)
+    dxr, dwr, dbr = ref_backward(dy, x, w, mean, var, 1e-5, training, cl)
+    term = np.abs(dy).max() * np.abs(w).max() / np.sqrt(var.min() + 1e-5)
+    # float32 save_mean is the mean rounded to float32 (as torch's): its
+    # rounding, (1 + loc) * 2^-24, enters dweight through sum(dy)*invstd
+    m = x.size // c
+    close(dx, dxr, dtype, scale=20 * term * (1 + loc / 1e2))
+    close(dw, dwr, dtype, scale=20 * np.sqrt(m) * (1 + loc) * np.abs(dy).max()
+          * np.sqrt(1 / (var.min() + 1e-5)))
+    close(db, dbr, dtype, scale=20 * np.sqrt(m) * np.abs(dy).max())
