@@ -20,6 +20,7 @@
 
 #include "fastopt.h"
 #include "parallel.h"
+#include "avx512.h"
 #include "rng.h"
 
 #ifdef _OPENMP
@@ -143,51 +144,12 @@ INLINE void load_mask_bytes(uint32_t bits[4], const uint8_t *mask, int64_t nbyte
  * compares into 16-bit masks) and is chosen at run time on CPUs that have
  * AVX-512 (F, BW, DQ, VL). The test suite checks its masks against a NumPy
  * Philox; the portable path gives the identical bits. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#ifdef FO_AVX512
 #define FO_DROPOUT_AVX512 1
-#include <immintrin.h>
-#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 
 static int force_portable = 0;   /* fo_dropout_use_portable(): for tests */
 
-static int have_avx512(void) {
-    static int cached = -1;
-    if (force_portable) return 0;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                 __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-    }
-    return cached;
-}
-
-/* Large outputs go out with streaming stores, which skip reading each
- * destination line before writing it: measured here, a streaming multiply
- * dx = dy*s over 64 MB runs at copy speed with them and ~25% slower without.
- * (Below FO_STREAM_MIN_BYTES the output stays in cache for its next reader.)
- * 2: 64-byte aligned output, one 64-byte store; 1: 16-byte aligned (what
- * NumPy guarantees), four 16-byte stores; 0: ordinary stores. */
-#define FO_STREAM_MIN_BYTES ((int64_t)16 << 20)
-
-static int stream_mode(const void *out, int64_t nbytes) {
-    if (nbytes < FO_STREAM_MIN_BYTES) return 0;
-    if (((uintptr_t)out & 63) == 0) return 2;
-    return ((uintptr_t)out & 15) == 0 ? 1 : 0;
-}
-
-AVX512_TARGET static inline void store64_avx512(void *dst, __m512i v, int stream) {
-    if (stream == 2) {
-        _mm512_stream_si512((__m512i *)dst, v);
-    } else if (stream == 1) {
-        __m128i *d = (__m128i *)dst;
-        _mm_stream_si128(d, _mm512_castsi512_si128(v));
-        _mm_stream_si128(d + 1, _mm512_extracti32x4_epi32(v, 1));
-        _mm_stream_si128(d + 2, _mm512_extracti32x4_epi32(v, 2));
-        _mm_stream_si128(d + 3, _mm512_extracti32x4_epi32(v, 3));
-    } else {
-        _mm512_storeu_si512(dst, v);
-    }
-}
+static int have_avx512(void) { return !force_portable && fo_cpu_has_avx512(); }
 
 /* keep[q] bit b = element 128*g + 16*q + b is kept (q < 8). */
 AVX512_TARGET static inline void keep_masks_avx512(__mmask16 keep[8], const dropout_plan *d,

@@ -9,7 +9,7 @@ typedef struct {
     dropout_plan d;
     uint64_t seed, offset;
     double std;             /* noise */
-    int stream;             /* AVX-512 path: streaming stores (see store64_avx512) */
+    int stream;             /* AVX-512 path: streaming stores (avx512.h) */
 } SFX(dropout_job);
 
 /* out[e] = in[e] * (bit e ? scale : 0) for the n <= 128 elements of a group. */
@@ -61,16 +61,16 @@ AVX512_TARGET static inline void SFX(apply_masks_avx512)(T *out, const T *in,
     for (int q = 0; q < 8; q++) {
         __m512d m0 = _mm512_maskz_mov_pd((__mmask8)keep[q], s);
         __m512d m1 = _mm512_maskz_mov_pd((__mmask8)(keep[q] >> 8), s);
-        store64_avx512(out + 16 * q, _mm512_castpd_si512(
+        fo_store64(out + 16 * q, _mm512_castpd_si512(
             _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q), m0)), stream);
-        store64_avx512(out + 16 * q + 8, _mm512_castpd_si512(
+        fo_store64(out + 16 * q + 8, _mm512_castpd_si512(
             _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q + 8), m1)), stream);
     }
 #else
     const __m512 s = _mm512_set1_ps(scale);
     for (int q = 0; q < 8; q++) {
         __m512 m = _mm512_maskz_mov_ps(keep[q], s);
-        store64_avx512(out + 16 * q, _mm512_castps_si512(
+        fo_store64(out + 16 * q, _mm512_castps_si512(
             _mm512_mul_ps(_mm512_loadu_ps(in + 16 * q), m)), stream);
     }
 #endif
@@ -122,7 +122,7 @@ FO_DISPATCH static void SFX(dropout_bwd_mask_body)(void *c, int64_t g0, int64_t 
 
 static void SFX(dropout_run)(SFX(dropout_job) *j, group_fn body) {
 #ifdef FO_DROPOUT_AVX512
-    j->stream = stream_mode(j->out, j->n * (int64_t)sizeof(T));
+    j->stream = fo_stream_mode(j->out, j->n * (int64_t)sizeof(T));
 #endif
     for_groups((j->n + FO_DROPOUT_GROUP - 1) / FO_DROPOUT_GROUP, body, j);
 }

@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "avx512.h"
 #include "fastopt.h"
 #include "parallel.h"
 
@@ -35,12 +36,16 @@
 
 #define T float
 #define SFX(x) x##_f32
+#define FO_T_IS_F64 0
 #include "norm_impl.h"
 #undef T
 #undef SFX
+#undef FO_T_IS_F64
 
 #define T double
 #define SFX(x) x##_f64
+#define FO_T_IS_F64 1
 #include "norm_impl.h"
 #undef T
 #undef SFX
+#undef FO_T_IS_F64

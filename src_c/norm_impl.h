@@ -65,6 +65,7 @@ typedef struct {
     const double *center;    /* reduction: sums of a*(x - center) */
     double *partial;         /* reduction: per unit 2*W (row) or 2 (segment) sums */
     const T *cen, *k1, *k2, *k3;   /* apply: out = k1*dy + k2*(x - cen) + k3 */
+    int stream;              /* apply through the AVX-512 streaming-store path (mode) */
 } SFX(norm_job);
 
 /* ---------------------------------------------------------- reduction */
@@ -220,10 +221,7 @@ INLINE void SFX(apply_scalar)(T *restrict out, const T *restrict x, const T *res
     }
 }
 
-/* Row / segment `s`, with ordinary stores. (Streaming stores through an L1
- * tile, the only way to get them out of GCC-vectorized C, measured slower
- * here for every shape; dropout's AVX-512 path streams straight from
- * registers, which batch norm does not do yet.) */
+/* Row / segment `s`. */
 INLINE void SFX(apply_span)(const SFX(norm_job) *j, int64_t s, const int has_dy,
                             const int has_x) {
     const fo_norm_plan *p = &j->plan;
@@ -238,6 +236,86 @@ INLINE void SFX(apply_span)(const SFX(norm_job) *j, int64_t s, const int has_dy,
                           has_dy, has_x);
     }
 }
+
+#ifdef FO_AVX512
+/* The apply pass for outputs too large for the cache: the same formula with
+ * streaming stores straight from registers (avx512.h), which GCC-vectorized C
+ * cannot emit. Used only when every line's length is a multiple of 16 bytes,
+ * so that all streamed pieces stay 16-byte aligned. */
+#if FO_T_IS_F64
+#define VT __m512d
+#define VN 8
+#define VLD _mm512_loadu_pd
+#define VMLD _mm512_maskz_loadu_pd
+#define VSET1 _mm512_set1_pd
+#define VSUB _mm512_sub_pd
+#define VFMA _mm512_fmadd_pd
+#define VBITS _mm512_castpd_si512
+#else
+#define VT __m512
+#define VN 16
+#define VLD _mm512_loadu_ps
+#define VMLD _mm512_maskz_loadu_ps
+#define VSET1 _mm512_set1_ps
+#define VSUB _mm512_sub_ps
+#define VFMA _mm512_fmadd_ps
+#define VBITS _mm512_castps_si512
+#endif
+
+AVX512_TARGET static inline __attribute__((always_inline))
+void SFX(apply_line_avx512)(T *out, const T *x, const T *dy, const T *cen, const T *k1,
+                            const T *k2, const T *k3, int64_t n, int stream,
+                            const int cols, const int has_dy, const int has_x) {
+    VT vc = VSET1(cen[0]), v1 = VSET1(k1[0]), v2 = VSET1(k2[0]), v3 = VSET1(k3[0]);
+    int64_t i = 0;
+    for (; i + VN <= n; i += VN) {
+        if (cols) {
+            vc = VLD(cen + i); v2 = VLD(k2 + i); v3 = VLD(k3 + i);
+            if (has_dy) v1 = VLD(k1 + i);
+        }
+        VT v = v3;
+        if (has_x) v = VFMA(v2, VSUB(VLD(x + i), vc), v);
+        if (has_dy) v = VFMA(v1, VLD(dy + i), v);
+        fo_store64(out + i, VBITS(v), stream);
+    }
+    if (i < n) {   /* n - i elements: a multiple of 16 bytes */
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+        if (cols) {
+            vc = VMLD(m, cen + i); v2 = VMLD(m, k2 + i); v3 = VMLD(m, k3 + i);
+            if (has_dy) v1 = VMLD(m, k1 + i);
+        }
+        VT v = v3;
+        if (has_x) v = VFMA(v2, VSUB(VMLD(m, x + i), vc), v);
+        if (has_dy) v = VFMA(v1, VMLD(m, dy + i), v);
+        fo_store_part16(out + i, VBITS(v), (n - i) * (int64_t)sizeof(T));
+    }
+}
+
+AVX512_TARGET static void SFX(apply_one_avx512)(const SFX(norm_job) *j, int64_t s) {
+    const fo_norm_plan *p = &j->plan;
+    int64_t len = p->row_mode ? p->W : p->inner, off = s * len;
+    int64_t c = p->row_mode ? 0 : s % p->C;
+    const T *cen = j->cen + c, *k1 = j->k1 + c, *k2 = j->k2 + c, *k3 = j->k3 + c;
+    const T *x = j->x + off, *dy = j->dy ? j->dy + off : 0;
+    T *out = j->out + off;
+    int has_dy = j->dy != 0, has_x = j->k2 != 0, st = j->stream;
+#define LINE(cols, hd, hx) SFX(apply_line_avx512)(out, x, dy, cen, k1, k2, k3, len, st, cols, hd, hx)
+    if (p->row_mode) {
+        if (has_dy && has_x) LINE(1, 1, 1); else if (has_dy) LINE(1, 1, 0); else LINE(1, 0, 1);
+    } else {
+        if (has_dy && has_x) LINE(0, 1, 1); else if (has_dy) LINE(0, 1, 0); else LINE(0, 0, 1);
+    }
+#undef LINE
+}
+#undef VT
+#undef VN
+#undef VLD
+#undef VMLD
+#undef VSET1
+#undef VSUB
+#undef VFMA
+#undef VBITS
+#endif
 
 FO_DISPATCH static void SFX(apply_one)(const SFX(norm_job) *j, int64_t s) {
     int has_dy = j->dy != 0, has_x = j->k2 != 0;
@@ -255,14 +333,40 @@ static void SFX(apply)(const SFX(norm_job) *j) {
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
+#ifdef FO_AVX512
+        if (j->stream) {
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (int64_t s = 0; s < nspans; s++) SFX(apply_one)(j, s);
+            for (int64_t s = 0; s < nspans; s++) SFX(apply_one_avx512)(j, s);
+            _mm_sfence();
+        } else
+#endif
+        {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+            for (int64_t s = 0; s < nspans; s++) SFX(apply_one)(j, s);
+        }
     }
 }
 
 /* ------------------------------------------------------------ drivers */
+
+/* Streaming stores for a large output (see avx512.h), when the CPU has
+ * AVX-512 and every line starts 16-byte aligned. */
+static int SFX(stream_mode)(const fo_norm_plan *p, const T *out) {
+#ifdef FO_AVX512
+    int64_t len = p->row_mode ? p->W : p->inner;
+    if ((len * (int64_t)sizeof(T)) % 16 != 0 || !fo_cpu_has_avx512()) return 0;
+    int mode = fo_stream_mode(out, p->outer * p->C * p->inner * (int64_t)sizeof(T));
+    /* 64-byte stores need every line 64-byte aligned */
+    return mode == 2 && (len * (int64_t)sizeof(T)) % 64 != 0 ? 1 : mode;
+#else
+    (void)p; (void)out;
+    return 0;
+#endif
+}
 
 /* Scratch of one call: partial sums, per-channel float64 sums, the per-column
  * center (float64) and apply coefficients (T). */
@@ -365,6 +469,7 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
         SFX(expand)(s.cen, &p);
         SFX(expand)(s.k2, &p);
         SFX(expand)(s.k3, &p);
+        j.stream = SFX(stream_mode)(&p, y);
         SFX(apply)(&j);
     }
     free(s.block);
@@ -417,6 +522,7 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
         SFX(expand)(s.k1, &p);
         SFX(expand)(s.k2, &p);
         SFX(expand)(s.k3, &p);
+        j.stream = SFX(stream_mode)(&p, dx);
         SFX(apply)(&j);
     }
     free(s.block);

@@ -452,3 +452,37 @@ def test_random_shapes_against_reference(n, c, spatial, cl, dtype, training, loc
     close(dw, dwr, dtype, scale=20 * np.sqrt(m) * (1 + loc) * np.abs(dy).max()
           * np.sqrt(1 / (var.min() + 1e-5)))
     close(db, dbr, dtype, scale=20 * np.sqrt(m) * np.abs(dy).max())
+
+
+def _aligned_empty(shape, dtype, align):
+    """An array whose data address is `align` (64, 16, 4) modulo 64."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(n + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + (align if align < 64 else 0)
+    out = raw[start:start + n].view(dtype).reshape(shape)
+    assert out.ctypes.data % 64 == align % 64
+    return out
+
+
+@pytest.mark.parametrize("shape,cl,dtype", [((8, 16, 184, 184), False, np.float32),
+                                            ((8, 184, 184, 16), True, np.float32),
+                                            ((8, 16, 128, 128), False, np.float64),
+                                            ((4, 8, 361, 361), False, np.float32)])
+@pytest.mark.parametrize("align", [64, 16, 4])
+def test_large_outputs_streaming_stores(shape, cl, dtype, align):
+    """Outputs over 16 MB take the streaming-store apply pass (64/16-byte
+    aligned output with 16-byte multiple lines; otherwise ordinary stores):
+    forward and backward against the float64 reference."""
+    C = shape[-1] if cl else shape[1]
+    x, dy = make(shape, dtype, 1, 2.0, 3.0), make(shape, dtype, 2)
+    w, b = make((C,), dtype, 3), make((C,), dtype, 4)
+    y = _aligned_empty(shape, dtype, align)
+    dx = _aligned_empty(shape, dtype, align)
+    _, sm, si = F.batch_norm_forward(x, None, None, w, b, training=True, channels_last=cl, out=y)
+    F.batch_norm_backward(dy, x, sm, si, w, channels_last=cl, out=dx)
+    yr = ref_forward(x, w, b, None, None, True, 0.1, 1e-5, cl)[0]
+    axes = reduce_axes(x, cl)
+    xd = x.astype(np.float64)
+    dxr = ref_backward(dy, x, w, xd.mean(axes), xd.var(axes), 1e-5, True, cl)[0]
+    close(y, yr, dtype, scale=10)
+    close(dx, dxr, dtype, scale=10 * np.abs(dxr).max())

@@ -1,0 +1,64 @@
+/* avx512.h -- internal: the run-time chosen AVX-512 code paths (dropout's RNG,
+ * streaming stores of large outputs) and their shared helpers.
+ *
+ * Functions carry AVX512_TARGET and are only called when have_avx512() says
+ * the CPU has AVX-512 F/BW/DQ/VL, so the build needs no -mavx512*.
+ * FO_AVX512 is defined where this compiler can build them (GCC, x86-64). */
+#ifndef FASTOPT_AVX512_H
+#define FASTOPT_AVX512_H
+
+#include <stdint.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FO_AVX512 1
+#include <immintrin.h>
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+static inline int fo_cpu_has_avx512(void) {
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    }
+    return cached;
+}
+
+/* Large outputs go out with streaming stores, which skip reading each
+ * destination line before writing it: measured here, a streaming multiply
+ * dx = dy*s over 64 MB runs at copy speed with them and ~25% slower without.
+ * Below FO_STREAM_MIN_BYTES the output stays in cache for its next reader.
+ * Modes: 2 = 64-byte aligned, one 64-byte store per vector; 1 = 16-byte
+ * aligned (what NumPy guarantees), four 16-byte stores; 0 = ordinary stores. */
+#define FO_STREAM_MIN_BYTES ((int64_t)16 << 20)
+
+static inline int fo_stream_mode(const void *out, int64_t nbytes) {
+    if (nbytes < FO_STREAM_MIN_BYTES) return 0;
+    if (((uintptr_t)out & 63) == 0) return 2;
+    return ((uintptr_t)out & 15) == 0 ? 1 : 0;
+}
+
+AVX512_TARGET static inline void fo_store64(void *dst, __m512i v, int stream) {
+    if (stream == 2) {
+        _mm512_stream_si512((__m512i *)dst, v);
+    } else if (stream == 1) {
+        __m128i *d = (__m128i *)dst;
+        _mm_stream_si128(d, _mm512_castsi512_si128(v));
+        _mm_stream_si128(d + 1, _mm512_extracti32x4_epi32(v, 1));
+        _mm_stream_si128(d + 2, _mm512_extracti32x4_epi32(v, 2));
+        _mm_stream_si128(d + 3, _mm512_extracti32x4_epi32(v, 3));
+    } else {
+        _mm512_storeu_si512(dst, v);
+    }
+}
+
+/* The first nbytes (a multiple of 16) of v, streamed (mode 1 or 2 address). */
+AVX512_TARGET static inline void fo_store_part16(void *dst, __m512i v, int64_t nbytes) {
+    __m128i *d = (__m128i *)dst;
+    if (nbytes >= 16) _mm_stream_si128(d, _mm512_castsi512_si128(v));
+    if (nbytes >= 32) _mm_stream_si128(d + 1, _mm512_extracti32x4_epi32(v, 1));
+    if (nbytes >= 48) _mm_stream_si128(d + 2, _mm512_extracti32x4_epi32(v, 2));
+}
+#endif
+
+#endif
