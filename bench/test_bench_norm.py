@@ -9,6 +9,7 @@ import pytest
 
 from fastopt import _fastopt
 from fastopt.bench import norm as cases
+from fastopt.bench import size_label
 
 WHO = ["fastopt", "numpy", "numpy_careful", "torch", "torch_cl"]
 CASES = [("batchnorm-train-fwd+bwd", cases.batchnorm_train, s) for s in cases.BN_SIZES] + \
@@ -18,12 +19,11 @@ CASES = [("batchnorm-train-fwd+bwd", cases.batchnorm_train, s) for s in cases.BN
 
 @pytest.mark.parametrize("who", WHO)
 @pytest.mark.parametrize("kernel,fn,size", CASES,
-                         ids=[f"{k}-{cases.size_label(s) if hasattr(cases, 'size_label') else s}"
-                              for k, _, s in CASES])
+                         ids=[f"{k}-{size_label(s)}" for k, _, s in CASES])
 def test_case(benchmark, kernel, fn, size, who):
     case = fn(size, np.float32)
     if who not in case.fns:
-        pytest.skip(f"{who} not available for this case")
+        pytest.skip(f"{who} is not a competitor in this case (or not installed)")
     benchmark.group = f"{kernel} {size}"
     benchmark(case.fns[who])
 
