@@ -125,6 +125,9 @@ class BatchNorm(_Layer):
             momentum = self.momentum
             if momentum is None:          # cumulative moving average
                 momentum = 1.0 / (self.num_batches_tracked + 1)
+        if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
+            raise ValueError("out shares memory with x, which backward needs; "
+                             "use fastopt.functional.batch_norm_forward for in-place inference")
         y = np.empty_like(x) if out is None else out
         _fastopt.batchnorm_forward(
             x, y, self._save_mean, self._save_invstd,

@@ -392,6 +392,10 @@ def test_backward_bad_input_and_layer_checks():
     bn.forward(x)
     with pytest.raises(ValueError, match="shape"):
         bn.backward(dy[:, :, :4].copy())
+    x_before = x.copy()
+    with pytest.raises(ValueError, match="shares memory"):
+        bn.forward(x, out=x)                        # backward would read a clobbered x
+    np.testing.assert_array_equal(x, x_before)
     with pytest.raises(ValueError):
         fo.BatchNorm(0)
     with pytest.raises(ValueError):
