@@ -291,19 +291,20 @@ void SFX(apply_line_avx512)(T *out, const T *x, const T *dy, const T *cen, const
     }
 }
 
-AVX512_TARGET static void SFX(apply_one_avx512)(const SFX(norm_job) *j, int64_t s) {
+AVX512_TARGET static void SFX(apply_lines_avx512)(const SFX(norm_job) *j, int64_t s0,
+                                                   int64_t s1) {
     const fo_norm_plan *p = &j->plan;
-    int64_t len = p->row_mode ? p->W : p->inner, off = s * len;
-    int64_t c = p->row_mode ? 0 : s % p->C;
-    const T *cen = j->cen + c, *k1 = j->k1 + c, *k2 = j->k2 + c, *k3 = j->k3 + c;
-    const T *x = j->x + off, *dy = j->dy ? j->dy + off : 0;
-    T *out = j->out + off;
+    int64_t len = p->row_mode ? p->W : p->inner;
     int has_dy = j->dy != 0, has_x = j->k2 != 0, st = j->stream;
-#define LINE(cols, hd, hx) SFX(apply_line_avx512)(out, x, dy, cen, k1, k2, k3, len, st, cols, hd, hx)
-    if (p->row_mode) {
-        if (has_dy && has_x) LINE(1, 1, 1); else if (has_dy) LINE(1, 1, 0); else LINE(1, 0, 1);
-    } else {
-        if (has_dy && has_x) LINE(0, 1, 1); else if (has_dy) LINE(0, 1, 0); else LINE(0, 0, 1);
+#define LINE(cols, hd, hx) SFX(apply_line_avx512)(j->out + off, j->x + off, \
+        hd ? j->dy + off : 0, j->cen + c, j->k1 + c, j->k2 + c, j->k3 + c, len, st, cols, hd, hx)
+    for (int64_t s = s0; s < s1; s++) {
+        int64_t off = s * len, c = p->row_mode ? 0 : s % p->C;
+        if (p->row_mode) {
+            if (has_dy && has_x) LINE(1, 1, 1); else if (has_dy) LINE(1, 1, 0); else LINE(1, 0, 1);
+        } else {
+            if (has_dy && has_x) LINE(0, 1, 1); else if (has_dy) LINE(0, 1, 0); else LINE(0, 0, 1);
+        }
     }
 #undef LINE
 }
@@ -317,37 +318,46 @@ AVX512_TARGET static void SFX(apply_one_avx512)(const SFX(norm_job) *j, int64_t 
 #undef VBITS
 #endif
 
-FO_DISPATCH static void SFX(apply_one)(const SFX(norm_job) *j, int64_t s) {
+/* Lines [s0, s1): a call covers a few thousand elements, so that short lines
+ * (channels-last rows of 64) do not pay a call and a dispatch each. */
+FO_DISPATCH static void SFX(apply_lines)(const SFX(norm_job) *j, int64_t s0, int64_t s1) {
     int has_dy = j->dy != 0, has_x = j->k2 != 0;
-    if (has_dy && has_x) SFX(apply_span)(j, s, 1, 1);
-    else if (has_dy) SFX(apply_span)(j, s, 1, 0);
-    else SFX(apply_span)(j, s, 0, 1);
+    for (int64_t s = s0; s < s1; s++) {
+        if (has_dy && has_x) SFX(apply_span)(j, s, 1, 1);
+        else if (has_dy) SFX(apply_span)(j, s, 1, 0);
+        else SFX(apply_span)(j, s, 0, 1);
+    }
 }
 
 static void SFX(apply)(const SFX(norm_job) *j) {
     const fo_norm_plan *p = &j->plan;
-    int64_t nspans = p->row_mode ? p->outer : p->outer * p->C;
+    int64_t nlines = p->row_mode ? p->outer : p->outer * p->C;
+    int64_t len = p->row_mode ? p->W : p->inner;
+    int64_t per = len >= 2048 ? 1 : 2048 / len;   /* lines per call */
+    int64_t nspans = (nlines + per - 1) / per;
     int nt = p->nthreads;
     (void)nt;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
 #endif
     {
+#ifdef _OPENMP
+#pragma omp for schedule(static) nowait
+#endif
+        for (int64_t s = 0; s < nspans; s++) {
+            int64_t s0 = s * per, s1 = s0 + per < nlines ? s0 + per : nlines;
 #ifdef FO_AVX512
-        if (j->stream) {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
+            if (j->stream) {
+                SFX(apply_lines_avx512)(j, s0, s1);
+                continue;
+            }
 #endif
-            for (int64_t s = 0; s < nspans; s++) SFX(apply_one_avx512)(j, s);
-            _mm_sfence();
-        } else
-#endif
-        {
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (int64_t s = 0; s < nspans; s++) SFX(apply_one)(j, s);
+            SFX(apply_lines)(j, s0, s1);
         }
+#ifdef FO_AVX512
+        /* each thread orders its streaming stores before the region's end */
+        if (j->stream) _mm_sfence();
+#endif
     }
 }
 
