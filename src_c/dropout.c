@@ -151,53 +151,61 @@ static int force_portable = 0;   /* fo_dropout_use_portable(): for tests */
 
 static int have_avx512(void) { return !force_portable && fo_cpu_has_avx512(); }
 
-/* keep[q] bit b = element 128*g + 16*q + b is kept (q < 8). */
-AVX512_TARGET static inline void keep_masks_avx512(__mmask16 keep[8], const dropout_plan *d,
-                                                   uint64_t g, uint64_t seed, uint64_t offset) {
+/* keep[h][q] bit b = element 128*(g + h) + 16*q + b is kept (h < ng, q < 8).
+ * Two groups at a time (ng = 2) give the core eight independent multiply
+ * chains, enough to hide the multiplies' latency. */
+AVX512_TARGET static inline __attribute__((always_inline))
+void keep_masks_avx512(__mmask16 keep[][8], const dropout_plan *d, uint64_t g, uint64_t seed,
+                       uint64_t offset, const int ng) {
     if (d->mode != KEEP_RANDOM) {
-        for (int q = 0; q < 8; q++) keep[q] = d->mode == KEEP_ALL ? 0xffff : 0;
+        for (int h = 0; h < ng; h++)
+            for (int q = 0; q < 8; q++) keep[h][q] = d->mode == KEEP_ALL ? 0xffff : 0;
         return;
     }
     const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
     const __m512i m0 = _mm512_set1_epi64(FO_PHILOX_M0), m1 = _mm512_set1_epi64(FO_PHILOX_M1);
-    /* blocks 16g .. 16g+7 in a, 16g+8 .. 16g+15 in b; only the low 32 bits of
-     * a lane matter (vpmuludq reads only those; outputs are truncated) */
-    __m512i a0 = _mm512_add_epi64(_mm512_set1_epi64((long long)(g * 16)), lane);
-    __m512i b0 = _mm512_add_epi64(_mm512_set1_epi64((long long)(g * 16 + 8)), lane);
-    __m512i a1 = _mm512_srli_epi64(a0, 32), b1 = _mm512_srli_epi64(b0, 32);
-    __m512i a2 = _mm512_set1_epi64((long long)offset), b2 = a2;
-    __m512i a3 = _mm512_set1_epi64((long long)(offset >> 32)), b3 = a3;
+    /* vector v holds blocks 16g + 8v .. 16g + 8v + 7 (64-bit lanes); only the
+     * low 32 bits of a lane matter (vpmuludq reads only those, outputs are
+     * truncated) */
+    __m512i c0[4], c1[4], c2[4], c3[4];
+    for (int v = 0; v < 2 * ng; v++) {
+        c0[v] = _mm512_add_epi64(_mm512_set1_epi64((long long)(g * 16 + 8 * (uint64_t)v)), lane);
+        c1[v] = _mm512_srli_epi64(c0[v], 32);
+        c2[v] = _mm512_set1_epi64((long long)offset);
+        c3[v] = _mm512_set1_epi64((long long)(offset >> 32));
+    }
     uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     for (int round = 0; round < 10; round++) {
         const __m512i K0 = _mm512_set1_epi64(k0), K1 = _mm512_set1_epi64(k1);
-        __m512i pa0 = _mm512_mul_epu32(a0, m0), pa1 = _mm512_mul_epu32(a2, m1);
-        __m512i pb0 = _mm512_mul_epu32(b0, m0), pb1 = _mm512_mul_epu32(b2, m1);
-        a0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa1, 32), a1, K0, 0x96);
-        a2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa0, 32), a3, K1, 0x96);
-        b0 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb1, 32), b1, K0, 0x96);
-        b2 = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb0, 32), b3, K1, 0x96);
-        a1 = pa1; a3 = pa0; b1 = pb1; b3 = pb0;
+        for (int v = 0; v < 2 * ng; v++) {
+            __m512i p0 = _mm512_mul_epu32(c0[v], m0), p1 = _mm512_mul_epu32(c2[v], m1);
+            c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[v], K0, 0x96);
+            c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[v], K1, 0x96);
+            c1[v] = p1;
+            c3[v] = p0;
+        }
         k0 += FO_PHILOX_W0;
         k1 += FO_PHILOX_W1;
     }
-    /* word w of the 16 blocks as 16 lanes of 32 bits */
-    __m512i words[4];
-    const __m512i *as[4] = {&a0, &a1, &a2, &a3}, *bs[4] = {&b0, &b1, &b2, &b3};
-    for (int w = 0; w < 4; w++)
-        words[w] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(*as[w])),
-                                      _mm512_cvtepi64_epi32(*bs[w]), 1);
     const __m512i t_hi = _mm512_set1_epi32((int)d->t_hi), low16 = _mm512_set1_epi32(0xffff);
-    __mmask16 ties = 0;
-    for (int w = 0; w < 4; w++) {
-        __m512i lo = _mm512_and_si512(words[w], low16), hi = _mm512_srli_epi32(words[w], 16);
-        keep[w] = _mm512_cmpgt_epu32_mask(lo, t_hi);
-        keep[4 + w] = _mm512_cmpgt_epu32_mask(hi, t_hi);
-        ties |= _mm512_cmpeq_epu32_mask(lo, t_hi) | _mm512_cmpeq_epu32_mask(hi, t_hi);
-    }
-    if (ties) {   /* probability ~2^-9 per group: the portable path settles ties */
-        uint32_t bits[4];
-        group_keep_bits(bits, d, g, seed, offset);
-        for (int q = 0; q < 8; q++) keep[q] = (__mmask16)(bits[q / 2] >> (16 * (q % 2)));
+    for (int h = 0; h < ng; h++) {
+        /* word w of the group's 16 blocks as 16 lanes of 32 bits */
+        const __m512i *cw[4] = {c0, c1, c2, c3};
+        __mmask16 ties = 0;
+        for (int w = 0; w < 4; w++) {
+            __m512i word = _mm512_inserti64x4(
+                _mm512_castsi256_si512(_mm512_cvtepi64_epi32(cw[w][2 * h])),
+                _mm512_cvtepi64_epi32(cw[w][2 * h + 1]), 1);
+            __m512i lo = _mm512_and_si512(word, low16), hi = _mm512_srli_epi32(word, 16);
+            keep[h][w] = _mm512_cmpgt_epu32_mask(lo, t_hi);
+            keep[h][4 + w] = _mm512_cmpgt_epu32_mask(hi, t_hi);
+            ties |= _mm512_cmpeq_epu32_mask(lo, t_hi) | _mm512_cmpeq_epu32_mask(hi, t_hi);
+        }
+        if (ties) {   /* probability ~2^-9 per group: the portable path settles ties */
+            uint32_t bits[4];
+            group_keep_bits(bits, d, g + (uint64_t)h, seed, offset);
+            for (int q = 0; q < 8; q++) keep[h][q] = (__mmask16)(bits[q / 2] >> (16 * (q % 2)));
+        }
     }
 }
 #endif

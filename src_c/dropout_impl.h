@@ -84,13 +84,18 @@ AVX512_TARGET static void SFX(dropout_groups_avx512)(const SFX(dropout_job) *j, 
     const T scale = (T)j->d.scale;
     int64_t full = j->n / FO_DROPOUT_GROUP;   /* groups with 128 elements */
     int64_t gend = g1 < full ? g1 : full;
-    for (int64_t g = g0; g < gend; g++) {
-        int64_t i = g * FO_DROPOUT_GROUP;
-        __mmask16 keep[8];
-        if (bits_from_mask) memcpy(keep, j->mask + g * 16, 16);   /* little-endian */
-        else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset);
-        if (write_mask) memcpy(j->mask + g * 16, keep, 16);
-        SFX(apply_masks_avx512)(j->out + i, j->in + i, keep, scale, j->stream);
+    int64_t g = g0;
+    for (; g < gend; g += 2) {
+        __mmask16 keep[2][8];
+        int ng = g + 1 < gend ? 2 : 1;
+        if (bits_from_mask) memcpy(keep, j->mask + g * 16, 16 * (size_t)ng);   /* little-endian */
+        else if (ng == 2) keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 2);
+        else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 1);
+        if (write_mask) memcpy(j->mask + g * 16, keep, 16 * (size_t)ng);
+        for (int h = 0; h < ng; h++) {
+            int64_t i = (g + h) * FO_DROPOUT_GROUP;
+            SFX(apply_masks_avx512)(j->out + i, j->in + i, keep[h], scale, j->stream);
+        }
     }
     if (j->stream) _mm_sfence();
     if (g1 > gend) SFX(dropout_groups)(j, gend, g1, bits_from_mask, write_mask);
