@@ -21,6 +21,10 @@
  * float64 partial sums go to their own slot and are added in unit order, so
  * results are bitwise identical for any thread count.
  *
+ * Outputs larger than the cache are written with streaming stores by an
+ * AVX-512 apply pass chosen at run time (avx512.h); everything else is
+ * portable C vectorized by GCC (target_clones, parallel.h).
+ *
  * The math lives in norm_impl.h, instantiated for float32 and float64. */
 #include <math.h>
 #include <stdlib.h>
