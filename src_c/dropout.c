@@ -242,15 +242,19 @@ static void for_groups(int64_t ngroups, group_fn body, void *ctx) {
 #define T float
 #define SFX(x) x##_f32
 #define FO_T_IS_F64 0
+#define MATH(fn) fn##f   /* logf, sinf, ... */
 #include "dropout_impl.h"
 #undef T
 #undef SFX
 #undef FO_T_IS_F64
+#undef MATH
 
 #define T double
 #define SFX(x) x##_f64
 #define FO_T_IS_F64 1
+#define MATH(fn) fn
 #include "dropout_impl.h"
 #undef T
 #undef SFX
 #undef FO_T_IS_F64
+#undef MATH

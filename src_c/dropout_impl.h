@@ -148,26 +148,28 @@ void SFX(fo_dropout_backward)(T *dx, const uint8_t *mask, const T *dy, int64_t n
 /* ------------------------------------------------------- Gaussian noise */
 /* Box-Muller on the words of each Philox block: (w0, w1) -> elements l and
  * 16 + l, (w2, w3) -> elements 32 + l and 48 + l; u = (r + 0.5) * 2^-32 lies
- * in (0, 1), so log(u) is finite. In double: libm calls are scalar anyway. */
+ * in (0, 1], so log(u) is finite. In T (logf/sinf/cosf for float32: about
+ * twice as fast as double, and as accurate as the float32 result). */
 static void SFX(noise_body)(void *c, int64_t g0, int64_t g1) {
     const SFX(dropout_job) *j = (const SFX(dropout_job) *)c;
-    const double two_pi = 6.283185307179586, inv32 = 1.0 / 4294967296.0;
+    const T two_pi = (T)6.283185307179586, std = (T)j->std;
+    const double inv32 = 1.0 / 4294967296.0;
     for (int64_t g = g0; g < g1; g++) {
         uint32_t r[FO_RNG_GROUP];
-        double z[FO_RNG_GROUP];
+        T z[FO_RNG_GROUP];
         fo_philox_group(r, (uint64_t)g, j->seed, j->offset);
         for (int h = 0; h < 2; h++) {
             for (int l = 0; l < FO_RNG_LANES; l++) {
-                double u1 = ((double)r[2 * h * FO_RNG_LANES + l] + 0.5) * inv32;
-                double u2 = ((double)r[(2 * h + 1) * FO_RNG_LANES + l] + 0.5) * inv32;
-                double rad = sqrt(-2.0 * log(u1)), th = two_pi * u2;
-                z[2 * h * FO_RNG_LANES + l] = rad * cos(th);
-                z[(2 * h + 1) * FO_RNG_LANES + l] = rad * sin(th);
+                T u1 = (T)(((double)r[2 * h * FO_RNG_LANES + l] + 0.5) * inv32);
+                T u2 = (T)(((double)r[(2 * h + 1) * FO_RNG_LANES + l] + 0.5) * inv32);
+                T rad = MATH(sqrt)(-2 * MATH(log)(u1)), th = two_pi * u2;
+                z[2 * h * FO_RNG_LANES + l] = rad * MATH(cos)(th);
+                z[(2 * h + 1) * FO_RNG_LANES + l] = rad * MATH(sin)(th);
             }
         }
         int64_t i = g * FO_RNG_GROUP;
         int64_t n = j->n - i < FO_RNG_GROUP ? j->n - i : FO_RNG_GROUP;
-        for (int64_t e = 0; e < n; e++) j->out[i + e] = (T)((double)j->in[i + e] + j->std * z[e]);
+        for (int64_t e = 0; e < n; e++) j->out[i + e] = j->in[i + e] + std * z[e];
     }
 }
 
