@@ -65,6 +65,7 @@ typedef struct {
     const double *center;    /* reduction: sums of a*(x - center) */
     double *partial;         /* reduction: per unit 2*W (row) or 2 (segment) sums */
     const T *cen, *k1, *k2, *k3;   /* apply: out = k1*dy + k2*(x - cen) + k3 */
+    int has_x;               /* apply reads x (0: eval backward, dx = k1*dy) */
     int stream;              /* apply through the AVX-512 streaming-store path (mode) */
 } SFX(norm_job);
 
@@ -295,7 +296,7 @@ AVX512_TARGET static void SFX(apply_lines_avx512)(const SFX(norm_job) *j, int64_
                                                    int64_t s1) {
     const fo_norm_plan *p = &j->plan;
     int64_t len = p->row_mode ? p->W : p->inner;
-    int has_dy = j->dy != 0, has_x = j->k2 != 0, st = j->stream;
+    int has_dy = j->dy != 0, has_x = j->has_x, st = j->stream;
 #define LINE(cols, hd, hx) SFX(apply_line_avx512)(j->out + off, j->x + off, \
         hd ? j->dy + off : 0, j->cen + c, j->k1 + c, j->k2 + c, j->k3 + c, len, st, cols, hd, hx)
     for (int64_t s = s0; s < s1; s++) {
@@ -321,7 +322,7 @@ AVX512_TARGET static void SFX(apply_lines_avx512)(const SFX(norm_job) *j, int64_
 /* Lines [s0, s1): a call covers a few thousand elements, so that short lines
  * (channels-last rows of 64) do not pay a call and a dispatch each. */
 FO_DISPATCH static void SFX(apply_lines)(const SFX(norm_job) *j, int64_t s0, int64_t s1) {
-    int has_dy = j->dy != 0, has_x = j->k2 != 0;
+    int has_dy = j->dy != 0, has_x = j->has_x;
     for (int64_t s = s0; s < s1; s++) {
         if (has_dy && has_x) SFX(apply_span)(j, s, 1, 1);
         else if (has_dy) SFX(apply_span)(j, s, 1, 0);
@@ -427,6 +428,7 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
     for (int64_t c = 0; c < C; c++) {
         double w = weight ? (double)weight[c] : 1.0, b = bias ? (double)bias[c] : 0.0;
         double mean, invstd;
+        s.k1[c] = 0;   /* forward: no dy term */
         if (a->training) {
             s.center[c] = M ? (double)x[c * inner] : 0.0;   /* the shift K */
         } else {
@@ -449,6 +451,7 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
     j.partial = s.partial;
     j.center = s.center;
     j.cen = s.cen; j.k1 = s.k1; j.k2 = s.k2; j.k3 = s.k3;
+    j.has_x = 1;
     if (a->training && M > 0) {
         SFX(expand_d)(s.center, &p);
         SFX(reduce)(&j, s.sum1, s.sum2);
@@ -502,8 +505,8 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
     j.out = dx;
     j.partial = s.partial;
     j.center = s.center;
-    j.cen = s.cen; j.k1 = s.k1; j.k3 = s.k3;
-    j.k2 = a->training ? s.k2 : 0;   /* eval: dx = k1*dy, x not read */
+    j.cen = s.cen; j.k1 = s.k1; j.k2 = s.k2; j.k3 = s.k3;
+    j.has_x = a->training;   /* eval: dx = k1*dy, x not read (an Inf there stays out of dx) */
     int need_sums = M > 0 && (a->training || dweight || dbias);
     for (int64_t c = 0; c < C; c++) {
         s.center[c] = (double)save_mean[c];

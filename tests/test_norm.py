@@ -490,3 +490,20 @@ def test_large_outputs_streaming_stores(shape, cl, dtype, align):
     dxr = ref_backward(dy, x, w, xd.mean(axes), xd.var(axes), 1e-5, True, cl)[0]
     close(y, yr, dtype, scale=10)
     close(dx, dxr, dtype, scale=10 * np.abs(dxr).max())
+
+
+@pytest.mark.parametrize("shape,cl", [((8, 16, 184, 184), False), ((8, 184, 184, 16), True),
+                                      ((3, 5, 7), False)])
+def test_eval_backward_does_not_read_x(shape, cl):
+    """Eval backward is dx = weight*invstd*dy (x is not read: an Inf in x does
+    not reach dx), also on the streaming-store path of large outputs."""
+    C = shape[-1] if cl else shape[1]
+    x, dy = make(shape, np.float32, 1), make(shape, np.float32, 2)
+    x.reshape(-1)[::97] = np.inf
+    w = make((C,), np.float32, 3)
+    rv = np.abs(make((C,), np.float32, 4)) + 0.5
+    sm, si = make((C,), np.float32, 5), (1 / np.sqrt(rv + 1e-5)).astype(np.float32)
+    dx, _, _ = F.batch_norm_backward(dy, x, sm, si, w, training=False, channels_last=cl,
+                                     out=_aligned_empty(shape, np.float32, 16))
+    k = (w.astype(np.float64) * si).reshape(bshape(x, cl))
+    close(dx, k * dy, np.float32, scale=10)
