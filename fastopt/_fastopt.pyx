@@ -13,3 +13,4 @@ cnp.import_array()
 
 include "_common.pxi"
 include "_optim.pxi"
+include "_rnn.pxi"
