@@ -321,7 +321,7 @@ class _Cell(_Recurrent):
             raise ValueError("backward() needs a matching forward() first (every step "
                              "stepped forward is backpropagated once, newest first)")
         s = self._steps[-1]
-        B, H, G = x.shape[0], self.hidden_size, _GATES[self.mode]
+        B, H, G = s.x.shape[0], self.hidden_size, _GATES[self.mode]
         dh1 = _input(dh1, "dh1", self.dtype, (B, H))
         if dc1 is not None:
             dc1 = _input(dc1, "dc1", self.dtype, (B, H))
