@@ -7,6 +7,8 @@
 # wheel is installed. The choice is a process-wide setting (set_blas).
 from libc.stdint cimport int32_t
 from posix.dlfcn cimport dlopen, dlsym, dlerror, RTLD_NOW, RTLD_LOCAL
+cdef extern from "<dlfcn.h>" nogil:
+    const int RTLD_NOLOAD      # glibc: the handle of an already loaded library, or NULL
 from scipy.linalg.cython_blas cimport sgemm as _blas_sgemm, dgemm as _blas_dgemm
 
 cdef extern from "fastopt.h" nogil:
@@ -58,6 +60,25 @@ RNN_MODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3, "gru_reset_befor
 
 # ---------------------------------------------------------------- the GEMMs
 
+# Providers, each a pair of row-major GEMMs (float32, float64) and an optional
+# thread-local thread-count setter:
+#   scipy  scipy.linalg.cython_blas (scipy's OpenBLAS): always there
+#   numpy  NumPy's own OpenBLAS (its ILP64 CBLAS), when NumPy ships one
+#   mkl    Intel MKL's CBLAS from libmkl_rt, when the `mkl` wheel is installed
+# A call is routed by its row count m: the per-step products of a recurrent
+# layer have m = batch (small), the whole-sequence ones m = T*batch or G*H.
+# Each kind can go to the provider that measured fastest on it.
+
+cdef enum:
+    CBLAS_ROW_MAJOR = 101
+    CBLAS_NO_TRANS = 111
+    CBLAS_TRANS = 112
+    MKL_THREADING_GNU = 3       # MKL's threads are libgomp's: the runtime fastopt uses
+    SMALL_M = 128               # m <= SMALL_M: a per-step product
+
+ctypedef int (*set_threads_fn)(int) noexcept nogil
+
+
 # scipy's BLAS is Fortran (column-major, 32-bit ints). A row-major product
 # C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T: swap the operands.
 cdef void _scipy_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
@@ -84,88 +105,165 @@ cdef void _scipy_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
                 &beta, c, &ildc)
 
 
-# MKL's CBLAS (LP64: 32-bit ints), resolved with dlsym.
-ctypedef void (*cblas_sgemm_t)(int layout, int ta, int tb, int32_t m, int32_t n, int32_t k,
-                               float alpha, const float *a, int32_t lda, const float *b,
-                               int32_t ldb, float beta, float *c, int32_t ldc) noexcept nogil
-ctypedef void (*cblas_dgemm_t)(int layout, int ta, int tb, int32_t m, int32_t n, int32_t k,
-                               double alpha, const double *a, int32_t lda, const double *b,
-                               int32_t ldb, double beta, double *c, int32_t ldc) noexcept nogil
-ctypedef int (*mkl_int_fn_t)(int) noexcept nogil
+# CBLAS row-major GEMMs resolved with dlsym: MKL's LP64 (32-bit ints) and
+# NumPy's OpenBLAS ILP64 (64-bit ints).
+ctypedef void (*sgemm32_t)(int layout, int ta, int tb, int32_t m, int32_t n, int32_t k,
+                           float alpha, const float *a, int32_t lda, const float *b,
+                           int32_t ldb, float beta, float *c, int32_t ldc) noexcept nogil
+ctypedef void (*dgemm32_t)(int layout, int ta, int tb, int32_t m, int32_t n, int32_t k,
+                           double alpha, const double *a, int32_t lda, const double *b,
+                           int32_t ldb, double beta, double *c, int32_t ldc) noexcept nogil
+ctypedef void (*sgemm64_t)(int layout, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                           float alpha, const float *a, int64_t lda, const float *b,
+                           int64_t ldb, float beta, float *c, int64_t ldc) noexcept nogil
+ctypedef void (*dgemm64_t)(int layout, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                           double alpha, const double *a, int64_t lda, const double *b,
+                           int64_t ldb, double beta, double *c, int64_t ldc) noexcept nogil
 
-cdef cblas_sgemm_t _mkl_sgemm = NULL
-cdef cblas_dgemm_t _mkl_dgemm = NULL
-cdef mkl_int_fn_t _mkl_set_threads_local = NULL
-cdef enum:
-    CBLAS_ROW_MAJOR = 101
-    CBLAS_NO_TRANS = 111
-    CBLAS_TRANS = 112
-    MKL_THREADING_GNU = 3       # MKL's threads are libgomp's: the runtime fastopt uses
+cdef sgemm32_t _mkl_sgemm = NULL
+cdef dgemm32_t _mkl_dgemm = NULL
+cdef sgemm64_t _npy_sgemm = NULL
+cdef dgemm64_t _npy_dgemm = NULL
+
+cdef inline int _tr(int t) noexcept nogil:
+    return CBLAS_TRANS if t else CBLAS_NO_TRANS
 
 
 cdef void _mkl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
                         const float *a, int64_t lda, const float *b, int64_t ldb,
                         float beta, float *c, int64_t ldc) noexcept nogil:
-    _mkl_sgemm(CBLAS_ROW_MAJOR, CBLAS_TRANS if ta else CBLAS_NO_TRANS,
-               CBLAS_TRANS if tb else CBLAS_NO_TRANS, <int32_t>m, <int32_t>n, <int32_t>k,
+    _mkl_sgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), <int32_t>m, <int32_t>n, <int32_t>k,
                1.0, a, <int32_t>lda, b, <int32_t>ldb, beta, c, <int32_t>ldc)
 
 
 cdef void _mkl_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
                         const double *a, int64_t lda, const double *b, int64_t ldb,
                         double beta, double *c, int64_t ldc) noexcept nogil:
-    _mkl_dgemm(CBLAS_ROW_MAJOR, CBLAS_TRANS if ta else CBLAS_NO_TRANS,
-               CBLAS_TRANS if tb else CBLAS_NO_TRANS, <int32_t>m, <int32_t>n, <int32_t>k,
+    _mkl_dgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), <int32_t>m, <int32_t>n, <int32_t>k,
                1.0, a, <int32_t>lda, b, <int32_t>ldb, beta, c, <int32_t>ldc)
 
 
-cdef fo_gemm_f32_fn _gemm_f32 = _scipy_gemm_f32
-cdef fo_gemm_f64_fn _gemm_f64 = _scipy_gemm_f64
+cdef void _npy_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                        const float *a, int64_t lda, const float *b, int64_t ldb,
+                        float beta, float *c, int64_t ldc) noexcept nogil:
+    _npy_sgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef void _npy_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                        const double *a, int64_t lda, const double *b, int64_t ldb,
+                        double beta, double *c, int64_t ldc) noexcept nogil:
+    _npy_dgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef struct _Provider:
+    fo_gemm_f32_fn f32
+    fo_gemm_f64_fn f64
+    set_threads_fn set_threads      # NULL: the thread count cannot be set from here
+
+# index: 0 scipy, 1 numpy, 2 mkl
+cdef _Provider _providers[3]
+_providers[0].f32 = _scipy_gemm_f32
+_providers[0].f64 = _scipy_gemm_f64
+_providers[0].set_threads = NULL
+_providers[1].f32 = NULL
+_providers[2].f32 = NULL
+_PROVIDER_INDEX = {"scipy": 0, "numpy": 1, "mkl": 2}
+cdef _Provider *_small = &_providers[0]     # serves m <= SMALL_M
+cdef _Provider *_large = &_providers[0]     # serves the rest
 cdef str _blas_name = "scipy"
+
+
+cdef void _routed_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                           const float *a, int64_t lda, const float *b, int64_t ldb,
+                           float beta, float *c, int64_t ldc) noexcept nogil:
+    (_small if m <= SMALL_M else _large).f32(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef void _routed_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                           const double *a, int64_t lda, const double *b, int64_t ldb,
+                           double beta, double *c, int64_t ldc) noexcept nogil:
+    (_small if m <= SMALL_M else _large).f64(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef void *_dlopen_checked(str path, bint already_loaded) except NULL:
+    cdef bytes bpath = path.encode()
+    cdef int flags = RTLD_NOW | RTLD_LOCAL | (RTLD_NOLOAD if already_loaded else 0)
+    cdef void *h = dlopen(bpath, flags)
+    if h == NULL:
+        err = dlerror()
+        raise OSError(f"cannot load {path}: {(<bytes>err).decode(errors='replace') if err != NULL else ''}")
+    return h
 
 
 def load_mkl(str path):
     """dlopen libmkl_rt at `path`, select MKL's GNU-OpenMP threading layer (the
     OpenMP runtime fastopt itself uses, so that no second thread pool competes),
     and resolve cblas_sgemm/cblas_dgemm. Raises OSError when that fails."""
-    global _mkl_sgemm, _mkl_dgemm, _mkl_set_threads_local
-    cdef bytes bpath = path.encode()
-    cdef void *h = dlopen(bpath, RTLD_NOW | RTLD_LOCAL)
-    if h == NULL:
-        raise OSError(f"cannot load {path}: {(<bytes>dlerror()).decode(errors='replace')}")
-    cdef mkl_int_fn_t set_layer = <mkl_int_fn_t>dlsym(h, b"MKL_Set_Threading_Layer")
+    global _mkl_sgemm, _mkl_dgemm
+    cdef void *h = _dlopen_checked(path, False)
+    cdef set_threads_fn set_layer = <set_threads_fn>dlsym(h, b"MKL_Set_Threading_Layer")
     cdef void *s = dlsym(h, b"cblas_sgemm")
     cdef void *d = dlsym(h, b"cblas_dgemm")
     if set_layer == NULL or s == NULL or d == NULL:
         raise OSError(f"{path} does not export MKL_Set_Threading_Layer and cblas_?gemm")
     set_layer(MKL_THREADING_GNU)
-    _mkl_sgemm = <cblas_sgemm_t>s
-    _mkl_dgemm = <cblas_dgemm_t>d
-    _mkl_set_threads_local = <mkl_int_fn_t>dlsym(h, b"MKL_Set_Num_Threads_Local")
+    _mkl_sgemm = <sgemm32_t>s
+    _mkl_dgemm = <dgemm32_t>d
+    _providers[2].f32 = _mkl_gemm_f32
+    _providers[2].f64 = _mkl_gemm_f64
+    _providers[2].set_threads = <set_threads_fn>dlsym(h, b"MKL_Set_Num_Threads_Local")
 
 
-def set_blas_provider(str name):
-    """'scipy' or 'mkl' (after load_mkl) for every later recurrent-layer call."""
-    global _gemm_f32, _gemm_f64, _blas_name
-    if name == "scipy":
-        _gemm_f32, _gemm_f64 = _scipy_gemm_f32, _scipy_gemm_f64
-    elif name == "mkl":
-        if _mkl_sgemm == NULL:
-            raise ValueError("blas 'mkl' is not loaded (load_mkl first)")
-        _gemm_f32, _gemm_f64 = _mkl_gemm_f32, _mkl_gemm_f64
-    else:
-        raise ValueError(f"blas must be 'scipy' or 'mkl', got {name!r}")
-    _blas_name = name
+def load_numpy_openblas(str path):
+    """Resolve the ILP64 CBLAS GEMMs of the OpenBLAS that NumPy has already
+    loaded from `path` (NumPy's wheels: scipy_cblas_?gemm64_)."""
+    global _npy_sgemm, _npy_dgemm
+    cdef void *h = _dlopen_checked(path, True)
+    cdef void *s = dlsym(h, b"scipy_cblas_sgemm64_")
+    cdef void *d = dlsym(h, b"scipy_cblas_dgemm64_")
+    if s == NULL or d == NULL:
+        raise OSError(f"{path} does not export scipy_cblas_sgemm64_/dgemm64_")
+    _npy_sgemm = <sgemm64_t>s
+    _npy_dgemm = <dgemm64_t>d
+    _providers[1].f32 = _npy_gemm_f32
+    _providers[1].f64 = _npy_gemm_f64
+    _providers[1].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+
+
+def find_scipy_openblas_threads(str path):
+    """Let fastopt size scipy's OpenBLAS pool (openblas_set_num_threads_local
+    of the library already loaded from `path`); False when it has none."""
+    cdef void *h = _dlopen_checked(path, True)
+    _providers[0].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+    return _providers[0].set_threads != NULL
+
+
+def set_blas_provider(str small, str large=None):
+    """Route per-step products (m <= 128) to provider `small` and the others to
+    `large` (default: the same): 'scipy', 'numpy' or 'mkl' (once loaded)."""
+    global _small, _large, _blas_name
+    large = small if large is None else large
+    for name in (small, large):
+        if name not in _PROVIDER_INDEX:
+            raise ValueError(f"blas must be 'scipy', 'numpy' or 'mkl', got {name!r}")
+        if _providers[<int>_PROVIDER_INDEX[name]].f32 == NULL:
+            raise ValueError(f"blas {name!r} is not loaded")
+    _small = &_providers[<int>_PROVIDER_INDEX[small]]
+    _large = &_providers[<int>_PROVIDER_INDEX[large]]
+    _blas_name = small if small == large else f"{small}+{large}"
 
 
 def blas_provider():
+    """'scipy', 'numpy', 'mkl', or 'small+large' when the two kinds differ."""
     return _blas_name
 
 
-cdef inline void _mkl_threads(int n) noexcept nogil:
-    # MKL follows fastopt's thread count (thread-local setting, cheap)
-    if _gemm_f32 == _mkl_gemm_f32 and _mkl_set_threads_local != NULL:
-        _mkl_set_threads_local(n)
+cdef inline void _blas_threads(int n) noexcept nogil:
+    # the BLAS follows fastopt's thread count (thread-local settings, cheap)
+    if _small.set_threads != NULL:
+        _small.set_threads(n)
+    if _large != _small and _large.set_threads != NULL:
+        _large.set_threads(n)
 
 
 def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
@@ -191,13 +289,13 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
     cdef void *pc = cnp.PyArray_DATA(c)
     cdef bint f64 = c.dtype == np.float64
     with nogil:
-        _mkl_threads(fo_get_num_threads())
+        _blas_threads(fo_get_num_threads())
         if f64:
-            _gemm_f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
-                      beta, <double *>pc, n)
+            _routed_gemm_f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
+                             beta, <double *>pc, n)
         else:
-            _gemm_f32(trans_a, trans_b, m, n, k, <float *>pa, lda, <float *>pb, ldb,
-                      <float>beta, <float *>pc, n)
+            _routed_gemm_f32(trans_a, trans_b, m, n, k, <float *>pa, lda, <float *>pb, ldb,
+                             <float>beta, <float *>pc, n)
 
 
 # ------------------------------------------------------------- the drivers
@@ -268,11 +366,11 @@ cdef class RnnLayerCall:
         """Run the layer forward over the sequence, filling out and the saved buffers."""
         cdef int rc
         with nogil:
-            _mkl_threads(fo_get_num_threads())
+            _blas_threads(fo_get_num_threads())
             if self.is_f64:
-                rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _gemm_f64)
+                rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _routed_gemm_f64)
             else:
-                rc = fo_rnn_forward_f32(&self.layer, &self.fwd, _gemm_f32)
+                rc = fo_rnn_forward_f32(&self.layer, &self.fwd, _routed_gemm_f32)
         if rc != 0:
             raise MemoryError("fastopt recurrent forward: out of memory")
 
@@ -300,10 +398,10 @@ cdef class RnnLayerCall:
         io.dgates_hh = <void *>_ptr(dgates_hh, "dgates_hh", dt, TB * G * H, m != 3, True)
         cdef int rc
         with nogil:
-            _mkl_threads(fo_get_num_threads())
+            _blas_threads(fo_get_num_threads())
             if self.is_f64:
-                rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _gemm_f64)
+                rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _routed_gemm_f64)
             else:
-                rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _gemm_f32)
+                rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _routed_gemm_f32)
         if rc != 0:
             raise MemoryError("fastopt recurrent backward: out of memory")

@@ -1,34 +1,49 @@
 """The BLAS behind fastopt's own matrix products (the recurrent layers).
 
-Two providers, chosen per process:
+Providers, chosen per process:
 
 - ``'scipy'``: ``scipy.linalg.cython_blas`` (the OpenBLAS that scipy ships);
   always available, the fallback.
+- ``'numpy'``: the OpenBLAS that NumPy's wheels ship (its ILP64 CBLAS, found
+  in the already loaded library); absent for NumPy builds on another BLAS.
 - ``'mkl'``: Intel MKL's ``cblas_sgemm``/``cblas_dgemm`` from ``libmkl_rt``,
   loaded at run time when the ``mkl`` wheel is installed
   (``pip install fastopt[mkl]``) or ``FASTOPT_MKL`` names the library.
 
-``set_blas('auto')`` (the default, also taken from the environment variable
-``FASTOPT_BLAS=auto|scipy|mkl``) picks MKL when it loads, else scipy.
+The per-step products of a recurrent layer (m = batch <= 128 rows) and the
+whole-sequence products (input projection, dX, dW) can go to different
+providers: ``set_blas('mkl', 'numpy')``. ``set_blas('auto')`` (the default,
+or ``FASTOPT_BLAS=auto|scipy|numpy|mkl|mkl+numpy``) takes the pairing that
+measured fastest here (bench/blas_choice.py, whole layers and single
+shapes): MKL for the per-step products when it loads, else NumPy's
+OpenBLAS; NumPy's OpenBLAS for the large ones; scipy's where neither is.
 
-Threads: MKL runs on the GNU OpenMP runtime that fastopt itself uses, with
-``fastopt.get_num_threads()`` threads (set per call), so one thread pool
-serves both. scipy's OpenBLAS has its own pool, which fastopt cannot size
-from Cython: limit it with ``threadpoolctl.threadpool_limits(n, 'blas')``.
-Within a layer the GEMMs and fastopt's pointwise kernels run one after the
-other, never at the same time.
+Threads: before each layer call fastopt sets the thread-local thread count
+of the providers in use to ``fastopt.get_num_threads()`` (MKL runs on the
+GNU OpenMP runtime that fastopt itself uses; OpenBLAS through
+``openblas_set_num_threads_local``), so ``fastopt.set_num_threads(n)``
+governs the whole layer. The GEMMs and fastopt's pointwise kernels run one
+after the other, never at the same time, so the pools never compete.
 """
 import ctypes.util
 import glob
 import os
 import sys
 
+import numpy as np
+import scipy
+
 from . import _fastopt
 
 __all__ = ["set_blas", "get_blas", "find_mkl"]
 
 _configured = False
-_mkl_loaded = None      # path of the loaded libmkl_rt, or None
+_loaded = {"scipy": True}    # provider -> loaded (True) or the OSError met loading it
+
+
+def _lib_beside(package_dir, libs_dir, pattern):
+    hits = sorted(glob.glob(os.path.join(os.path.dirname(package_dir), libs_dir, pattern)))
+    return hits[0] if hits else None
 
 
 def find_mkl():
@@ -42,46 +57,72 @@ def find_mkl():
             p = os.path.join(prefix, "lib", name)
             if os.path.exists(p):
                 return p
-        hits = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
-        if hits:
-            return hits[0]
     return ctypes.util.find_library("mkl_rt")
 
 
-def _load_mkl():
-    global _mkl_loaded
-    if _mkl_loaded is None:
-        path = find_mkl()
-        if path is None:
-            raise OSError("libmkl_rt not found (pip install mkl, or set FASTOPT_MKL)")
-        _fastopt.load_mkl(path)
-        _mkl_loaded = path
-    return _mkl_loaded
-
-
-def set_blas(name="auto"):
-    """Use BLAS `name` ('auto', 'scipy' or 'mkl') for every later recurrent
-    layer call; returns the provider in use. 'mkl' raises OSError when
-    libmkl_rt cannot be loaded; 'auto' then falls back to scipy."""
-    global _configured
-    if name not in ("auto", "scipy", "mkl"):
-        raise ValueError(f"name must be 'auto', 'scipy' or 'mkl', got {name!r}")
-    if name == "scipy":
-        _fastopt.set_blas_provider("scipy")
-    else:
+def _load(name):
+    """Load provider `name` once; True, or raise the OSError that stopped it."""
+    if name not in _loaded:
         try:
-            _load_mkl()
-            _fastopt.set_blas_provider("mkl")
-        except OSError:
             if name == "mkl":
-                raise
-            _fastopt.set_blas_provider("scipy")
+                path = find_mkl()
+                if path is None:
+                    raise OSError("libmkl_rt not found (pip install mkl, or set FASTOPT_MKL)")
+                _fastopt.load_mkl(path)
+            elif name == "numpy":
+                path = _lib_beside(os.path.dirname(np.__file__), "numpy.libs",
+                                   "libscipy_openblas64_*.so")
+                if path is None:
+                    raise OSError("this NumPy ships no OpenBLAS of its own")
+                _fastopt.load_numpy_openblas(path)
+            else:
+                raise ValueError(f"unknown blas {name!r}")
+            _loaded[name] = True
+        except OSError as e:
+            _loaded[name] = e
+    if _loaded[name] is not True:
+        raise _loaded[name]
+    return True
+
+
+def _available(name):
+    try:
+        return _load(name)
+    except OSError:
+        return False
+
+
+def set_blas(small="auto", large=None):
+    """Use provider `small` for the per-step products (m <= 128) and `large`
+    (default: the same) for the rest: 'scipy', 'numpy', 'mkl', or 'auto' (the
+    measured best of what loads). 'a+b' is accepted for (a, b). Returns the
+    name in use; raises OSError when a named provider cannot be loaded."""
+    global _configured
+    if large is None and "+" in small:
+        small, large = small.split("+", 1)
+    if small == "auto":   # measured order, see the module docstring
+        openblas = "numpy" if _available("numpy") else "scipy"
+        small = "mkl" if _available("mkl") else openblas
+        large = large or openblas
+    large = large or small
+    for name in (small, large):
+        if name not in ("scipy", "numpy", "mkl"):
+            raise ValueError(f"blas must be 'auto', 'scipy', 'numpy' or 'mkl', got {name!r}")
+        _load(name)
+    if not _configured:
+        path = _lib_beside(os.path.dirname(scipy.__file__), "scipy.libs", "libscipy_openblas*.so")
+        if path:
+            try:
+                _fastopt.find_scipy_openblas_threads(path)
+            except OSError:
+                pass      # an OpenBLAS without thread-local counts: threadpoolctl sizes it
+    _fastopt.set_blas_provider(small, large)
     _configured = True
     return _fastopt.blas_provider()
 
 
 def get_blas():
-    """The provider in use: 'scipy' or 'mkl' (configures the default first)."""
+    """The providers in use: 'scipy', 'numpy', 'mkl' or 'small+large'."""
     ensure_configured()
     return _fastopt.blas_provider()
 

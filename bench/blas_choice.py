@@ -1,0 +1,132 @@
+"""Which BLAS for the recurrent layers: every GEMM shape that the LSTM/GRU
+benchmarks issue, timed through each provider in interleaved rounds (1 thread).
+
+    python bench/blas_choice.py [--rounds 15]
+
+Providers: scipy (scipy.linalg.cython_blas, fastopt's default), mkl (libmkl_rt
+from the `mkl` wheel, if installed), numpy (its own OpenBLAS, for reference),
+blis (the `blis` package, if installed), dnnl (oneDNN's dnnl_sgemm from the
+`onednn` wheel, if it loads; it threads with TBB, so run this script under
+`taskset -c 0` for a 1-thread figure). Prints GFLOP/s per shape and provider.
+"""
+import argparse
+import ctypes
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import fastopt as fo
+from fastopt import _fastopt
+
+# (M, K, N, trans_a, trans_b, where it occurs): T=50 B=32 I=128 H=256 sequences
+# (LSTM G*H = 1024, GRU 768) and B=64 I=256 H=512 cells (LSTM 2048).
+SHAPES = [
+    (32, 256, 1024, 0, 1, "LSTM seq: h W_hh^T per step"),
+    (32, 1024, 256, 0, 0, "LSTM seq: dG W_hh per step"),
+    (1600, 128, 1024, 0, 1, "LSTM seq: x W_ih^T, all steps"),
+    (1600, 1024, 128, 0, 0, "LSTM seq: dX = dG W_ih"),
+    (1024, 1600, 128, 1, 0, "LSTM seq: dW_ih += dG^T X"),
+    (1024, 1568, 256, 1, 0, "LSTM seq: dW_hh += dG^T H"),
+    (32, 256, 768, 0, 1, "GRU seq: h W_hh^T per step"),
+    (32, 768, 256, 0, 0, "GRU seq: dG W_hh per step"),
+    (64, 512, 2048, 0, 1, "LSTM cell: h W_hh^T"),
+    (64, 2048, 512, 0, 0, "LSTM cell: dG W_hh"),
+    (2048, 64, 512, 1, 0, "LSTM cell: dW_hh += dG^T h"),
+]
+
+
+def load_dnnl():
+    lib_dir = os.path.join(sys.prefix, "lib")
+    try:
+        for dep in ["libtbb.so.12", "libsvml.so", "libimf.so", "libintlc.so.5", "libirng.so",
+                    "libsycl.so.9"]:
+            p = os.path.join(lib_dir, dep)
+            if os.path.exists(p):
+                ctypes.CDLL(p, mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(os.path.join(lib_dir, "libdnnl.so.3"))
+    except OSError:
+        return None
+    v, i64, f = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    lib.dnnl_sgemm.argtypes = [ctypes.c_char, ctypes.c_char, i64, i64, i64, f, v, i64, v, i64,
+                               f, v, i64]
+    return lib
+
+
+def providers(a, b, c, ta, tb):
+    M, N = c.shape
+    K = a.shape[0] if ta else a.shape[1]
+    an, bn = (a.T if ta else a), (b.T if tb else b)
+    fns = {}
+
+    def via(name):
+        def run():
+            _fastopt.set_blas_provider(name)
+            _fastopt.gemm(c, a, b, ta, tb, 0.0)
+        return run
+    fns["scipy"] = via("scipy")
+    try:
+        fo.set_blas("mkl")
+        fns["mkl"] = via("mkl")
+    except OSError:
+        pass
+    fns["numpy"] = lambda: np.matmul(an, bn, out=c)
+    try:
+        import blis.py
+        fns["blis"] = lambda: blis.py.gemm(a, b, trans1=bool(ta), trans2=bool(tb), out=c)
+    except ImportError:
+        pass
+    dnnl = load_dnnl()
+    if dnnl is not None:
+        fns["dnnl"] = lambda: dnnl.dnnl_sgemm(b"T" if ta else b"N", b"T" if tb else b"N", M, N,
+                                              K, 1.0, a.ctypes.data, a.shape[1], b.ctypes.data,
+                                              b.shape[1], 0.0, c.ctypes.data, N)
+    return fns
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    fo.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1)
+    except ImportError:
+        pass
+    rng = np.random.default_rng(0)
+    header = None
+    for M, K, N, ta, tb, where in SHAPES:
+        a = rng.standard_normal((K, M) if ta else (M, K)).astype(np.float32)
+        b = rng.standard_normal((N, K) if tb else (K, N)).astype(np.float32)
+        c = np.empty((M, N), np.float32)
+        fns = providers(a, b, c, ta, tb)
+        if header is None:
+            header = list(fns)
+            print(f"{'M':>5} {'K':>5} {'N':>5} op  " + " ".join(f"{k:>7}" for k in header)
+                  + "   GFLOP/s, median of interleaved rounds")
+        number = {}
+        for k, f in fns.items():
+            f()
+            t0 = time.perf_counter()
+            f()
+            number[k] = max(1, int(0.01 / (time.perf_counter() - t0)))
+        samples = {k: [] for k in fns}
+        for _ in range(args.rounds):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                for _ in range(number[k]):
+                    f()
+                samples[k].append((time.perf_counter() - t0) / number[k])
+        flop = 2 * M * K * N
+        op = ("T" if ta else "N") + ("T" if tb else "N")
+        print(f"{M:>5} {K:>5} {N:>5} {op}  "
+              + " ".join(f"{flop / statistics.median(samples[k]) / 1e9:>7.1f}" for k in header)
+              + f"   {where}", flush=True)
+    fo.set_blas("auto")
+
+
+if __name__ == "__main__":
+    main()
