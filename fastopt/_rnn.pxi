@@ -170,6 +170,9 @@ _providers[2].f32 = NULL
 _PROVIDER_INDEX = {"scipy": 0, "numpy": 1, "mkl": 2}
 cdef _Provider *_small = &_providers[0]     # serves m <= SMALL_M
 cdef _Provider *_large = &_providers[0]     # serves the rest
+cdef _Provider *_small1 = &_providers[0]    # the routing with 1 thread
+cdef _Provider *_large1 = &_providers[0]
+cdef _Provider *_multi = NULL               # with more threads, when not NULL
 cdef str _blas_name = "scipy"
 
 
@@ -238,19 +241,24 @@ def find_scipy_openblas_threads(str path):
     return _providers[0].set_threads != NULL
 
 
-def set_blas_provider(str small, str large=None):
+def set_blas_provider(str small, str large=None, str multi=None):
     """Route per-step products (m <= 128) to provider `small` and the others to
-    `large` (default: the same): 'scipy', 'numpy' or 'mkl' (once loaded)."""
-    global _small, _large, _blas_name
+    `large` (default: the same); with more than one fastopt thread, route all
+    to `multi` when given (one thread pool: two pools spinning on two cores
+    fight). Names: 'scipy', 'numpy' or 'mkl' (once loaded)."""
+    global _small1, _large1, _multi, _blas_name
     large = small if large is None else large
-    for name in (small, large):
+    for name in (small, large) + ((multi,) if multi is not None else ()):
         if name not in _PROVIDER_INDEX:
             raise ValueError(f"blas must be 'scipy', 'numpy' or 'mkl', got {name!r}")
         if _providers[<int>_PROVIDER_INDEX[name]].f32 == NULL:
             raise ValueError(f"blas {name!r} is not loaded")
-    _small = &_providers[<int>_PROVIDER_INDEX[small]]
-    _large = &_providers[<int>_PROVIDER_INDEX[large]]
+    _small1 = &_providers[<int>_PROVIDER_INDEX[small]]
+    _large1 = &_providers[<int>_PROVIDER_INDEX[large]]
+    _multi = &_providers[<int>_PROVIDER_INDEX[multi]] if multi is not None else NULL
     _blas_name = small if small == large else f"{small}+{large}"
+    if multi is not None and multi != _blas_name:
+        _blas_name += f" (1 thread), {multi} (more threads)"
 
 
 def blas_provider():
@@ -258,12 +266,33 @@ def blas_provider():
     return _blas_name
 
 
-cdef inline void _blas_threads(int n) noexcept nogil:
-    # the BLAS follows fastopt's thread count (thread-local settings, cheap)
+cdef struct _SavedThreads:
+    int small, large        # the providers' thread counts before the call
+
+
+cdef inline _SavedThreads _blas_threads(int n) noexcept nogil:
+    # At the start of every call: pick the routing for n threads and have the
+    # BLAS follow fastopt's thread count; _blas_threads_restore puts the
+    # previous counts back, so that the user's own BLAS calls are unaffected.
+    global _small, _large
+    cdef _SavedThreads saved
+    saved.small = saved.large = -1
+    if n > 1 and _multi != NULL:
+        _small = _large = _multi
+    else:
+        _small, _large = _small1, _large1
     if _small.set_threads != NULL:
-        _small.set_threads(n)
+        saved.small = _small.set_threads(n)
     if _large != _small and _large.set_threads != NULL:
-        _large.set_threads(n)
+        saved.large = _large.set_threads(n)
+    return saved
+
+
+cdef inline void _blas_threads_restore(_SavedThreads saved) noexcept nogil:
+    if saved.small >= 0:
+        _small.set_threads(saved.small)
+    if saved.large >= 0:
+        _large.set_threads(saved.large)
 
 
 def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
@@ -288,14 +317,16 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
     cdef void *pb = cnp.PyArray_DATA(b)
     cdef void *pc = cnp.PyArray_DATA(c)
     cdef bint f64 = c.dtype == np.float64
+    cdef _SavedThreads saved
     with nogil:
-        _blas_threads(fo_get_num_threads())
+        saved = _blas_threads(fo_get_num_threads())
         if f64:
             _routed_gemm_f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
                              beta, <double *>pc, n)
         else:
             _routed_gemm_f32(trans_a, trans_b, m, n, k, <float *>pa, lda, <float *>pb, ldb,
                              <float>beta, <float *>pc, n)
+        _blas_threads_restore(saved)
 
 
 # ------------------------------------------------------------- the drivers
@@ -365,12 +396,14 @@ cdef class RnnLayerCall:
     def forward(self):
         """Run the layer forward over the sequence, filling out and the saved buffers."""
         cdef int rc
+        cdef _SavedThreads saved
         with nogil:
-            _blas_threads(fo_get_num_threads())
+            saved = _blas_threads(fo_get_num_threads())
             if self.is_f64:
                 rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _routed_gemm_f64)
             else:
                 rc = fo_rnn_forward_f32(&self.layer, &self.fwd, _routed_gemm_f32)
+            _blas_threads_restore(saved)
         if rc != 0:
             raise MemoryError("fastopt recurrent forward: out of memory")
 
@@ -397,11 +430,13 @@ cdef class RnnLayerCall:
         io.dgates = <void *>_ptr(dgates, "dgates", dt, TB * G * H, False, True)
         io.dgates_hh = <void *>_ptr(dgates_hh, "dgates_hh", dt, TB * G * H, m != 3, True)
         cdef int rc
+        cdef _SavedThreads saved
         with nogil:
-            _blas_threads(fo_get_num_threads())
+            saved = _blas_threads(fo_get_num_threads())
             if self.is_f64:
                 rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _routed_gemm_f64)
             else:
                 rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _routed_gemm_f32)
+            _blas_threads_restore(saved)
         if rc != 0:
             raise MemoryError("fastopt recurrent backward: out of memory")

@@ -13,10 +13,13 @@ Providers, chosen per process:
 The per-step products of a recurrent layer (m = batch <= 128 rows) and the
 whole-sequence products (input projection, dX, dW) can go to different
 providers: ``set_blas('mkl', 'numpy')``. ``set_blas('auto')`` (the default,
-or ``FASTOPT_BLAS=auto|scipy|numpy|mkl|mkl+numpy``) takes the pairing that
-measured fastest here (bench/blas_choice.py, whole layers and single
-shapes): MKL for the per-step products when it loads, else NumPy's
-OpenBLAS; NumPy's OpenBLAS for the large ones; scipy's where neither is.
+or ``FASTOPT_BLAS=auto|scipy|numpy|mkl|mkl+numpy``) takes what measured
+fastest here (bench/blas_choice.py and whole layers): with 1 thread, MKL
+for the per-step products when it loads, else NumPy's OpenBLAS, and
+NumPy's OpenBLAS for the large ones; with more threads, NumPy's OpenBLAS
+for everything (scipy's where NumPy has none): one provider, because two
+libraries' thread pools spinning on the same cores slowed whole layers
+2-4x, and NumPy's is the pool the user's own NumPy code already runs.
 
 Threads: before each layer call fastopt sets the thread-local thread count
 of the providers in use to ``fastopt.get_num_threads()`` (MKL runs on the
@@ -100,10 +103,12 @@ def set_blas(small="auto", large=None):
     global _configured
     if large is None and "+" in small:
         small, large = small.split("+", 1)
+    multi = None
     if small == "auto":   # measured order, see the module docstring
         openblas = "numpy" if _available("numpy") else "scipy"
         small = "mkl" if _available("mkl") else openblas
         large = large or openblas
+        multi = openblas
     large = large or small
     for name in (small, large):
         if name not in ("scipy", "numpy", "mkl"):
@@ -116,7 +121,7 @@ def set_blas(small="auto", large=None):
                 _fastopt.find_scipy_openblas_threads(path)
             except OSError:
                 pass      # an OpenBLAS without thread-local counts: threadpoolctl sizes it
-    _fastopt.set_blas_provider(small, large)
+    _fastopt.set_blas_provider(small, large, multi)
     _configured = True
     return _fastopt.blas_provider()
 

@@ -2,6 +2,8 @@
 torch.nn modules with autograd (weights copied by name), a NumPy GRU with the
 reset gate before the recurrent product written here from the formula, and
 central finite differences in float64."""
+import os
+
 import numpy as np
 import pytest
 
@@ -161,19 +163,33 @@ def test_cell_stepped_then_backpropagated_matches_torch(torch, dtype, kind, kw):
         m.backward(dhs[0])          # every step has been backpropagated
 
 
-@pytest.mark.parametrize("blas", ["scipy", "mkl"])
-def test_each_blas_matches_torch(torch, blas):
-    before = fo.get_blas()
+@pytest.mark.parametrize("blas", ["scipy", "numpy", "mkl", "mkl+numpy", "auto"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_each_blas_matches_torch(torch, threads, blas, nthreads):
+    fo.set_num_threads(nthreads)
     try:
         try:
             fo.set_blas(blas)
-        except OSError:
-            pytest.skip("MKL (the optional `mkl` wheel) is not installed")
-        assert fo.get_blas() == blas
+        except OSError as e:
+            pytest.skip(f"{blas} not available: {e}")   # MKL is the optional `mkl` wheel
+        assert fo.get_blas().startswith(blas if blas != "auto" else "")
         test_sequence_matches_torch(torch, np.float32, "LSTM", {}, 2, False)
         test_sequence_matches_torch(torch, np.float64, "GRU", {}, 1, True)
+        test_cell_stepped_then_backpropagated_matches_torch(torch, np.float32, "LSTMCell", {})
     finally:
-        fo.set_blas(before)
+        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
+
+
+def test_layer_calls_leave_the_blas_thread_counts_as_they_were(threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    m = fo.GRU(3, 4)
+    m.forward(np.zeros((2, 2, 3), np.float32))       # loads the providers
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = [d["num_threads"] for d in threadpoolctl.threadpool_info()]
+        fo.set_num_threads(1)
+        out, _ = m.forward(np.zeros((2, 2, 3), np.float32))
+        m.backward(out)
+        assert [d["num_threads"] for d in threadpoolctl.threadpool_info()] == before
 
 
 # --------------------------------------- GRU with the reset gate before W_hn
