@@ -18,23 +18,15 @@ from fastopt import _fastopt
 
 from . import Case, register, torch_or_none
 
-SEQ = [dict(T=50, B=32, I=128, H=256)]
-SEQ_QUICK = SEQ
-CELL = [dict(B=64, I=256, H=512)]
-
-
-def label(d):
-    return " ".join(f"{k}{v}" for k, v in d.items())
-
-
 class Size(dict):
+    """A case size whose table label is short: "T50 B32 I128 H256"."""
+
     def __str__(self):
-        return label(self)
+        return " ".join(f"{k}{v}" for k, v in self.items())
 
 
-SEQ = [Size(s) for s in SEQ]
-SEQ_QUICK = SEQ
-CELL = [Size(s) for s in CELL]
+SEQ = [Size(T=50, B=32, I=128, H=256)]
+CELL = [Size(B=64, I=256, H=512)]
 GATES = {"lstm": 4, "gru": 3}
 
 
@@ -303,9 +295,9 @@ def _cell_case(kind, size, dtype, backward):
 
 
 for _kind in ("lstm", "gru"):
-    register("rnn", f"{_kind}-seq", SEQ, SEQ_QUICK)(
+    register("rnn", f"{_kind}-seq", SEQ)(
         lambda size, dtype, k=_kind: _seq_case(k, size, dtype, True))
-    register("rnn", f"{_kind}-seq-fwd", SEQ, SEQ_QUICK)(
+    register("rnn", f"{_kind}-seq-fwd", SEQ)(
         lambda size, dtype, k=_kind: _seq_case(k, size, dtype, False))
-    register("rnn", f"{_kind}-cell", CELL, CELL)(
+    register("rnn", f"{_kind}-cell", CELL)(
         lambda size, dtype, k=_kind: _cell_case(k, size, dtype, True))
