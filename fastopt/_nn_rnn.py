@@ -179,8 +179,7 @@ class _SequenceLayer(_Recurrent):
         inp = x
         for layer in range(L):
             (w_ih, w_hh, b_ih, b_hh), _ = self._layer_params(f"_l{layer}")
-            out = (np.empty((T, B, H), self.dtype) if layer == L - 1
-                   else self._scratch(f"out{layer}", (T, B, H)))
+            out = self._scratch(f"out{layer}", (T, B, H))
             s = _Saved()
             s.x, s.out = inp, out
             s.h0 = h0[layer] if h0 is not None else None
@@ -196,7 +195,8 @@ class _SequenceLayer(_Recurrent):
         self._saved = saved
         out = inp
         h_n = self._final_state([s.out for s in saved], h0, T, B)
-        result_out = out.transpose(1, 0, 2).copy() if self.batch_first else out
+        # a copy: backward reads the saved out, which the caller may then change
+        result_out = out.transpose(1, 0, 2).copy() if self.batch_first else out.copy()
         if self.mode == "lstm":
             return result_out, (h_n, self._final_state([s.c_all for s in saved], c0, T, B))
         return result_out, h_n
@@ -314,7 +314,8 @@ class _Cell(_Recurrent):
                                        b_ih, b_hh, x, h0, c0, h1, c1, gates, extra)
         s.call.forward()
         self._steps.append(s)
-        return h1, c1
+        # copies: backward reads the saved h1/c1, which the caller may then change
+        return h1.copy(), (c1.copy() if c1 is not None else None)
 
     def _unstep(self, dh1, dc1):
         if not self._steps:

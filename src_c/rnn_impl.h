@@ -482,8 +482,19 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     if (h0) gemm(1, 0, rows_h, H, B, dgh, GH, h0, H, 1, dw_hh, H);
     if (mode == FO_GRU_RESET_BEFORE)   /* W_hn sees r*h_prev */
         gemm(1, 0, H, H, TB, dgates + 2 * H, GH, extra, H, 1, dw_hh + 2 * H * H, H);
-    if (io->db_ih) SFX(colsum_add)((T *)io->db_ih, dgates, TB, GH, GH);
-    if (io->db_hh) SFX(colsum_add)((T *)io->db_hh, dgh, TB, GH, GH);
+    if (io->db_ih) {
+        /* one pass over dgates when both biases see the same gradient */
+        T *colsum = (T *)calloc((size_t)GH, sizeof(T));
+        if (!colsum) return -1;
+        SFX(colsum_add)(colsum, dgates, TB, GH, GH);
+        for (int64_t j = 0; j < GH; j++) ((T *)io->db_ih)[j] += colsum[j];
+        if (dgh != dgates) {
+            memset(colsum, 0, (size_t)GH * sizeof(T));
+            SFX(colsum_add)(colsum, dgh, TB, GH, GH);
+        }
+        for (int64_t j = 0; j < GH; j++) ((T *)io->db_hh)[j] += colsum[j];
+        free(colsum);
+    }
     return 0;
 }
 

@@ -550,3 +550,25 @@ def test_load_state_dict_that_does_not_fit_is_refused_whole():
     m.load_state_dict(sd)
     assert all(a is b for a, b in zip(params, m.parameters()))   # loaded in place
     assert all((p == 1).all() for p in m.parameters())
+
+
+def test_changing_returned_outputs_in_place_does_not_change_gradients():
+    rng = np.random.default_rng(11)
+    x, dout = rng.standard_normal((4, 2, 3)), rng.standard_normal((4, 2, 5))
+    ref, changed = (fo.RNN(3, 5, dtype=np.float64, seed=0) for _ in range(2))
+    out, _ = ref.forward(x)
+    dx_ref, _ = ref.backward(dout)
+    out, h_n = changed.forward(x)
+    out *= 3.0
+    h_n[:] = 0
+    dx, _ = changed.backward(dout)
+    np.testing.assert_array_equal(dx, dx_ref)
+    cell = fo.LSTMCell(3, 5, dtype=np.float64, seed=0)
+    h1, c1 = cell.forward(x[0])
+    d_ref = cell.backward(dout[0], dout[1])
+    h1, c1 = cell.forward(x[0])
+    h1[:] = 7
+    c1[:] = 7
+    d = cell.backward(dout[0], dout[1])
+    np.testing.assert_array_equal(d[0], d_ref[0])
+    np.testing.assert_array_equal(d[1][0], d_ref[1][0])
