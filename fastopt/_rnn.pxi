@@ -120,6 +120,18 @@ ctypedef void (*dgemm64_t)(int layout, int ta, int tb, int64_t m, int64_t n, int
                            double alpha, const double *a, int64_t lda, const double *b,
                            int64_t ldb, double beta, double *c, int64_t ldc) noexcept nogil
 
+# oneDNN's dnnl_sgemm (row-major, 64-bit dims; float32 only) and the OpenMP
+# calls of the runtime it threads with (GNU OpenMP in the onednn-cpu-gomp
+# wheel: the same libgomp as fastopt's kernels).
+ctypedef int (*dnnl_sgemm_t)(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
+                             const float *a, int64_t lda, const float *b, int64_t ldb,
+                             float beta, float *c, int64_t ldc) noexcept nogil
+ctypedef void (*omp_set_t)(int) noexcept nogil
+ctypedef int (*omp_get_t)() noexcept nogil
+cdef dnnl_sgemm_t _dnnl_sgemm = NULL
+cdef omp_set_t _omp_set_num_threads = NULL
+cdef omp_get_t _omp_get_max_threads = NULL
+
 cdef sgemm32_t _mkl_sgemm = NULL
 cdef dgemm32_t _mkl_dgemm = NULL
 cdef sgemm64_t _npy_sgemm = NULL
@@ -155,19 +167,34 @@ cdef void _npy_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
     _npy_dgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc)
 
 
+cdef void _dnnl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                         const float *a, int64_t lda, const float *b, int64_t ldb,
+                         float beta, float *c, int64_t ldc) noexcept nogil:
+    _dnnl_sgemm(b'T' if ta else b'N', b'T' if tb else b'N', m, n, k, 1.0, a, lda, b, ldb,
+                beta, c, ldc)
+
+
+cdef int _dnnl_set_threads(int n) noexcept nogil:
+    # dnnl threads with omp_get_max_threads() of the calling thread
+    cdef int previous = _omp_get_max_threads()
+    _omp_set_num_threads(n)
+    return previous
+
+
 cdef struct _Provider:
     fo_gemm_f32_fn f32
     fo_gemm_f64_fn f64
     set_threads_fn set_threads      # NULL: the thread count cannot be set from here
 
-# index: 0 scipy, 1 numpy, 2 mkl
-cdef _Provider _providers[3]
+# index: 0 scipy, 1 numpy, 2 mkl, 3 dnnl
+cdef _Provider _providers[4]
 _providers[0].f32 = _scipy_gemm_f32
 _providers[0].f64 = _scipy_gemm_f64
 _providers[0].set_threads = NULL
 _providers[1].f32 = NULL
 _providers[2].f32 = NULL
-_PROVIDER_INDEX = {"scipy": 0, "numpy": 1, "mkl": 2}
+_providers[3].f32 = NULL
+_PROVIDER_INDEX = {"scipy": 0, "numpy": 1, "mkl": 2, "dnnl": 3}
 cdef _Provider *_small = &_providers[0]     # serves m <= SMALL_M
 cdef _Provider *_large = &_providers[0]     # serves the rest
 cdef _Provider *_small1 = &_providers[0]    # the routing with 1 thread
@@ -233,6 +260,25 @@ def load_numpy_openblas(str path):
     _providers[1].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
 
 
+def load_dnnl(str path):
+    """dlopen oneDNN at `path` (a GNU-OpenMP build: onednn-cpu-gomp) and
+    resolve dnnl_sgemm. oneDNN has no float64 GEMM: float64 products of this
+    provider go to scipy's BLAS. Raises OSError when that fails."""
+    global _dnnl_sgemm, _omp_set_num_threads, _omp_get_max_threads
+    cdef void *h = _dlopen_checked(path, False)
+    cdef void *s = dlsym(h, b"dnnl_sgemm")
+    cdef void *oset = dlsym(h, b"omp_set_num_threads")
+    cdef void *oget = dlsym(h, b"omp_get_max_threads")
+    if s == NULL or oset == NULL or oget == NULL:
+        raise OSError(f"{path} is not a GNU-OpenMP oneDNN (dnnl_sgemm, omp_set_num_threads)")
+    _dnnl_sgemm = <dnnl_sgemm_t>s
+    _omp_set_num_threads = <omp_set_t>oset
+    _omp_get_max_threads = <omp_get_t>oget
+    _providers[3].f32 = _dnnl_gemm_f32
+    _providers[3].f64 = _scipy_gemm_f64
+    _providers[3].set_threads = _dnnl_set_threads
+
+
 def find_scipy_openblas_threads(str path):
     """Let fastopt size scipy's OpenBLAS pool (openblas_set_num_threads_local
     of the library already loaded from `path`); False when it has none."""
@@ -250,7 +296,7 @@ def set_blas_provider(str small, str large=None, str multi=None):
     large = small if large is None else large
     for name in (small, large) + ((multi,) if multi is not None else ()):
         if name not in _PROVIDER_INDEX:
-            raise ValueError(f"blas must be 'scipy', 'numpy' or 'mkl', got {name!r}")
+            raise ValueError(f"blas must be 'scipy', 'numpy', 'mkl' or 'dnnl', got {name!r}")
         if _providers[<int>_PROVIDER_INDEX[name]].f32 == NULL:
             raise ValueError(f"blas {name!r} is not loaded")
     _small1 = &_providers[<int>_PROVIDER_INDEX[small]]

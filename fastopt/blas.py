@@ -6,27 +6,34 @@ Providers, chosen per process:
   always available, the fallback.
 - ``'numpy'``: the OpenBLAS that NumPy's wheels ship (its ILP64 CBLAS, found
   in the already loaded library); absent for NumPy builds on another BLAS.
-- ``'mkl'``: Intel MKL's ``cblas_sgemm``/``cblas_dgemm`` from ``libmkl_rt``,
-  loaded at run time when the ``mkl`` wheel is installed
-  (``pip install fastopt[mkl]``) or ``FASTOPT_MKL`` names the library.
+- ``'dnnl'``: oneDNN's ``dnnl_sgemm`` (JIT AVX2/AVX-512 kernels chosen by the
+  CPU's features, whatever its vendor), loaded at run time from the
+  ``onednn-cpu-gomp`` wheel (``pip install fastopt[dnnl]``) or ``FASTOPT_DNNL``;
+  it threads with GNU OpenMP, the runtime fastopt's own kernels use. oneDNN
+  has no float64 GEMM: this provider's float64 products go to scipy's.
+- ``'mkl'``: Intel MKL's ``cblas_sgemm``/``cblas_dgemm`` from ``libmkl_rt``
+  (the ``mkl`` wheel, ``pip install fastopt[mkl]``, or ``FASTOPT_MKL``), on
+  MKL's GNU OpenMP threading layer. On AMD CPUs MKL runs its AVX2 code.
 
 The per-step products of a recurrent layer (m = batch <= 128 rows) and the
 whole-sequence products (input projection, dX, dW) can go to different
 providers: ``set_blas('mkl', 'numpy')``. ``set_blas('auto')`` (the default,
-or ``FASTOPT_BLAS=auto|scipy|numpy|mkl|mkl+numpy``) takes what measured
-fastest here (bench/blas_choice.py and whole layers): with 1 thread, MKL
-for the per-step products when it loads, else NumPy's OpenBLAS, and
-NumPy's OpenBLAS for the large ones; with more threads, NumPy's OpenBLAS
-for everything (scipy's where NumPy has none): one provider, because two
-libraries' thread pools spinning on the same cores slowed whole layers
-2-4x, and NumPy's is the pool the user's own NumPy code already runs.
+or ``FASTOPT_BLAS=auto|scipy|numpy|dnnl|mkl|mkl+numpy``) takes what measured
+fastest here (bench/blas_choice.py and whole layers, 1 thread, AMD Zen 4):
+oneDNN for everything when it loads (10-18% faster layers than the next);
+else with 1 thread MKL for the per-step products when it loads, else
+NumPy's OpenBLAS, and NumPy's OpenBLAS for the large ones; with more
+threads one provider for everything, NumPy's OpenBLAS (scipy's where NumPy
+has none), because two libraries' thread pools spinning on the same cores
+slowed whole layers 2-4x.
 
-Threads: before each layer call fastopt sets the thread-local thread count
-of the providers in use to ``fastopt.get_num_threads()`` (MKL runs on the
-GNU OpenMP runtime that fastopt itself uses; OpenBLAS through
-``openblas_set_num_threads_local``), so ``fastopt.set_num_threads(n)``
-governs the whole layer. The GEMMs and fastopt's pointwise kernels run one
-after the other, never at the same time, so the pools never compete.
+Threads: at the start of each layer call fastopt sets the thread count of
+the providers in use to ``fastopt.get_num_threads()`` (oneDNN and MKL
+through GNU OpenMP, the runtime fastopt itself uses; OpenBLAS through
+``openblas_set_num_threads_local``) and puts the previous counts back at
+the end, so ``fastopt.set_num_threads(n)`` governs the whole layer and the
+user's own BLAS calls are unaffected. The GEMMs and fastopt's pointwise
+kernels run one after the other, never at the same time.
 """
 import ctypes.util
 import glob
@@ -63,6 +70,19 @@ def find_mkl():
     return ctypes.util.find_library("mkl_rt")
 
 
+def find_dnnl():
+    """The path of a GNU-OpenMP oneDNN (the ``onednn-cpu-gomp`` wheel), or
+    None: $FASTOPT_DNNL, then the lib/ folder of this environment."""
+    env = os.environ.get("FASTOPT_DNNL")
+    if env:
+        return env
+    for prefix in dict.fromkeys([sys.prefix, sys.base_prefix]):
+        p = os.path.join(prefix, "lib", "libdnnl.so.3")
+        if os.path.exists(p):
+            return p
+    return None
+
+
 def _load(name):
     """Load provider `name` once; True, or raise the OSError that stopped it."""
     if name not in _loaded:
@@ -72,6 +92,11 @@ def _load(name):
                 if path is None:
                     raise OSError("libmkl_rt not found (pip install mkl, or set FASTOPT_MKL)")
                 _fastopt.load_mkl(path)
+            elif name == "dnnl":
+                path = find_dnnl()
+                if path is None:
+                    raise OSError("libdnnl not found (pip install onednn-cpu-gomp, or set FASTOPT_DNNL)")
+                _fastopt.load_dnnl(path)
             elif name == "numpy":
                 path = _lib_beside(os.path.dirname(np.__file__), "numpy.libs",
                                    "libscipy_openblas64_*.so")
@@ -97,7 +122,7 @@ def _available(name):
 
 def set_blas(small="auto", large=None):
     """Use provider `small` for the per-step products (m <= 128) and `large`
-    (default: the same) for the rest: 'scipy', 'numpy', 'mkl', or 'auto' (the
+    (default: the same) for the rest: 'scipy', 'numpy', 'dnnl', 'mkl', or 'auto' (the
     measured best of what loads). 'a+b' is accepted for (a, b). Returns the
     name in use; raises OSError when a named provider cannot be loaded."""
     global _configured
@@ -106,13 +131,17 @@ def set_blas(small="auto", large=None):
     multi = None
     if small == "auto":   # measured order, see the module docstring
         openblas = "numpy" if _available("numpy") else "scipy"
-        small = "mkl" if _available("mkl") else openblas
-        large = large or openblas
-        multi = openblas
+        if _available("dnnl"):
+            small = large = multi = "dnnl"
+        else:
+            small = "mkl" if _available("mkl") else openblas
+            large = large or openblas
+            multi = openblas
     large = large or small
     for name in (small, large):
-        if name not in ("scipy", "numpy", "mkl"):
-            raise ValueError(f"blas must be 'auto', 'scipy', 'numpy' or 'mkl', got {name!r}")
+        if name not in ("scipy", "numpy", "mkl", "dnnl"):
+            raise ValueError(f"blas must be 'auto', 'scipy', 'numpy', 'mkl' or 'dnnl', "
+                             f"got {name!r}")
         _load(name)
     if not _configured:
         path = _lib_beside(os.path.dirname(scipy.__file__), "scipy.libs", "libscipy_openblas*.so")

@@ -1,9 +1,12 @@
 """Recurrent cases: LSTM and GRU sequences (T steps, BPTT) and single cell steps,
 forward+backward and forward alone, fastopt against
 
-- numpy: the same algorithm written with NumPy (input projection of all steps
-  in one matmul, the recurrent matmul per step, weight gradients in large
-  matmuls over the sequence), i.e. the best plain NumPy, on NumPy's BLAS;
+- numpy: the textbook NumPy form, one step at a time (each step projects its
+  own input; backward adds each step's weight gradients), on NumPy's BLAS;
+- numpy_careful (np-careful): the same algorithm as fastopt's written with
+  NumPy (input projection of all steps in one matmul, the recurrent matmul
+  per step, weight gradients in large matmuls over the sequence): the best
+  plain NumPy, so fastopt/np-careful is what fusing in C adds;
 - torch: torch.nn.LSTM/GRU (or the cells) with autograd (input and initial
   state require grad, as fastopt computes their gradients too); the *-fwd rows
   run torch under no_grad;
@@ -120,6 +123,78 @@ def numpy_gru_backward(dout, w_ih, w_hh, cache):
     return dx, dh, dw_ih, dw_hh, di.sum(0), dhh.sum(0)
 
 
+# The textbook form (as a course writes it, one step at a time): every step
+# projects its own input, and backward accumulates the weight gradients one
+# step at a time (T small products instead of one large one).
+
+def textbook_lstm_step(x, h, c, w_ih, w_hh, b):
+    H = h.shape[1]
+    a = x @ w_ih.T + h @ w_hh.T + b
+    i, f, o = _sigmoid(a[:, :H]), _sigmoid(a[:, H:2 * H]), _sigmoid(a[:, 3 * H:])
+    g = np.tanh(a[:, 2 * H:3 * H])
+    c1 = f * c + i * g
+    h1 = o * np.tanh(c1)
+    return h1, c1, (x, h, c, i, f, g, o, c1)
+
+
+def textbook_lstm_step_backward(dh1, dc1, w_ih, w_hh, cache, grads):
+    x, h, c, i, f, g, o, c1 = cache
+    tc = np.tanh(c1)
+    dc = dc1 + dh1 * o * (1 - tc * tc)
+    da = np.concatenate([dc * g * i * (1 - i), dc * c * f * (1 - f),
+                         dc * i * (1 - g * g), dh1 * tc * o * (1 - o)], axis=1)
+    grads[0] += da.T @ x
+    grads[1] += da.T @ h
+    grads[2] += da.sum(0)
+    return da @ w_ih, da @ w_hh, dc * f
+
+
+def textbook_gru_step(x, h, w_ih, w_hh, b_ih, b_hh):
+    H = h.shape[1]
+    gi = x @ w_ih.T + b_ih
+    gh = h @ w_hh.T + b_hh
+    r = _sigmoid(gi[:, :H] + gh[:, :H])
+    z = _sigmoid(gi[:, H:2 * H] + gh[:, H:2 * H])
+    n = np.tanh(gi[:, 2 * H:] + r * gh[:, 2 * H:])
+    return n + z * (h - n), (x, h, r, z, n, gh[:, 2 * H:])
+
+
+def textbook_gru_step_backward(dh1, w_ih, w_hh, cache, grads):
+    x, h, r, z, n, hn = cache
+    dn = dh1 * (1 - z) * (1 - n * n)
+    dz = dh1 * (h - n) * z * (1 - z)
+    dr = dn * hn * r * (1 - r)
+    dgi = np.concatenate([dr, dz, dn], axis=1)
+    dgh = np.concatenate([dr, dz, dn * r], axis=1)
+    grads[0] += dgi.T @ x
+    grads[1] += dgh.T @ h
+    grads[2] += dgi.sum(0)
+    grads[3] += dgh.sum(0)
+    return dgi @ w_ih, dh1 * z + dgh @ w_hh
+
+
+def textbook_sequence(kind, x, dout, w_ih, w_hh, b_ih, b_hh, backward):
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    h = c = np.zeros((B, H), x.dtype)
+    caches = []
+    for t in range(T):
+        if kind == "lstm":
+            h, c, cache = textbook_lstm_step(x[t], h, c, w_ih, w_hh, b_ih + b_hh)
+        else:
+            h, cache = textbook_gru_step(x[t], h, w_ih, w_hh, b_ih, b_hh)
+        caches.append(cache)
+    if not backward:
+        return
+    grads = [np.zeros_like(w_ih), np.zeros_like(w_hh), np.zeros_like(b_ih), np.zeros_like(b_hh)]
+    dh = dc = np.zeros((B, H), x.dtype)
+    for t in reversed(range(T)):
+        if kind == "lstm":
+            _, dh, dc = textbook_lstm_step_backward(dout[t] + dh, dc, w_ih, w_hh, caches[t], grads)
+        else:
+            _, dh = textbook_gru_step_backward(dout[t] + dh, w_ih, w_hh, caches[t], grads)
+
+
 # ------------------------------------------------------------------ helpers
 
 def _data(kind, size, dtype, seq):
@@ -223,7 +298,9 @@ def _seq_case(kind, size, dtype, backward):
             if backward:
                 numpy_gru_backward(dout, w_ih, w_hh, cache)
 
-    fns = {"fastopt": fastopt_run, "numpy": numpy_run,
+    fns = {"fastopt": fastopt_run,
+           "numpy": lambda: textbook_sequence(kind, x, dout, w_ih, w_hh, b_ih, b_hh, backward),
+           "numpy_careful": numpy_run,
            "gemm_only": _gemm_plan(kind, size, dtype, True, backward)}
     torch, tm = _torch_module(kind, size, dtype, weights, True)
     if tm is not None:
@@ -272,7 +349,19 @@ def _cell_case(kind, size, dtype, backward):
             if backward:
                 numpy_gru_backward(dh1[None], w_ih, w_hh, cache)
 
-    fns = {"fastopt": fastopt_run, "numpy": numpy_run,
+    def textbook_run():
+        grads = [np.zeros_like(w_ih), np.zeros_like(w_hh), np.zeros_like(b_ih),
+                 np.zeros_like(b_hh)]
+        if kind == "lstm":
+            h1, c1, cache = textbook_lstm_step(x, h0, c0, w_ih, w_hh, b_ih + b_hh)
+            if backward:
+                textbook_lstm_step_backward(dh1, dc1, w_ih, w_hh, cache, grads)
+        else:
+            h1, cache = textbook_gru_step(x, h0, w_ih, w_hh, b_ih, b_hh)
+            if backward:
+                textbook_gru_step_backward(dh1, w_ih, w_hh, cache, grads)
+
+    fns = {"fastopt": fastopt_run, "numpy": textbook_run, "numpy_careful": numpy_run,
            "gemm_only": _gemm_plan(kind, size, dtype, False, backward)}
     torch, tm = _torch_module(kind, size, dtype, weights, False)
     if tm is not None:
