@@ -1,10 +1,9 @@
 # Recurrent layers: the BLAS that fastopt's own matrix products use, and the
 # checked entry points of the sequence drivers in src_c/rnn.c.
 #
-# The GEMM reaches C as a function pointer (fo_gemm_f32_fn/_f64_fn, row-major).
-# Two providers: scipy.linalg.cython_blas (scipy's OpenBLAS, always there) and
-# Intel MKL's cblas_?gemm from libmkl_rt, dlopen-ed at run time when the `mkl`
-# wheel is installed. The choice is a process-wide setting (set_blas).
+# The GEMM reaches C as a function pointer (fo_gemm_f32_fn/_f64_fn, row-major)
+# from one of the providers below, chosen per process (fastopt.blas): scipy's
+# cython_blas (always there) or a library dlopen-ed at run time.
 from libc.stdint cimport int32_t
 from posix.dlfcn cimport dlopen, dlsym, dlerror, RTLD_NOW, RTLD_LOCAL
 cdef extern from "<dlfcn.h>" nogil:
@@ -61,20 +60,18 @@ RNN_MODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3, "gru_reset_befor
 # ---------------------------------------------------------------- the GEMMs
 
 # Providers, each a pair of row-major GEMMs (float32, float64) and an optional
-# thread-local thread-count setter:
+# thread-count setter (returns the previous count):
 #   scipy  scipy.linalg.cython_blas (scipy's OpenBLAS): always there
 #   numpy  NumPy's own OpenBLAS (its ILP64 CBLAS), when NumPy ships one
-#   mkl    Intel MKL's CBLAS from libmkl_rt, when the `mkl` wheel is installed
-# A call is routed by its row count m: the per-step products of a recurrent
-# layer have m = batch (small), the whole-sequence ones m = T*batch or G*H.
-# Each kind can go to the provider that measured fastest on it.
+#   dnnl   oneDNN's dnnl_sgemm (onednn-cpu-gomp wheel), float64 via scipy
+#   mkl    Intel MKL's CBLAS from libmkl_rt (mkl wheel)
+# One provider serves every product of a process (fastopt.blas chooses it).
 
 cdef enum:
     CBLAS_ROW_MAJOR = 101
     CBLAS_NO_TRANS = 111
     CBLAS_TRANS = 112
     MKL_THREADING_GNU = 3       # MKL's threads are libgomp's: the runtime fastopt uses
-    SMALL_M = 128               # m <= SMALL_M: a per-step product
 
 ctypedef int (*set_threads_fn)(int) noexcept nogil
 
@@ -195,24 +192,8 @@ _providers[1].f32 = NULL
 _providers[2].f32 = NULL
 _providers[3].f32 = NULL
 _PROVIDER_INDEX = {"scipy": 0, "numpy": 1, "mkl": 2, "dnnl": 3}
-cdef _Provider *_small = &_providers[0]     # serves m <= SMALL_M
-cdef _Provider *_large = &_providers[0]     # serves the rest
-cdef _Provider *_small1 = &_providers[0]    # the routing with 1 thread
-cdef _Provider *_large1 = &_providers[0]
-cdef _Provider *_multi = NULL               # with more threads, when not NULL
+cdef _Provider *_current = &_providers[0]
 cdef str _blas_name = "scipy"
-
-
-cdef void _routed_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
-                           const float *a, int64_t lda, const float *b, int64_t ldb,
-                           float beta, float *c, int64_t ldc) noexcept nogil:
-    (_small if m <= SMALL_M else _large).f32(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
-
-
-cdef void _routed_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
-                           const double *a, int64_t lda, const double *b, int64_t ldb,
-                           double beta, double *c, int64_t ldc) noexcept nogil:
-    (_small if m <= SMALL_M else _large).f64(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef void *_dlopen_checked(str path, bint already_loaded) except NULL:
@@ -287,58 +268,35 @@ def find_scipy_openblas_threads(str path):
     return _providers[0].set_threads != NULL
 
 
-def set_blas_provider(str small, str large=None, str multi=None):
-    """Route per-step products (m <= 128) to provider `small` and the others to
-    `large` (default: the same); with more than one fastopt thread, route all
-    to `multi` when given (one thread pool: two pools spinning on two cores
-    fight). Names: 'scipy', 'numpy' or 'mkl' (once loaded)."""
-    global _small1, _large1, _multi, _blas_name
-    large = small if large is None else large
-    for name in (small, large) + ((multi,) if multi is not None else ()):
-        if name not in _PROVIDER_INDEX:
-            raise ValueError(f"blas must be 'scipy', 'numpy', 'mkl' or 'dnnl', got {name!r}")
-        if _providers[<int>_PROVIDER_INDEX[name]].f32 == NULL:
-            raise ValueError(f"blas {name!r} is not loaded")
-    _small1 = &_providers[<int>_PROVIDER_INDEX[small]]
-    _large1 = &_providers[<int>_PROVIDER_INDEX[large]]
-    _multi = &_providers[<int>_PROVIDER_INDEX[multi]] if multi is not None else NULL
-    _blas_name = small if small == large else f"{small}+{large}"
-    if multi is not None and multi != _blas_name:
-        _blas_name += f" (1 thread), {multi} (more threads)"
+def set_blas_provider(str name):
+    """Every later product goes to provider `name`: 'scipy', 'numpy', 'dnnl'
+    or 'mkl' (once loaded)."""
+    global _current, _blas_name
+    if name not in _PROVIDER_INDEX:
+        raise ValueError(f"blas must be 'scipy', 'numpy', 'dnnl' or 'mkl', got {name!r}")
+    if _providers[<int>_PROVIDER_INDEX[name]].f32 == NULL:
+        raise ValueError(f"blas {name!r} is not loaded")
+    _current = &_providers[<int>_PROVIDER_INDEX[name]]
+    _blas_name = name
 
 
 def blas_provider():
-    """'scipy', 'numpy', 'mkl', or 'small+large' when the two kinds differ."""
+    """The provider in use: 'scipy', 'numpy', 'dnnl' or 'mkl'."""
     return _blas_name
 
 
-cdef struct _SavedThreads:
-    int small, large        # the providers' thread counts before the call
+cdef inline int _blas_threads(int n) noexcept nogil:
+    # At the start of every call: the BLAS follows fastopt's thread count;
+    # _blas_threads_restore puts the previous count back (-1: none was set),
+    # so that the user's own BLAS calls are unaffected.
+    if _current.set_threads == NULL:
+        return -1
+    return _current.set_threads(n)
 
 
-cdef inline _SavedThreads _blas_threads(int n) noexcept nogil:
-    # At the start of every call: pick the routing for n threads and have the
-    # BLAS follow fastopt's thread count; _blas_threads_restore puts the
-    # previous counts back, so that the user's own BLAS calls are unaffected.
-    global _small, _large
-    cdef _SavedThreads saved
-    saved.small = saved.large = -1
-    if n > 1 and _multi != NULL:
-        _small = _large = _multi
-    else:
-        _small, _large = _small1, _large1
-    if _small.set_threads != NULL:
-        saved.small = _small.set_threads(n)
-    if _large != _small and _large.set_threads != NULL:
-        saved.large = _large.set_threads(n)
-    return saved
-
-
-cdef inline void _blas_threads_restore(_SavedThreads saved) noexcept nogil:
-    if saved.small >= 0:
-        _small.set_threads(saved.small)
-    if saved.large >= 0:
-        _large.set_threads(saved.large)
+cdef inline void _blas_threads_restore(int previous) noexcept nogil:
+    if previous >= 0:
+        _current.set_threads(previous)
 
 
 def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
@@ -363,15 +321,15 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
     cdef void *pb = cnp.PyArray_DATA(b)
     cdef void *pc = cnp.PyArray_DATA(c)
     cdef bint f64 = c.dtype == np.float64
-    cdef _SavedThreads saved
+    cdef int saved
     with nogil:
         saved = _blas_threads(fo_get_num_threads())
         if f64:
-            _routed_gemm_f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
-                             beta, <double *>pc, n)
+            _current.f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
+                         beta, <double *>pc, n)
         else:
-            _routed_gemm_f32(trans_a, trans_b, m, n, k, <float *>pa, lda, <float *>pb, ldb,
-                             <float>beta, <float *>pc, n)
+            _current.f32(trans_a, trans_b, m, n, k, <float *>pa, lda, <float *>pb, ldb,
+                         <float>beta, <float *>pc, n)
         _blas_threads_restore(saved)
 
 
@@ -442,13 +400,13 @@ cdef class RnnLayerCall:
     def forward(self):
         """Run the layer forward over the sequence, filling out and the saved buffers."""
         cdef int rc
-        cdef _SavedThreads saved
+        cdef int saved
         with nogil:
             saved = _blas_threads(fo_get_num_threads())
             if self.is_f64:
-                rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _routed_gemm_f64)
+                rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _current.f64)
             else:
-                rc = fo_rnn_forward_f32(&self.layer, &self.fwd, _routed_gemm_f32)
+                rc = fo_rnn_forward_f32(&self.layer, &self.fwd, _current.f32)
             _blas_threads_restore(saved)
         if rc != 0:
             raise MemoryError("fastopt recurrent forward: out of memory")
@@ -476,13 +434,13 @@ cdef class RnnLayerCall:
         io.dgates = <void *>_ptr(dgates, "dgates", dt, TB * G * H, False, True)
         io.dgates_hh = <void *>_ptr(dgates_hh, "dgates_hh", dt, TB * G * H, m != 3, True)
         cdef int rc
-        cdef _SavedThreads saved
+        cdef int saved
         with nogil:
             saved = _blas_threads(fo_get_num_threads())
             if self.is_f64:
-                rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _routed_gemm_f64)
+                rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _current.f64)
             else:
-                rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _routed_gemm_f32)
+                rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _current.f32)
             _blas_threads_restore(saved)
         if rc != 0:
             raise MemoryError("fastopt recurrent backward: out of memory")

@@ -15,22 +15,20 @@ Providers, chosen per process:
   (the ``mkl`` wheel, ``pip install fastopt[mkl]``, or ``FASTOPT_MKL``), on
   MKL's GNU OpenMP threading layer. On AMD CPUs MKL runs its AVX2 code.
 
-The per-step products of a recurrent layer (m = batch <= 128 rows) and the
-whole-sequence products (input projection, dX, dW) can go to different
-providers: ``set_blas('mkl', 'numpy')``. ``set_blas('auto')`` (the default,
-or ``FASTOPT_BLAS=auto|scipy|numpy|dnnl|mkl|mkl+numpy``) takes what measured
-fastest here (bench/blas_choice.py and whole layers, 1 thread, AMD Zen 4):
-oneDNN for everything when it loads (10-18% faster layers than the next);
-else with 1 thread MKL for the per-step products when it loads, else
-NumPy's OpenBLAS, and NumPy's OpenBLAS for the large ones; with more
-threads one provider for everything, NumPy's OpenBLAS (scipy's where NumPy
-has none), because two libraries' thread pools spinning on the same cores
-slowed whole layers 2-4x.
+One provider serves every product of the process. ``set_blas('auto')`` (the
+default, or ``FASTOPT_BLAS=auto|scipy|numpy|dnnl|mkl``) takes the fastest
+that loads, in the order measured here (bench/blas_choice.py and whole
+layers, 1 thread, AMD Zen 4): oneDNN (whole layers 10-20% faster than the
+next), NumPy's OpenBLAS, scipy's OpenBLAS. MKL measured about even with
+NumPy's OpenBLAS (within +-7% per layer, either way), so it is used only
+when asked for. Splitting one layer's products between two libraries did
+not pay: with 2 threads their two thread pools spinning on the same cores
+slowed layers 2-4x.
 
 Threads: at the start of each layer call fastopt sets the thread count of
-the providers in use to ``fastopt.get_num_threads()`` (oneDNN and MKL
+the provider to ``fastopt.get_num_threads()`` (oneDNN and MKL
 through GNU OpenMP, the runtime fastopt itself uses; OpenBLAS through
-``openblas_set_num_threads_local``) and puts the previous counts back at
+``openblas_set_num_threads_local``) and puts the previous count back at
 the end, so ``fastopt.set_num_threads(n)`` governs the whole layer and the
 user's own BLAS calls are unaffected. The GEMMs and fastopt's pointwise
 kernels run one after the other, never at the same time.
@@ -120,29 +118,16 @@ def _available(name):
         return False
 
 
-def set_blas(small="auto", large=None):
-    """Use provider `small` for the per-step products (m <= 128) and `large`
-    (default: the same) for the rest: 'scipy', 'numpy', 'dnnl', 'mkl', or 'auto' (the
-    measured best of what loads). 'a+b' is accepted for (a, b). Returns the
-    name in use; raises OSError when a named provider cannot be loaded."""
+def set_blas(name="auto"):
+    """Use provider `name` ('scipy', 'numpy', 'dnnl', 'mkl', or 'auto': the
+    measured fastest that loads) for every later recurrent-layer product.
+    Returns the provider in use; raises OSError when `name` cannot be loaded."""
     global _configured
-    if large is None and "+" in small:
-        small, large = small.split("+", 1)
-    multi = None
-    if small == "auto":   # measured order, see the module docstring
-        openblas = "numpy" if _available("numpy") else "scipy"
-        if _available("dnnl"):
-            small = large = multi = "dnnl"
-        else:
-            small = "mkl" if _available("mkl") else openblas
-            large = large or openblas
-            multi = openblas
-    large = large or small
-    for name in (small, large):
-        if name not in ("scipy", "numpy", "mkl", "dnnl"):
-            raise ValueError(f"blas must be 'auto', 'scipy', 'numpy', 'mkl' or 'dnnl', "
-                             f"got {name!r}")
-        _load(name)
+    if name == "auto":    # measured order, see the module docstring
+        name = next(n for n in ("dnnl", "numpy", "scipy") if n == "scipy" or _available(n))
+    if name not in ("scipy", "numpy", "dnnl", "mkl"):
+        raise ValueError(f"blas must be 'auto', 'scipy', 'numpy', 'dnnl' or 'mkl', got {name!r}")
+    _load(name)
     if not _configured:
         path = _lib_beside(os.path.dirname(scipy.__file__), "scipy.libs", "libscipy_openblas*.so")
         if path:
@@ -150,13 +135,13 @@ def set_blas(small="auto", large=None):
                 _fastopt.find_scipy_openblas_threads(path)
             except OSError:
                 pass      # an OpenBLAS without thread-local counts: threadpoolctl sizes it
-    _fastopt.set_blas_provider(small, large, multi)
+    _fastopt.set_blas_provider(name)
     _configured = True
-    return _fastopt.blas_provider()
+    return name
 
 
 def get_blas():
-    """The providers in use: 'scipy', 'numpy', 'mkl' or 'small+large'."""
+    """The provider in use: 'scipy', 'numpy', 'dnnl' or 'mkl'."""
     ensure_configured()
     return _fastopt.blas_provider()
 

@@ -341,6 +341,27 @@ static void SFX(colsum_add)(T *restrict acc, const T *restrict a, int64_t rows,
         for (int64_t j = 0; j < cols; j++) acc[j] += a[r * lda + j];
 }
 
+/* dst (cols x rows) = src (rows x cols)^T, in 32x32 blocks (cache-friendly). */
+static void SFX(transpose)(T *restrict dst, const T *restrict src, int64_t rows, int64_t cols) {
+    for (int64_t i0 = 0; i0 < rows; i0 += 32)
+        for (int64_t j0 = 0; j0 < cols; j0 += 32)
+            for (int64_t i = i0; i < i0 + 32 && i < rows; i++)
+                for (int64_t j = j0; j < j0 + 32 && j < cols; j++) dst[j * rows + i] = src[i * cols + j];
+}
+
+/* C (B x nr) = beta*C + h W_hh[r0:r0+nr]^T: with w_hh_t (H, G*H), the
+ * transpose of w_hh, as the product "NN", which the BLASes measured here run
+ * 7-27% faster than "NT" at these shapes (B rows); else from w_hh directly. */
+INLINE void SFX(recurrent_product)(GEMM_FN gemm, const T *h, const T *w_hh, const T *w_hh_t,
+                                   int64_t B, int64_t H, int64_t GH, int64_t r0, int64_t nr,
+                                   T beta, T *c, int64_t ldc) {
+    if (w_hh_t) gemm(0, 0, B, nr, H, h, H, w_hh_t + r0, GH, beta, c, ldc);
+    else gemm(0, 1, B, nr, H, h, H, w_hh + r0 * H, H, beta, c, ldc);
+}
+
+/* Below this many steps, transposing W_hh once costs more than it saves. */
+#define FO_RNN_TRANSPOSE_MIN_STEPS 4
+
 int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM_FN gemm) {
     const int mode = L->mode;
     const int64_t Tn = L->seq_len, B = L->batch, I = L->input_size, H = L->hidden_size;
@@ -366,6 +387,13 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
             }
     }
 
+    T *w_hh_t = NULL;
+    if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS) {
+        w_hh_t = (T *)malloc((size_t)(GH * H) * sizeof(T));
+        if (!w_hh_t) { free(bias); return -1; }
+        SFX(transpose)(w_hh_t, w_hh, GH, H);
+    }
+
     /* input projection of every step in one GEMM: gates = x W_ih^T */
     gemm(0, 1, Tn * B, GH, I, x, I, w_ih, I, 0, gates, GH);
 
@@ -380,31 +408,34 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
         c.gates = g; c.out = out + t * BH; c.h_prev = hp ? hp : zeros;
         switch (mode) {
         case FO_RNN_TANH: case FO_RNN_RELU:
-            if (hp) gemm(0, 1, B, GH, H, hp, H, w_hh, H, 1, g, GH);
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 1, g, GH);
             SFX(run_step)(SFX(rnn_fwd_chunk), &c, B);
             break;
         case FO_LSTM:
-            if (hp) gemm(0, 1, B, GH, H, hp, H, w_hh, H, 1, g, GH);
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 1, g, GH);
             c.c = c_all + t * BH;
             c.c_prev = t ? c_all + (t - 1) * BH : c0 ? c0 : zeros;
             SFX(run_step)(SFX(lstm_fwd_chunk), &c, B);
             break;
         case FO_GRU:
-            if (hp) gemm(0, 1, B, GH, H, hp, H, w_hh, H, 0, hh, GH);
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 0, hh, GH);
             else memset(hh, 0, (size_t)(B * GH) * sizeof(T));
             c.extra = extra + t * BH;
             SFX(run_step)(SFX(gru_fwd_chunk), &c, B);
             break;
         case FO_GRU_RESET_BEFORE:
             /* r, z need h_prev W_h{r,z}^T; n needs (r*h_prev) W_hn^T after them */
-            if (hp) gemm(0, 1, B, 2 * H, H, hp, H, w_hh, H, 1, g, GH);
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, 2 * H, 1, g, GH);
             c.extra = extra + t * BH;
             SFX(run_step)(SFX(grurb_fwd1_chunk), &c, B);
-            if (hp) gemm(0, 1, B, H, H, c.extra, H, w_hh + 2 * H * H, H, 1, g + 2 * H, GH);
+            if (hp)
+                SFX(recurrent_product)(gemm, c.extra, w_hh, w_hh_t, B, H, GH, 2 * H, H, 1,
+                                       g + 2 * H, GH);
             SFX(run_step)(SFX(grurb_fwd2_chunk), &c, B);
             break;
         }
     }
+    free(w_hh_t);
     free(bias);
     return 0;
 }

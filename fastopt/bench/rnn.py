@@ -251,12 +251,15 @@ def _gemm_plan(kind, size, dtype, seq, backward):
     gemm = _fastopt.gemm
     h0_given = not seq       # the cell benches pass a state, the sequence benches none
     calls = [(gates, x, w_ih, False, True, 0.0)]
+    # the driver multiplies by a transposed copy of W_hh ("NN") from 4 steps on
+    w_rec, trans = (np.zeros((H, GH), dtype), False) if T >= 4 else (w_hh, True)
     for t in range(T):
         if t or h0_given:
             if kind == "lstm":
-                calls.append((gates[t * B:(t + 1) * B], out[t * B:(t + 1) * B], w_hh, False, True, 1.0))
+                calls.append((gates[t * B:(t + 1) * B], out[t * B:(t + 1) * B], w_rec, False,
+                              trans, 1.0))
             else:
-                calls.append((hh, out[t * B:(t + 1) * B], w_hh, False, True, 0.0))
+                calls.append((hh, out[t * B:(t + 1) * B], w_rec, False, trans, 0.0))
     if backward:
         for t in range(T):
             calls.append((dh, gates[t * B:(t + 1) * B], w_hh, False, False, 0.0))
