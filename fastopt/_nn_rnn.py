@@ -175,6 +175,7 @@ class _SequenceLayer(_Recurrent):
         if self.batch_first:
             x = np.ascontiguousarray(x.transpose(1, 0, 2))
         H, G, L = self.hidden_size, _GATES[self.mode], self.num_layers
+        self._saved = None       # the scratch below is about to change
         saved = []
         inp = x
         for layer in range(L):
