@@ -1,7 +1,10 @@
 """Which BLAS for the recurrent layers: every GEMM shape that the LSTM/GRU
 benchmarks issue, timed through each provider in interleaved rounds (1 thread).
 
-    python bench/blas_choice.py [--rounds 15]
+    python bench/blas_choice.py [--rounds 15] [--layers]
+
+--layers times whole layers instead (forward+backward, the benchmark sizes),
+each provider in turn within every round.
 
 Providers (fastopt.blas): scipy (scipy.linalg.cython_blas), numpy (NumPy's
 own OpenBLAS), dnnl (oneDNN's dnnl_sgemm, `onednn-cpu-gomp` wheel), mkl
@@ -59,9 +62,50 @@ def providers(a, b, c, ta, tb):
     return fns
 
 
+def layer_runs(rng):
+    """Zero-argument forward+backward runs of the benchmark's layers."""
+    runs = {}
+    for kind in ("LSTM", "GRU"):
+        m = getattr(fo, kind)(128, 256)
+        x = rng.standard_normal((50, 32, 128)).astype(np.float32)
+        d = rng.standard_normal((50, 32, 256)).astype(np.float32)
+        runs[f"{kind} T50 B32 I128 H256"] = lambda m=m, x=x, d=d: (m.forward(x), m.backward(d))
+        cell = getattr(fo, kind + "Cell")(256, 512)
+        xc = rng.standard_normal((64, 256)).astype(np.float32)
+        h = rng.standard_normal((64, 512)).astype(np.float32)
+        state = (h, h) if kind == "LSTM" else h
+        grads = (h, h) if kind == "LSTM" else (h,)
+        runs[f"{kind}Cell B64 I256 H512"] = (
+            lambda c=cell, xc=xc, st=state, g=grads: (c.forward(xc, st), c.backward(*g)))
+    return runs
+
+
+def time_layers(rounds):
+    names = []
+    for name in ("scipy", "numpy", "dnnl", "mkl"):
+        try:
+            fo.set_blas(name)
+            names.append(name)
+        except OSError:
+            pass
+    print(f"{'layer, forward+backward':<24}" + "".join(f"{n:>9}" for n in names) + "   ms, median")
+    for label, run in layer_runs(np.random.default_rng(0)).items():
+        samples = {n: [] for n in names}
+        for _ in range(rounds):
+            for n in names:
+                fo.set_blas(n)
+                run()                       # untimed: the hand-over between libraries
+                t0 = time.perf_counter()
+                run()
+                samples[n].append(time.perf_counter() - t0)
+        print(f"{label:<24}" + "".join(f"{1e3 * statistics.median(samples[n]):>9.2f}"
+                                       for n in names), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--layers", action="store_true", help="time whole layers per provider")
     args = ap.parse_args()
     fo.set_num_threads(1)
     try:
@@ -69,6 +113,10 @@ def main():
         threadpool_limits(1)
     except ImportError:
         pass
+    if args.layers:
+        time_layers(args.rounds)
+        fo.set_blas("auto")
+        return
     rng = np.random.default_rng(0)
     header = None
     for M, K, N, ta, tb, where in SHAPES:
