@@ -336,6 +336,8 @@ def _cell_case(kind, size, dtype, backward):
             m.forward(x, (h0, c0))
             if backward:
                 m.backward(dh1, dc1)
+            else:
+                m.reset()       # forget the saved step (a forward-only loop)
 
         def numpy_run():
             out, cache = numpy_lstm_forward(x[None], w_ih, w_hh, b_ih + b_hh, h0, c0)
@@ -346,6 +348,8 @@ def _cell_case(kind, size, dtype, backward):
             m.forward(x, h0)
             if backward:
                 m.backward(dh1)
+            else:
+                m.reset()
 
         def numpy_run():
             out, cache = numpy_gru_forward(x[None], w_ih, w_hh, b_ih, b_hh, h0)
@@ -393,3 +397,5 @@ for _kind in ("lstm", "gru"):
         lambda size, dtype, k=_kind: _seq_case(k, size, dtype, False))
     register("rnn", f"{_kind}-cell", CELL)(
         lambda size, dtype, k=_kind: _cell_case(k, size, dtype, True))
+    register("rnn", f"{_kind}-cell-fwd", CELL)(
+        lambda size, dtype, k=_kind: _cell_case(k, size, dtype, False))
