@@ -171,6 +171,8 @@ def test_each_blas_matches_torch(torch, threads, blas, nthreads):
         try:
             fo.set_blas(blas)
         except OSError as e:
+            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":   # CI installs them all
+                raise
             pytest.skip(f"{blas} not available: {e}")   # MKL, oneDNN: optional wheels
         assert fo.get_blas() == blas or blas == "auto"
         test_sequence_matches_torch(torch, np.float32, "LSTM", {}, 2, False)
