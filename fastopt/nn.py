@@ -1,5 +1,5 @@
-"""Layers with an explicit backward, shaped like torch.nn."""
-# ---- batch norm and dropout (issue 3) ----
-from ._nn_norm import BatchNorm, Dropout
-
-__all__ = ["BatchNorm", "Dropout"]
+"""Layers with the interface of ``torch.nn`` on NumPy arrays, with explicit backward."""
+# Recurrent layers (RNN, LSTM, GRU and their cells) live in _nn_rnn.py.
+from ._nn_rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell  # noqa: F401
+# Batch norm and dropout live in _nn_norm.py.
+from ._nn_norm import BatchNorm, Dropout  # noqa: F401

@@ -203,6 +203,82 @@ typedef struct {
 void fo_gaussian_noise_f32(float *y, const float *x, int64_t n, const fo_noise_args *a);
 void fo_gaussian_noise_f64(double *y, const double *x, int64_t n, const fo_noise_args *a);
 
+/* ---- recurrent layers (RNN, LSTM, GRU) --------------------------------- */
+/* One layer, one direction, over a whole sequence, forward and backward
+ * (backpropagation through time). Layouts are PyTorch's: gate g of a layer
+ * with G gates occupies rows [g*H, (g+1)*H) of w_ih (G*H, I), w_hh (G*H, H),
+ * b_ih and b_hh (G*H); gate order LSTM i, f, g, o; GRU r, z, n. Sequences are
+ * time-major and C-contiguous: x (T, B, I), out (T, B, H).
+ *
+ * The matrix products come from a BLAS that the caller passes as a row-major
+ * gemm callback: the input projection of all T steps is one GEMM, each step
+ * does only the recurrent product, and the weight gradients are a few GEMMs
+ * over the whole sequence. The pointwise gate math (activations and state
+ * update; their derivatives) is one fused pass per step in rnn.c.
+ *
+ * Data pointers are void * so that one struct serves both precisions: they
+ * point to float for the _f32 functions and to double for the _f64 ones. */
+
+typedef enum {
+    FO_RNN_TANH = 0,          /* h' = tanh(W_ih x + b_ih + W_hh h + b_hh)            G = 1 */
+    FO_RNN_RELU = 1,          /* h' = relu(...)                                        G = 1 */
+    FO_LSTM = 2,              /* c' = f*c + i*g, h' = o*tanh(c')                       G = 4 */
+    FO_GRU = 3,               /* n = tanh(W_in x + b_in + r*(W_hn h + b_hn)) (torch)   G = 3 */
+    FO_GRU_RESET_BEFORE = 4   /* n = tanh(W_in x + b_in + W_hn (r*h) + b_hn) (Cho)    G = 3 */
+} fo_rnn_mode;
+
+/* Row-major C = op(A) op(B) + beta*C, op(X) = X^T when trans_X; A is m x k
+ * after op, B k x n, C m x n; lda/ldb/ldc are row strides. (cblas_sgemm with
+ * CblasRowMajor and alpha = 1.) */
+typedef void (*fo_gemm_f32_fn)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                               const float *a, int64_t lda, const float *b, int64_t ldb,
+                               float beta, float *c, int64_t ldc);
+typedef void (*fo_gemm_f64_fn)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                               const double *a, int64_t lda, const double *b, int64_t ldb,
+                               double beta, double *c, int64_t ldc);
+
+typedef struct {
+    int mode;                        /* fo_rnn_mode */
+    int64_t seq_len, batch, input_size, hidden_size;   /* T, B, I, H (I, H >= 1) */
+    const void *w_ih, *w_hh;         /* (G*H, I), (G*H, H) */
+    const void *b_ih, *b_hh;         /* (G*H) each, or both NULL (bias=False) */
+} fo_rnn_layer;
+
+/* What forward reads and writes; backward reads it back (the saved tensors). */
+typedef struct {
+    const void *x;                   /* (T, B, I) */
+    const void *h0, *c0;             /* (B, H) initial state, NULL = zeros; c0: LSTM only */
+    void *out;                       /* (T, B, H) OUT: h_t of every step */
+    void *c_all;                     /* (T, B, H) OUT, LSTM: c_t of every step; else NULL */
+    void *gates;                     /* (T, B, G*H) OUT: activated gates (RNN: scratch) */
+    void *extra;                     /* (T, B, H) OUT, GRU: W_hn h + b_hn (reset_after),
+                                        r*h (reset before); else NULL */
+} fo_rnn_forward_io;
+
+typedef struct {
+    const void *dout;                /* (T, B, H) gradient of out, or NULL = zeros */
+    const void *dh_n, *dc_n;         /* (B, H) gradient of the final state, or NULL = zeros */
+    void *dx;                        /* (T, B, I) OUT, or NULL: not computed */
+    void *dh0, *dc0;                 /* (B, H) OUT, or NULL: not stored */
+    void *dw_ih, *dw_hh;             /* accumulated: += */
+    void *db_ih, *db_hh;             /* accumulated: +=; NULL without bias */
+    void *dgates;                    /* (T, B, G*H) scratch: gate pre-activation grads */
+    void *dgates_hh;                 /* (T, B, G*H) scratch for FO_GRU, else NULL */
+} fo_rnn_backward_io;
+
+/* Forward over the whole sequence. Returns 0, or -1 when scratch memory
+ * (O(B*G*H)) could not be allocated. */
+int fo_rnn_forward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *io, fo_gemm_f32_fn gemm);
+int fo_rnn_forward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *io, fo_gemm_f64_fn gemm);
+/* Backward through the whole sequence, newest step first, from the buffers
+ * that the matching forward filled. Returns 0, or -1 out of memory. */
+int fo_rnn_backward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *saved,
+                        const fo_rnn_backward_io *io, fo_gemm_f32_fn gemm);
+int fo_rnn_backward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *saved,
+                        const fo_rnn_backward_io *io, fo_gemm_f64_fn gemm);
+/* Number of gates G of a mode (1, 4 or 3), 0 for an unknown mode. */
+int fo_rnn_num_gates(int mode);
+
 #ifdef __cplusplus
 }
 #endif

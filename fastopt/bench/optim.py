@@ -55,12 +55,26 @@ def _bytes(size, dtype, narrays):
     return n * np.dtype(dtype).itemsize * narrays
 
 
+def _setup(size, dtype, cls, **kw):
+    """params, grads, a fastopt optimizer over copies of params, and a second
+    copy of params for the NumPy versions to update."""
+    params, grads = _arrays(size, dtype, 0), _arrays(size, dtype, 1)
+    opt = cls([p.copy() for p in params], **kw)
+    return params, grads, opt, [p.copy() for p in params]
+
+
+def _case(size, dtype, narrays, opt, grads, numpy_naive, numpy_careful, torch_name,
+          params, **kw):
+    fns = {"fastopt": lambda: opt.step(grads), "numpy": numpy_naive,
+           "numpy_careful": numpy_careful}
+    fns.update(_torch_case(torch_name, params, grads, **kw))
+    return Case(fns, _bytes(size, dtype, narrays))
+
+
 @register("optim", "adam", SIZES + [MODEL_TOTAL], QUICK + [MODEL_TOTAL])
 def adam(size, dtype):
-    params, grads = _arrays(size, dtype, 0), _arrays(size, dtype, 1)
     lr, b1, b2, eps = 1e-3, 0.9, 0.999, 1e-8
-    opt = fo.Adam([p.copy() for p in params], lr=lr, betas=(b1, b2), eps=eps)
-    np_p = [p.copy() for p in params]
+    params, grads, opt, np_p = _setup(size, dtype, fo.Adam, lr=lr, betas=(b1, b2), eps=eps)
     m = [np.zeros_like(p) for p in params]
     v = [np.zeros_like(p) for p in params]
     tmp = [np.empty_like(p) for p in params]
@@ -95,18 +109,14 @@ def adam(size, dtype):
             w *= c1
             p -= w
 
-    fns = {"fastopt": lambda: opt.step(grads), "numpy": numpy_naive,
-           "numpy_careful": numpy_careful}
-    fns.update(_torch_case("Adam", params, grads, lr=lr, betas=(b1, b2), eps=eps))
-    return Case(fns, _bytes(size, dtype, 7))
+    return _case(size, dtype, 7, opt, grads, numpy_naive, numpy_careful, "Adam", params,
+                 lr=lr, betas=(b1, b2), eps=eps)
 
 
 @register("optim", "sgd-momentum", SIZES, QUICK)
 def sgd_momentum(size, dtype):
-    params, grads = _arrays(size, dtype, 0), _arrays(size, dtype, 1)
     lr, mom = 1e-3, 0.9
-    opt = fo.SGD([p.copy() for p in params], lr=lr, momentum=mom)
-    np_p = [p.copy() for p in params]
+    params, grads, opt, np_p = _setup(size, dtype, fo.SGD, lr=lr, momentum=mom)
     b = [g.copy() for g in grads]
 
     def numpy_naive():
@@ -120,18 +130,23 @@ def sgd_momentum(size, dtype):
             bi += g
             p -= lr * bi     # one temporary: there is no fused axpy ufunc
 
-    fns = {"fastopt": lambda: opt.step(grads), "numpy": numpy_naive,
-           "numpy_careful": numpy_careful}
-    fns.update(_torch_case("SGD", params, grads, lr=lr, momentum=mom))
-    return Case(fns, _bytes(size, dtype, 5))
+    return _case(size, dtype, 5, opt, grads, numpy_naive, numpy_careful, "SGD", params,
+                 lr=lr, momentum=mom)
+
+
+def _careful_rms_update(p, g, s, w, lr, eps):
+    """p -= lr*g/(sqrt(s)+eps) in place, w as scratch (Adagrad's and RMSprop's tail)."""
+    np.sqrt(s, out=w)
+    w += eps
+    np.divide(g, w, out=w)
+    w *= lr
+    p -= w
 
 
 @register("optim", "adagrad", SIZES, QUICK)
 def adagrad(size, dtype):
-    params, grads = _arrays(size, dtype, 0), _arrays(size, dtype, 1)
     lr, eps = 1e-2, 1e-10
-    opt = fo.Adagrad([p.copy() for p in params], lr=lr, eps=eps)
-    np_p = [p.copy() for p in params]
+    params, grads, opt, np_p = _setup(size, dtype, fo.Adagrad, lr=lr, eps=eps)
     s = [np.zeros_like(p) for p in params]
     tmp = [np.empty_like(p) for p in params]
 
@@ -144,24 +159,16 @@ def adagrad(size, dtype):
         for p, g, si, w in zip(np_p, grads, s, tmp):
             np.multiply(g, g, out=w)
             si += w
-            np.sqrt(si, out=w)
-            w += eps
-            np.divide(g, w, out=w)
-            w *= lr
-            p -= w
+            _careful_rms_update(p, g, si, w, lr, eps)
 
-    fns = {"fastopt": lambda: opt.step(grads), "numpy": numpy_naive,
-           "numpy_careful": numpy_careful}
-    fns.update(_torch_case("Adagrad", params, grads, lr=lr, eps=eps))
-    return Case(fns, _bytes(size, dtype, 5))
+    return _case(size, dtype, 5, opt, grads, numpy_naive, numpy_careful, "Adagrad", params,
+                 lr=lr, eps=eps)
 
 
 @register("optim", "rmsprop", SIZES, QUICK)
 def rmsprop(size, dtype):
-    params, grads = _arrays(size, dtype, 0), _arrays(size, dtype, 1)
     lr, alpha, eps = 1e-2, 0.99, 1e-8
-    opt = fo.RMSprop([p.copy() for p in params], lr=lr, alpha=alpha, eps=eps)
-    np_p = [p.copy() for p in params]
+    params, grads, opt, np_p = _setup(size, dtype, fo.RMSprop, lr=lr, alpha=alpha, eps=eps)
     s = [np.zeros_like(p) for p in params]
     tmp = [np.empty_like(p) for p in params]
 
@@ -176,13 +183,7 @@ def rmsprop(size, dtype):
             np.multiply(g, g, out=w)
             w *= 1 - alpha
             si += w
-            np.sqrt(si, out=w)
-            w += eps
-            np.divide(g, w, out=w)
-            w *= lr
-            p -= w
+            _careful_rms_update(p, g, si, w, lr, eps)
 
-    fns = {"fastopt": lambda: opt.step(grads), "numpy": numpy_naive,
-           "numpy_careful": numpy_careful}
-    fns.update(_torch_case("RMSprop", params, grads, lr=lr, alpha=alpha, eps=eps))
-    return Case(fns, _bytes(size, dtype, 5))
+    return _case(size, dtype, 5, opt, grads, numpy_naive, numpy_careful, "RMSprop", params,
+                 lr=lr, alpha=alpha, eps=eps)

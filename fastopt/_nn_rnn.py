@@ -1,0 +1,404 @@
+"""Recurrent layers with the interface of ``torch.nn``: RNN, LSTM, GRU over whole
+sequences (backpropagation through time) and their cells, with explicit backward.
+
+Each layer of a sequence is one call into C for forward and one for backward
+(src_c/rnn.c): the input projection of all steps is one GEMM, each step adds
+only the recurrent product, and the weight gradients are a few GEMMs over the
+whole sequence. Weight names, shapes and gate orders are torch's
+(LSTM i, f, g, o; GRU r, z, n), so ``state_dict()`` moves between the two.
+
+Shapes (time-major unless ``batch_first``): x (T, B, I); out (T, B, H);
+state h (num_layers, B, H), LSTM also c. Cells: x (B, I), h (B, H).
+"""
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+from . import _fastopt
+from .blas import ensure_configured
+
+__all__ = ["RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU"]
+
+_GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3, "gru_reset_before": 3}
+
+
+def _input(a, name, dtype, shape):
+    """a as an ndarray of exactly `dtype` and `shape`, C-contiguous (no casts,
+    no copies), else TypeError/ValueError naming it."""
+    a = np.asarray(a) if not isinstance(a, np.ndarray) else a
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype} "
+                        "(no implicit casts)")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    return a
+
+
+def _positive_int(v, name, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+class _Recurrent:
+    """Parameters (torch names and layout), their gradients, state_dict and the
+    train/eval flag shared by the cells and the sequence layers."""
+
+    def _init_params(self, mode, input_size, hidden_size, num_layers, bias, dtype, seed,
+                     suffixes):
+        self.mode = mode
+        self.input_size = _positive_int(input_size, "input_size")
+        self.hidden_size = _positive_int(hidden_size, "hidden_size")
+        self.num_layers = _positive_int(num_layers, "num_layers")
+        self.bias = bool(bias)
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
+        self.dtype = np.dtype(dtype).type
+        self.training = True
+        ensure_configured()
+        G, H = _GATES[mode], self.hidden_size
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / math.sqrt(H)     # torch: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
+        self._params = OrderedDict()
+        for layer, sfx in enumerate(suffixes):
+            fan_in = self.input_size if layer == 0 else H
+            shapes = [("weight_ih", (G * H, fan_in)), ("weight_hh", (G * H, H))]
+            if self.bias:
+                shapes += [("bias_ih", (G * H,)), ("bias_hh", (G * H,))]
+            for name, shape in shapes:
+                self._params[name + sfx] = rng.uniform(-bound, bound, shape).astype(self.dtype)
+        self._grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
+
+    def _layer_params(self, sfx):
+        """(w_ih, w_hh, b_ih, b_hh) and their grads of one layer (biases None without bias)."""
+        p, g = self._params, self._grads
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        return ([p.get(n + sfx) for n in names], [g.get(n + sfx) for n in names])
+
+    def parameters(self):
+        """The parameter arrays in torch's order (updated in place by optimizers)."""
+        return list(self._params.values())
+
+    def gradients(self):
+        """gradients()[i] is the accumulated gradient of parameters()[i]."""
+        return list(self._grads.values())
+
+    def named_parameters(self):
+        return list(self._params.items())
+
+    def zero_grad(self):
+        for g in self._grads.values():
+            g.fill(0)
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def state_dict(self):
+        """{torch name: copy of the array}, e.g. weight_ih_l0, bias_hh_l1."""
+        return OrderedDict((k, v.copy()) for k, v in self._params.items())
+
+    def load_state_dict(self, state_dict):
+        """Copy arrays by torch name into the parameters (in place, so optimizers
+        holding them see the new values). Refused whole, before anything is
+        written, when a name is missing or unexpected or a shape differs."""
+        missing = [k for k in self._params if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in self._params]
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not fit: missing {missing}, unexpected {unexpected}")
+        arrays = {}
+        for k, p in self._params.items():
+            v = state_dict[k]
+            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            if v.shape != p.shape:
+                raise ValueError(f"state_dict[{k!r}] has shape {v.shape}, expected {p.shape}")
+            if not np.issubdtype(v.dtype, np.floating):
+                raise TypeError(f"state_dict[{k!r}] has dtype {v.dtype}, expected a float array")
+            arrays[k] = v
+        for k, v in arrays.items():
+            np.copyto(self._params[k], v, casting="same_kind")
+
+
+class _Saved:
+    """One layer's forward over one sequence (or one cell step): the checked C
+    call, which keeps the buffers backward reads."""
+    __slots__ = ("call", "x", "h0", "c0", "out", "c_all", "gates")
+
+
+class _SequenceLayer(_Recurrent):
+    """A stack of `num_layers` recurrent layers over whole sequences."""
+
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
+                 batch_first=False, dtype=np.float32, seed=None):
+        self._init_params(mode, input_size, hidden_size, num_layers, bias, dtype, seed,
+                          [f"_l{k}" for k in range(_positive_int(num_layers, "num_layers"))])
+        self.batch_first = bool(batch_first)
+        self._saved = None       # per layer _Saved of the last forward
+        self._work = {}          # reused scratch: name -> array
+
+    def _scratch(self, name, shape):
+        """A reused buffer (fresh memory only when the shape changes): the saved
+        gates and states of the last forward, backward's gate gradients."""
+        a = self._work.get(name)
+        if a is None or a.shape != shape:
+            a = self._work[name] = np.empty(shape, self.dtype)
+        return a
+
+    def _check_state(self, state, B):
+        L, H = self.num_layers, self.hidden_size
+        shape = (L, B, H)
+        if state is None:
+            return None, None
+        if self.mode == "lstm":
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError("state must be a tuple (h0, c0) for an LSTM")
+            return (_input(state[0], "h0", self.dtype, shape),
+                    _input(state[1], "c0", self.dtype, shape))
+        return _input(state, "h0", self.dtype, shape), None
+
+    def forward(self, x, state=None):
+        """out, state = forward(x, state=None). x (T, B, I) ((B, T, I) when
+        batch_first); state h0 (num_layers, B, H), LSTM (h0, c0); None = zeros."""
+        x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+        if x.ndim != 3:
+            raise ValueError(f"x must be 3-D ({'B, T' if self.batch_first else 'T, B'}, "
+                             f"input_size), got shape {x.shape}")
+        T, B = (x.shape[1], x.shape[0]) if self.batch_first else x.shape[:2]
+        x = _input(x, "x", self.dtype, x.shape[:2] + (self.input_size,))
+        h0, c0 = self._check_state(state, B)
+        if self.batch_first:
+            x = np.ascontiguousarray(x.transpose(1, 0, 2))
+        H, G, L = self.hidden_size, _GATES[self.mode], self.num_layers
+        self._saved = None       # the scratch below is about to change
+        saved = []
+        inp = x
+        for layer in range(L):
+            (w_ih, w_hh, b_ih, b_hh), _ = self._layer_params(f"_l{layer}")
+            out = self._scratch(f"out{layer}", (T, B, H))
+            s = _Saved()
+            s.x, s.out = inp, out
+            s.h0 = h0[layer] if h0 is not None else None
+            s.c0 = c0[layer] if c0 is not None else None
+            s.c_all = self._scratch(f"c{layer}", (T, B, H)) if self.mode == "lstm" else None
+            s.call = _fastopt.RnnLayerCall(
+                self.mode, T, B, inp.shape[2], H, w_ih, w_hh, b_ih, b_hh, inp, s.h0, s.c0, out,
+                s.c_all, self._scratch(f"gates{layer}", (T, B, G * H)),
+                self._scratch(f"extra{layer}", (T, B, H)) if G == 3 else None)
+            s.call.forward()
+            saved.append(s)
+            inp = out
+        self._saved = saved
+        out = inp
+        h_n = self._final_state([s.out for s in saved], h0, T, B)
+        # a copy: backward reads the saved out, which the caller may then change
+        result_out = out.transpose(1, 0, 2).copy() if self.batch_first else out.copy()
+        if self.mode == "lstm":
+            return result_out, (h_n, self._final_state([s.c_all for s in saved], c0, T, B))
+        return result_out, h_n
+
+    __call__ = forward
+
+    def _final_state(self, per_layer, initial, T, B):
+        """h_n (or c_n) of every layer from its (T, B, H) states: the last step's,
+        or the initial state when T == 0."""
+        if T == 0:
+            return (initial.copy() if initial is not None
+                    else np.zeros((self.num_layers, B, self.hidden_size), self.dtype))
+        return np.stack([a[T - 1] for a in per_layer])
+
+    def backward(self, dout, dstate=None):
+        """dx, dstate = backward(dout, dstate=None): the gradients of the input
+        and of the initial state from those of out (None = zeros) and of the
+        final state (h_n, LSTM (h_n, c_n); None = zeros). Parameter gradients
+        are accumulated (+=) into gradients()."""
+        if self._saved is None:
+            raise ValueError("backward() needs a matching forward() first")
+        saved = self._saved
+        T, B = saved[0].x.shape[:2]
+        H, G, L = self.hidden_size, _GATES[self.mode], self.num_layers
+        out_shape = (B, T, H) if self.batch_first else (T, B, H)
+        if dout is not None:
+            dout = _input(dout, "dout", self.dtype, out_shape)
+            if self.batch_first:
+                dout = np.ascontiguousarray(dout.transpose(1, 0, 2))
+        dh_n = dc_n = None
+        if dstate is not None:
+            dh_n, dc_n = self._check_state(dstate, B)
+        dh0 = np.empty((L, B, H), self.dtype)
+        dc0 = np.empty((L, B, H), self.dtype) if self.mode == "lstm" else None
+        dgates = self._scratch("dgates", (T, B, G * H))
+        dgates_hh = self._scratch("dgates_hh", (T, B, G * H)) if self.mode == "gru" else None
+        d_above = dout
+        for layer in reversed(range(L)):
+            _, (gw_ih, gw_hh, gb_ih, gb_hh) = self._layer_params(f"_l{layer}")
+            I = self.input_size if layer == 0 else H
+            dx = (np.empty((T, B, I), self.dtype) if layer == 0
+                  else self._scratch(f"dx{layer}", (T, B, I)))
+            saved[layer].call.backward(
+                d_above, dh_n[layer] if dh_n is not None else None,
+                dc_n[layer] if dc_n is not None else None, dx, dh0[layer],
+                dc0[layer] if dc0 is not None else None, gw_ih, gw_hh, gb_ih, gb_hh,
+                dgates, dgates_hh)
+            d_above = dx
+        dx = d_above.transpose(1, 0, 2).copy() if self.batch_first else d_above
+        return dx, ((dh0, dc0) if self.mode == "lstm" else dh0)
+
+
+class RNN(_SequenceLayer):
+    """Elman RNN: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act tanh or relu."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dtype=np.float32, seed=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__("rnn_" + nonlinearity, input_size, hidden_size, num_layers, bias,
+                         batch_first, dtype, seed)
+
+
+class LSTM(_SequenceLayer):
+    """LSTM, gates i, f, g, o: c_t = f*c_{t-1} + i*g, h_t = o*tanh(c_t)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dtype=np.float32, seed=None):
+        super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
+                         dtype, seed)
+
+
+class GRU(_SequenceLayer):
+    """GRU, gates r, z, n: h_t = (1-z)*n + z*h_{t-1}; reset_after=True (torch):
+    n = tanh(W_in x + b_in + r*(W_hn h + b_hn)); False (Cho et al.):
+    n = tanh(W_in x + b_in + W_hn (r*h) + b_hn)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dtype=np.float32, seed=None, reset_after=True):
+        self.reset_after = bool(reset_after)
+        super().__init__("gru" if reset_after else "gru_reset_before", input_size,
+                         hidden_size, num_layers, bias, batch_first, dtype, seed)
+
+
+class _Cell(_Recurrent):
+    """One step: forward(x, state) may be called T times, then backward T
+    times, newest step first (a stack of the saved steps)."""
+
+    def __init__(self, mode, input_size, hidden_size, bias, dtype, seed):
+        self._init_params(mode, input_size, hidden_size, 1, bias, dtype, seed, [""])
+        self._steps = []        # saved steps, newest last
+        self._free = []         # gate buffers of popped steps, reused
+
+    def _step(self, x, h0, c0):
+        x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+        if x.ndim != 2:
+            raise ValueError(f"x must be 2-D (batch, input_size), got shape {x.shape}")
+        x = _input(x, "x", self.dtype, (x.shape[0], self.input_size))
+        B, H, G = x.shape[0], self.hidden_size, _GATES[self.mode]
+        if h0 is not None:
+            h0 = _input(h0, "h0", self.dtype, (B, H))
+        if c0 is not None:
+            c0 = _input(c0, "c0", self.dtype, (B, H))
+        gates = self._free.pop() if self._free and self._free[-1].shape == (B, G * H) \
+            else np.empty((B, G * H), self.dtype)
+        h1 = np.empty((B, H), self.dtype)
+        c1 = np.empty((B, H), self.dtype) if self.mode == "lstm" else None
+        extra = np.empty((B, H), self.dtype) if G == 3 else None
+        (w_ih, w_hh, b_ih, b_hh), _ = self._layer_params("")
+        s = _Saved()
+        s.x, s.h0, s.c0, s.out, s.c_all = x, h0, c0, h1, c1
+        s.gates = gates
+        s.call = _fastopt.RnnLayerCall(self.mode, 1, B, self.input_size, H, w_ih, w_hh,
+                                       b_ih, b_hh, x, h0, c0, h1, c1, gates, extra)
+        s.call.forward()
+        self._steps.append(s)
+        # copies: backward reads the saved h1/c1, which the caller may then change
+        return h1.copy(), (c1.copy() if c1 is not None else None)
+
+    def _unstep(self, dh1, dc1):
+        if not self._steps:
+            raise ValueError("backward() needs a matching forward() first (every step "
+                             "stepped forward is backpropagated once, newest first)")
+        s = self._steps[-1]
+        B, H, G = s.x.shape[0], self.hidden_size, _GATES[self.mode]
+        dh1 = _input(dh1, "dh1", self.dtype, (B, H))
+        if dc1 is not None:
+            dc1 = _input(dc1, "dc1", self.dtype, (B, H))
+        _, (gw_ih, gw_hh, gb_ih, gb_hh) = self._layer_params("")
+        dx = np.empty((B, self.input_size), self.dtype)
+        dh0 = np.empty((B, H), self.dtype)
+        dc0 = np.empty((B, H), self.dtype) if self.mode == "lstm" else None
+        dgates = np.empty((B, G * H), self.dtype)
+        dgates_hh = np.empty((B, G * H), self.dtype) if self.mode == "gru" else None
+        s.call.backward(dh1, None, dc1, dx, dh0, dc0, gw_ih, gw_hh, gb_ih, gb_hh,
+                        dgates, dgates_hh)
+        self._steps.pop()
+        self._free.append(s.gates)
+        return dx, dh0, dc0
+
+    def reset(self):
+        """Forget the saved steps (e.g. after truncating backpropagation)."""
+        self._steps.clear()
+
+
+class _HiddenOnlyCell(_Cell):
+    """A cell whose state is h alone (RNNCell, GRUCell)."""
+
+    def forward(self, x, h0=None):
+        """h1 = forward(x (B, I), h0 (B, H) or None = zeros)."""
+        return self._step(x, h0, None)[0]
+
+    __call__ = forward
+
+    def backward(self, dh1):
+        """dx, dh0 = backward(dh1) for the newest step not yet backpropagated."""
+        dx, dh0, _ = self._unstep(dh1, None)
+        return dx, dh0
+
+
+class RNNCell(_HiddenOnlyCell):
+    """h1 = act(W_ih x + b_ih + W_hh h0 + b_hh), act tanh or relu."""
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh",
+                 dtype=np.float32, seed=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__("rnn_" + nonlinearity, input_size, hidden_size, bias, dtype, seed)
+
+
+class GRUCell(_HiddenOnlyCell):
+    """GRU step, gates r, z, n (see GRU); h1 = (1-z)*n + z*h0."""
+
+    def __init__(self, input_size, hidden_size, bias=True, reset_after=True,
+                 dtype=np.float32, seed=None):
+        self.reset_after = bool(reset_after)
+        super().__init__("gru" if reset_after else "gru_reset_before", input_size,
+                         hidden_size, bias, dtype, seed)
+
+
+class LSTMCell(_Cell):
+    """LSTM step, gates i, f, g, o: c1 = f*c0 + i*g, h1 = o*tanh(c1)."""
+
+    def __init__(self, input_size, hidden_size, bias=True, dtype=np.float32, seed=None):
+        super().__init__("lstm", input_size, hidden_size, bias, dtype, seed)
+
+    def forward(self, x, state=None):
+        """h1, c1 = forward(x (B, I), (h0, c0) or None = zeros)."""
+        if state is None:
+            h0 = c0 = None
+        elif isinstance(state, (tuple, list)) and len(state) == 2:
+            h0, c0 = state
+        else:
+            raise TypeError("state must be a tuple (h0, c0) or None")
+        return self._step(x, h0, c0)
+
+    __call__ = forward
+
+    def backward(self, dh1, dc1=None):
+        """dx, (dh0, dc0) = backward(dh1, dc1=None) for the newest step."""
+        dx, dh0, dc0 = self._unstep(dh1, dc1)
+        return dx, (dh0, dc0)

@@ -1,0 +1,446 @@
+# Recurrent layers: the BLAS that fastopt's own matrix products use, and the
+# checked entry points of the sequence drivers in src_c/rnn.c.
+#
+# The GEMM reaches C as a function pointer (fo_gemm_f32_fn/_f64_fn, row-major)
+# from one of the providers below, chosen per process (fastopt.blas): scipy's
+# cython_blas (always there) or a library dlopen-ed at run time.
+from libc.stdint cimport int32_t
+from posix.dlfcn cimport dlopen, dlsym, dlerror, RTLD_NOW, RTLD_LOCAL
+cdef extern from "<dlfcn.h>" nogil:
+    const int RTLD_NOLOAD      # glibc: the handle of an already loaded library, or NULL
+from scipy.linalg.cython_blas cimport sgemm as _blas_sgemm, dgemm as _blas_dgemm
+
+cdef extern from "fastopt.h" nogil:
+    ctypedef void (*fo_gemm_f32_fn)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                                   const float *a, int64_t lda, const float *b, int64_t ldb,
+                                   float beta, float *c, int64_t ldc)
+    ctypedef void (*fo_gemm_f64_fn)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                                   const double *a, int64_t lda, const double *b, int64_t ldb,
+                                   double beta, double *c, int64_t ldc)
+    ctypedef struct fo_rnn_layer:
+        int mode
+        int64_t seq_len, batch, input_size, hidden_size
+        const void *w_ih
+        const void *w_hh
+        const void *b_ih
+        const void *b_hh
+    ctypedef struct fo_rnn_forward_io:
+        const void *x
+        const void *h0
+        const void *c0
+        void *out
+        void *c_all
+        void *gates
+        void *extra
+    ctypedef struct fo_rnn_backward_io:
+        const void *dout
+        const void *dh_n
+        const void *dc_n
+        void *dx
+        void *dh0
+        void *dc0
+        void *dw_ih
+        void *dw_hh
+        void *db_ih
+        void *db_hh
+        void *dgates
+        void *dgates_hh
+    int fo_rnn_forward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *io,
+                           fo_gemm_f32_fn gemm)
+    int fo_rnn_forward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *io,
+                           fo_gemm_f64_fn gemm)
+    int fo_rnn_backward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *saved,
+                            const fo_rnn_backward_io *io, fo_gemm_f32_fn gemm)
+    int fo_rnn_backward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *saved,
+                            const fo_rnn_backward_io *io, fo_gemm_f64_fn gemm)
+    int fo_rnn_num_gates(int mode)
+
+RNN_MODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3, "gru_reset_before": 4}
+
+# ---------------------------------------------------------------- the GEMMs
+
+# Providers, each a pair of row-major GEMMs (float32, float64) and an optional
+# thread-count setter (returns the previous count):
+#   scipy  scipy.linalg.cython_blas (scipy's OpenBLAS): always there
+#   numpy  NumPy's own OpenBLAS (its ILP64 CBLAS), when NumPy ships one
+#   dnnl   oneDNN's dnnl_sgemm (onednn-cpu-gomp wheel), float64 via scipy
+#   mkl    Intel MKL's CBLAS from libmkl_rt (mkl wheel)
+# One provider serves every product of a process (fastopt.blas chooses it).
+
+cdef enum:
+    CBLAS_ROW_MAJOR = 101
+    CBLAS_NO_TRANS = 111
+    CBLAS_TRANS = 112
+    MKL_THREADING_GNU = 3       # MKL's threads are libgomp's: the runtime fastopt uses
+
+ctypedef int (*set_threads_fn)(int) noexcept nogil
+
+
+# scipy's BLAS is Fortran (column-major, 32-bit ints). A row-major product
+# C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T: swap the operands.
+cdef void _scipy_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                          const float *a, int64_t lda, const float *b, int64_t ldb,
+                          float beta, float *c, int64_t ldc) noexcept nogil:
+    cdef char ca = b'T' if ta else b'N'
+    cdef char cb = b'T' if tb else b'N'
+    cdef int im = <int>m, in_ = <int>n, ik = <int>k
+    cdef int ilda = <int>lda, ildb = <int>ldb, ildc = <int>ldc
+    cdef float one = 1
+    _blas_sgemm(&cb, &ca, &in_, &im, &ik, &one, <float *>b, &ildb, <float *>a, &ilda,
+                &beta, c, &ildc)
+
+
+cdef void _scipy_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                          const double *a, int64_t lda, const double *b, int64_t ldb,
+                          double beta, double *c, int64_t ldc) noexcept nogil:
+    cdef char ca = b'T' if ta else b'N'
+    cdef char cb = b'T' if tb else b'N'
+    cdef int im = <int>m, in_ = <int>n, ik = <int>k
+    cdef int ilda = <int>lda, ildb = <int>ldb, ildc = <int>ldc
+    cdef double one = 1
+    _blas_dgemm(&cb, &ca, &in_, &im, &ik, &one, <double *>b, &ildb, <double *>a, &ilda,
+                &beta, c, &ildc)
+
+
+# CBLAS row-major GEMMs resolved with dlsym: MKL's LP64 (32-bit ints) and
+# NumPy's OpenBLAS ILP64 (64-bit ints).
+ctypedef void (*sgemm32_t)(int layout, int ta, int tb, int32_t m, int32_t n, int32_t k,
+                           float alpha, const float *a, int32_t lda, const float *b,
+                           int32_t ldb, float beta, float *c, int32_t ldc) noexcept nogil
+ctypedef void (*dgemm32_t)(int layout, int ta, int tb, int32_t m, int32_t n, int32_t k,
+                           double alpha, const double *a, int32_t lda, const double *b,
+                           int32_t ldb, double beta, double *c, int32_t ldc) noexcept nogil
+ctypedef void (*sgemm64_t)(int layout, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                           float alpha, const float *a, int64_t lda, const float *b,
+                           int64_t ldb, float beta, float *c, int64_t ldc) noexcept nogil
+ctypedef void (*dgemm64_t)(int layout, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                           double alpha, const double *a, int64_t lda, const double *b,
+                           int64_t ldb, double beta, double *c, int64_t ldc) noexcept nogil
+
+# oneDNN's dnnl_sgemm (row-major, 64-bit dims; float32 only) and the OpenMP
+# calls of the runtime it threads with (GNU OpenMP in the onednn-cpu-gomp
+# wheel: the same libgomp as fastopt's kernels).
+ctypedef int (*dnnl_sgemm_t)(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
+                             const float *a, int64_t lda, const float *b, int64_t ldb,
+                             float beta, float *c, int64_t ldc) noexcept nogil
+ctypedef void (*omp_set_t)(int) noexcept nogil
+ctypedef int (*omp_get_t)() noexcept nogil
+cdef dnnl_sgemm_t _dnnl_sgemm = NULL
+cdef omp_set_t _omp_set_num_threads = NULL
+cdef omp_get_t _omp_get_max_threads = NULL
+
+cdef sgemm32_t _mkl_sgemm = NULL
+cdef dgemm32_t _mkl_dgemm = NULL
+cdef sgemm64_t _npy_sgemm = NULL
+cdef dgemm64_t _npy_dgemm = NULL
+
+cdef inline int _tr(int t) noexcept nogil:
+    return CBLAS_TRANS if t else CBLAS_NO_TRANS
+
+
+cdef void _mkl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                        const float *a, int64_t lda, const float *b, int64_t ldb,
+                        float beta, float *c, int64_t ldc) noexcept nogil:
+    _mkl_sgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), <int32_t>m, <int32_t>n, <int32_t>k,
+               1.0, a, <int32_t>lda, b, <int32_t>ldb, beta, c, <int32_t>ldc)
+
+
+cdef void _mkl_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                        const double *a, int64_t lda, const double *b, int64_t ldb,
+                        double beta, double *c, int64_t ldc) noexcept nogil:
+    _mkl_dgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), <int32_t>m, <int32_t>n, <int32_t>k,
+               1.0, a, <int32_t>lda, b, <int32_t>ldb, beta, c, <int32_t>ldc)
+
+
+cdef void _npy_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                        const float *a, int64_t lda, const float *b, int64_t ldb,
+                        float beta, float *c, int64_t ldc) noexcept nogil:
+    _npy_sgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef void _npy_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                        const double *a, int64_t lda, const double *b, int64_t ldb,
+                        double beta, double *c, int64_t ldc) noexcept nogil:
+    _npy_dgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), m, n, k, 1.0, a, lda, b, ldb, beta, c, ldc)
+
+
+cdef void _dnnl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                         const float *a, int64_t lda, const float *b, int64_t ldb,
+                         float beta, float *c, int64_t ldc) noexcept nogil:
+    _dnnl_sgemm(b'T' if ta else b'N', b'T' if tb else b'N', m, n, k, 1.0, a, lda, b, ldb,
+                beta, c, ldc)
+
+
+cdef int _dnnl_set_threads(int n) noexcept nogil:
+    # dnnl threads with omp_get_max_threads() of the calling thread
+    cdef int previous = _omp_get_max_threads()
+    _omp_set_num_threads(n)
+    return previous
+
+
+cdef struct _Provider:
+    fo_gemm_f32_fn f32
+    fo_gemm_f64_fn f64
+    set_threads_fn set_threads      # NULL: the thread count cannot be set from here
+
+# index: 0 scipy, 1 numpy, 2 mkl, 3 dnnl
+cdef _Provider _providers[4]
+_providers[0].f32 = _scipy_gemm_f32
+_providers[0].f64 = _scipy_gemm_f64
+_providers[0].set_threads = NULL
+_providers[1].f32 = NULL
+_providers[2].f32 = NULL
+_providers[3].f32 = NULL
+_PROVIDER_INDEX = {"scipy": 0, "numpy": 1, "mkl": 2, "dnnl": 3}
+cdef _Provider *_current = &_providers[0]
+cdef str _blas_name = "scipy"
+
+
+cdef void *_dlopen_checked(str path, bint already_loaded) except NULL:
+    cdef bytes bpath = path.encode()
+    cdef int flags = RTLD_NOW | RTLD_LOCAL | (RTLD_NOLOAD if already_loaded else 0)
+    cdef void *h = dlopen(bpath, flags)
+    if h == NULL:
+        err = dlerror()
+        raise OSError(f"cannot load {path}: {(<bytes>err).decode(errors='replace') if err != NULL else ''}")
+    return h
+
+
+def load_mkl(str path):
+    """dlopen libmkl_rt at `path`, select MKL's GNU-OpenMP threading layer (the
+    OpenMP runtime fastopt itself uses, so that no second thread pool competes),
+    and resolve cblas_sgemm/cblas_dgemm. Raises OSError when that fails."""
+    global _mkl_sgemm, _mkl_dgemm
+    cdef void *h = _dlopen_checked(path, False)
+    cdef set_threads_fn set_layer = <set_threads_fn>dlsym(h, b"MKL_Set_Threading_Layer")
+    cdef void *s = dlsym(h, b"cblas_sgemm")
+    cdef void *d = dlsym(h, b"cblas_dgemm")
+    if set_layer == NULL or s == NULL or d == NULL:
+        raise OSError(f"{path} does not export MKL_Set_Threading_Layer and cblas_?gemm")
+    set_layer(MKL_THREADING_GNU)
+    _mkl_sgemm = <sgemm32_t>s
+    _mkl_dgemm = <dgemm32_t>d
+    _providers[2].f32 = _mkl_gemm_f32
+    _providers[2].f64 = _mkl_gemm_f64
+    _providers[2].set_threads = <set_threads_fn>dlsym(h, b"MKL_Set_Num_Threads_Local")
+
+
+def load_numpy_openblas(str path):
+    """Resolve the ILP64 CBLAS GEMMs of the OpenBLAS that NumPy has already
+    loaded from `path` (NumPy's wheels: scipy_cblas_?gemm64_)."""
+    global _npy_sgemm, _npy_dgemm
+    cdef void *h = _dlopen_checked(path, True)
+    cdef void *s = dlsym(h, b"scipy_cblas_sgemm64_")
+    cdef void *d = dlsym(h, b"scipy_cblas_dgemm64_")
+    if s == NULL or d == NULL:
+        raise OSError(f"{path} does not export scipy_cblas_sgemm64_/dgemm64_")
+    _npy_sgemm = <sgemm64_t>s
+    _npy_dgemm = <dgemm64_t>d
+    _providers[1].f32 = _npy_gemm_f32
+    _providers[1].f64 = _npy_gemm_f64
+    _providers[1].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+
+
+def load_dnnl(str path):
+    """dlopen oneDNN at `path` (a GNU-OpenMP build: onednn-cpu-gomp) and
+    resolve dnnl_sgemm. oneDNN has no float64 GEMM: float64 products of this
+    provider go to scipy's BLAS. Raises OSError when that fails."""
+    global _dnnl_sgemm, _omp_set_num_threads, _omp_get_max_threads
+    cdef void *h = _dlopen_checked(path, False)
+    cdef void *s = dlsym(h, b"dnnl_sgemm")
+    cdef void *oset = dlsym(h, b"omp_set_num_threads")
+    cdef void *oget = dlsym(h, b"omp_get_max_threads")
+    if s == NULL or oset == NULL or oget == NULL:
+        raise OSError(f"{path} is not a GNU-OpenMP oneDNN (dnnl_sgemm, omp_set_num_threads)")
+    _dnnl_sgemm = <dnnl_sgemm_t>s
+    _omp_set_num_threads = <omp_set_t>oset
+    _omp_get_max_threads = <omp_get_t>oget
+    _providers[3].f32 = _dnnl_gemm_f32
+    _providers[3].f64 = _scipy_gemm_f64
+    _providers[3].set_threads = _dnnl_set_threads
+
+
+def find_scipy_openblas_threads(str path):
+    """Let fastopt size scipy's OpenBLAS pool (openblas_set_num_threads_local
+    of the library already loaded from `path`); False when it has none."""
+    cdef void *h = _dlopen_checked(path, True)
+    _providers[0].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+    return _providers[0].set_threads != NULL
+
+
+def set_blas_provider(str name):
+    """Every later product goes to provider `name`: 'scipy', 'numpy', 'dnnl'
+    or 'mkl' (once loaded)."""
+    global _current, _blas_name
+    if name not in _PROVIDER_INDEX:
+        raise ValueError(f"blas must be 'scipy', 'numpy', 'dnnl' or 'mkl', got {name!r}")
+    if _providers[<int>_PROVIDER_INDEX[name]].f32 == NULL:
+        raise ValueError(f"blas {name!r} is not loaded")
+    _current = &_providers[<int>_PROVIDER_INDEX[name]]
+    _blas_name = name
+
+
+def blas_provider():
+    """The provider in use: 'scipy', 'numpy', 'dnnl' or 'mkl'."""
+    return _blas_name
+
+
+cdef inline int _blas_threads(int n) noexcept nogil:
+    # At the start of every call: the BLAS follows fastopt's thread count;
+    # _blas_threads_restore puts the previous count back (-1: none was set),
+    # so that the user's own BLAS calls are unaffected.
+    if _current.set_threads == NULL:
+        return -1
+    return _current.set_threads(n)
+
+
+cdef inline void _blas_threads_restore(int previous) noexcept nogil:
+    if previous >= 0:
+        _current.set_threads(previous)
+
+
+def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
+         bint trans_b=False, double beta=0.0):
+    """c = op(a) @ op(b) + beta*c through the selected BLAS (2-D, C-contiguous,
+    one dtype): what the recurrent layers call, exposed for the benchmarks."""
+    _check_array(c, "c", None, True)
+    _check_array(a, "a", c.dtype, False)
+    _check_array(b, "b", c.dtype, False)
+    if a.ndim != 2 or b.ndim != 2 or c.ndim != 2:
+        raise ValueError("a, b and c must be 2-D")
+    cdef int64_t m = a.shape[1] if trans_a else a.shape[0]
+    cdef int64_t k = a.shape[0] if trans_a else a.shape[1]
+    cdef int64_t kb = b.shape[1] if trans_b else b.shape[0]
+    cdef int64_t n = b.shape[0] if trans_b else b.shape[1]
+    if k != kb or c.shape[0] != m or c.shape[1] != n:
+        raise ValueError(f"shapes do not match: op(a) {m}x{k}, op(b) {kb}x{n}, c {(<object>c).shape}")
+    if m == 0 or n == 0:
+        return
+    cdef int64_t lda = a.shape[1], ldb = b.shape[1]
+    cdef void *pa = cnp.PyArray_DATA(a)
+    cdef void *pb = cnp.PyArray_DATA(b)
+    cdef void *pc = cnp.PyArray_DATA(c)
+    cdef bint f64 = c.dtype == np.float64
+    cdef int saved
+    with nogil:
+        saved = _blas_threads(fo_get_num_threads())
+        if f64:
+            _current.f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
+                         beta, <double *>pc, n)
+        else:
+            _current.f32(trans_a, trans_b, m, n, k, <float *>pa, lda, <float *>pb, ldb,
+                         <float>beta, <float *>pc, n)
+        _blas_threads_restore(saved)
+
+
+# ------------------------------------------------------------- the drivers
+
+cdef const void *_ptr(object a, str name, object dtype, int64_t size, bint optional,
+                      bint writable) except? NULL:
+    """The data pointer of a C-contiguous `dtype` array of `size` elements
+    (NULL for None when optional)."""
+    if a is None:
+        if optional:
+            return NULL
+        raise ValueError(f"{name} is required")
+    _check_array(a, name, dtype, writable)
+    if cnp.PyArray_SIZE(<cnp.ndarray>a) != size:
+        raise ValueError(f"{name} has {cnp.PyArray_SIZE(<cnp.ndarray>a)} elements, expected {size}")
+    return cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef class RnnLayerCall:
+    """The checked arguments of one layer over one sequence: weights, dims and
+    the buffers of forward (kept, so that backward reads what forward saved)."""
+    cdef fo_rnn_layer layer
+    cdef fo_rnn_forward_io fwd
+    cdef readonly object dtype
+    cdef bint is_f64
+    cdef readonly tuple keep      # references that keep every pointer valid
+
+    def __cinit__(self, str mode, int64_t seq_len, int64_t batch, int64_t input_size,
+                  int64_t hidden_size, w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all,
+                  gates, extra):
+        if mode not in RNN_MODES:
+            raise ValueError(f"mode must be one of {sorted(RNN_MODES)}, got {mode!r}")
+        if seq_len < 0 or batch < 0 or input_size < 1 or hidden_size < 1:
+            raise ValueError("need seq_len >= 0, batch >= 0, input_size >= 1, hidden_size >= 1")
+        cdef int m = RNN_MODES[mode]
+        cdef int64_t G = fo_rnn_num_gates(m), H = hidden_size, I = input_size
+        cdef int64_t TB = seq_len * batch, BH = batch * H
+        # the BLAS takes 32-bit sizes: every dimension and leading dimension must fit
+        if max(TB, G * H, I) >= 2 ** 31:
+            raise ValueError("a dimension of this layer exceeds the BLAS's 2^31-1 limit")
+        dtype = w_ih.dtype if isinstance(w_ih, np.ndarray) else None
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"w_ih must be a float32 or float64 ndarray")
+        self.dtype = dtype
+        self.is_f64 = dtype == np.float64
+        self.layer.mode = m
+        self.layer.seq_len = seq_len
+        self.layer.batch = batch
+        self.layer.input_size = I
+        self.layer.hidden_size = H
+        self.layer.w_ih = _ptr(w_ih, "w_ih", dtype, G * H * I, False, False)
+        self.layer.w_hh = _ptr(w_hh, "w_hh", dtype, G * H * H, False, False)
+        self.layer.b_ih = _ptr(b_ih, "b_ih", dtype, G * H, True, False)
+        self.layer.b_hh = _ptr(b_hh, "b_hh", dtype, G * H, True, False)
+        if (self.layer.b_ih == NULL) != (self.layer.b_hh == NULL):
+            raise ValueError("b_ih and b_hh must both be given or both be None")
+        is_lstm, is_gru = m == 2, m >= 3
+        self.fwd.x = _ptr(x, "x", dtype, TB * I, False, False)
+        self.fwd.h0 = _ptr(h0, "h0", dtype, BH, True, False)
+        self.fwd.c0 = _ptr(c0, "c0", dtype, BH, True, False) if is_lstm else NULL
+        self.fwd.out = <void *>_ptr(out, "out", dtype, TB * H, False, True)
+        self.fwd.c_all = <void *>_ptr(c_all, "c_all", dtype, TB * H, not is_lstm, True)
+        self.fwd.gates = <void *>_ptr(gates, "gates", dtype, TB * G * H, False, True)
+        self.fwd.extra = <void *>_ptr(extra, "extra", dtype, TB * H, not is_gru, True)
+        self.keep = (w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all, gates, extra)
+
+    def forward(self):
+        """Run the layer forward over the sequence, filling out and the saved buffers."""
+        cdef int rc
+        cdef int saved
+        with nogil:
+            saved = _blas_threads(fo_get_num_threads())
+            if self.is_f64:
+                rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _current.f64)
+            else:
+                rc = fo_rnn_forward_f32(&self.layer, &self.fwd, _current.f32)
+            _blas_threads_restore(saved)
+        if rc != 0:
+            raise MemoryError("fastopt recurrent forward: out of memory")
+
+    def backward(self, dout, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
+                 dgates, dgates_hh):
+        """Backpropagate through the sequence that forward() ran: dx, dh0, dc0
+        are written (each may be None: not computed), dw_*/db_* accumulated."""
+        cdef fo_rnn_backward_io io
+        cdef object dt = self.dtype
+        cdef int m = self.layer.mode
+        cdef int64_t G = fo_rnn_num_gates(m), H = self.layer.hidden_size
+        cdef int64_t I = self.layer.input_size
+        cdef int64_t TB = self.layer.seq_len * self.layer.batch, BH = self.layer.batch * H
+        io.dout = _ptr(dout, "dout", dt, TB * H, True, False)
+        io.dh_n = _ptr(dh_n, "dh_n", dt, BH, True, False)
+        io.dc_n = _ptr(dc_n, "dc_n", dt, BH, True, False) if m == 2 else NULL
+        io.dx = <void *>_ptr(dx, "dx", dt, TB * I, True, True)
+        io.dh0 = <void *>_ptr(dh0, "dh0", dt, BH, True, True)
+        io.dc0 = <void *>_ptr(dc0, "dc0", dt, BH, True, True) if m == 2 else NULL
+        io.dw_ih = <void *>_ptr(dw_ih, "dw_ih", dt, G * H * I, False, True)
+        io.dw_hh = <void *>_ptr(dw_hh, "dw_hh", dt, G * H * H, False, True)
+        io.db_ih = <void *>_ptr(db_ih, "db_ih", dt, G * H, self.layer.b_ih == NULL, True)
+        io.db_hh = <void *>_ptr(db_hh, "db_hh", dt, G * H, self.layer.b_ih == NULL, True)
+        io.dgates = <void *>_ptr(dgates, "dgates", dt, TB * G * H, False, True)
+        io.dgates_hh = <void *>_ptr(dgates_hh, "dgates_hh", dt, TB * G * H, m != 3, True)
+        cdef int rc
+        cdef int saved
+        with nogil:
+            saved = _blas_threads(fo_get_num_threads())
+            if self.is_f64:
+                rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _current.f64)
+            else:
+                rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _current.f32)
+            _blas_threads_restore(saved)
+        if rc != 0:
+            raise MemoryError("fastopt recurrent backward: out of memory")

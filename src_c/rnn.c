@@ -1,0 +1,87 @@
+/* rnn.c -- recurrent layers (RNN tanh/relu, LSTM, GRU in both reset placements):
+ * the pointwise gate math and the sequence drivers around the caller's GEMM.
+ *
+ * Work per layer and sequence, as the fast libraries structure it:
+ *   forward:  one GEMM projects the inputs of all T steps (x W_ih^T); each step
+ *             adds only the recurrent product h W_hh^T, then one fused pass
+ *             applies the biases and activations and updates the state;
+ *   backward: newest step first, one fused pass turns dh (and dc) into the
+ *             gate pre-activation gradients, one GEMM carries dh to the
+ *             previous step; after the loop dx, dW_ih and dW_hh are a few
+ *             large GEMMs over all T*B rows, not T small ones.
+ * The math lives in rnn_impl.h, instantiated here for float32 and float64.
+ *
+ * sigmoid and tanh are computed from an exp written with plain arithmetic and
+ * bit operations (Cody-Waite reduction and a Taylor polynomial): libm's expf/
+ * tanhf are opaque calls that keep the loops scalar without -ffast-math, and
+ * clamping the argument keeps them free of overflow for any input while NaN
+ * still propagates. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fastopt.h"
+#include "parallel.h"
+
+/* 1/k! for the exp polynomial (used up to k = 14). */
+static const double fo_inv_factorial[15] = {
+    1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
+    1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600,
+    1.0 / 6227020800.0, 1.0 / 87178291200.0};
+
+int fo_rnn_num_gates(int mode) {
+    switch (mode) {
+    case FO_RNN_TANH: case FO_RNN_RELU: return 1;
+    case FO_LSTM: return 4;
+    case FO_GRU: case FO_GRU_RESET_BEFORE: return 3;
+    default: return 0;
+    }
+}
+
+/* Per precision: UT the same-width unsigned integer, MANT/BIAS the IEEE
+ * mantissa bits and exponent bias; EXP_LO..EXP_HI the range where e^x is a
+ * normal number; LN2_HI + LN2_LO = ln 2 with LN2_HI*n exact; POLY_DEG the
+ * Taylor degree whose truncation error is below half an ulp on |r| <= ln2/2. */
+#define T float
+#define SFX(x) x##_f32
+#define UT uint32_t
+#define MANT 23
+#define BIAS 127
+#define EXP_LO (-87.0f)
+#define EXP_HI 88.0f
+#define LN2_HI 0.693359375f
+#define LN2_LO (-2.12194440e-4f)
+#define POLY_DEG 7
+#define GEMM_FN fo_gemm_f32_fn
+#define FABS fabsf
+#define COPYSIGN copysignf
+#include "rnn_impl.h"
+#undef T
+#undef SFX
+#undef UT
+#undef MANT
+#undef BIAS
+#undef EXP_LO
+#undef EXP_HI
+#undef LN2_HI
+#undef LN2_LO
+#undef POLY_DEG
+#undef GEMM_FN
+#undef FABS
+#undef COPYSIGN
+
+#define T double
+#define SFX(x) x##_f64
+#define UT uint64_t
+#define MANT 52
+#define BIAS 1023
+#define EXP_LO (-708.0)
+#define EXP_HI 709.0
+#define LN2_HI 6.93147180369123816490e-01
+#define LN2_LO 1.90821492927058770002e-10
+#define POLY_DEG 13
+#define GEMM_FN fo_gemm_f64_fn
+#define FABS fabs
+#define COPYSIGN copysign
+#include "rnn_impl.h"

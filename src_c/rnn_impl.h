@@ -1,0 +1,539 @@
+/* rnn_impl.h -- recurrent layers, written once for both precisions.
+ * rnn.c includes this file twice, with T, SFX(x), UT, MANT, BIAS, EXP_LO,
+ * EXP_HI, LN2_HI, LN2_LO, POLY_DEG, FABS, COPYSIGN and GEMM_FN defined (see there).
+ *
+ * Pointwise kernels run over the B*H (batch, unit) pairs of one step, split
+ * by fo_parallel_foreach; a gate row of G*H pre-activations belongs to each
+ * batch row b, gate k of unit j at [k*H + j]. Saved-for-backward values are
+ * the activated gates, c_t (LSTM), W_hn h + b_hn or r*h (GRU), and out. */
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* ------------------------------------------------------ exp, sigmoid, tanh */
+
+/* e^x - 1 for x in [EXP_LO, EXP_HI]: x = n ln2 + r, |r| <= ln2/2, e^x - 1 =
+ * (2^n - 1) + 2^n (e^r - 1), exact for n = 0 so accurate near 0 too.
+ * Rounding x/ln2 by adding 1.5*2^MANT leaves n in the low bits of k. */
+INLINE T SFX(expm1_clamped)(T x) {
+    const T magic = (T)(1.5 * (double)((UT)1 << MANT));
+    T k = x * (T)1.44269504088896340736 + magic;
+    T n = k - magic;
+    T r = x - n * LN2_HI;
+    r = r - n * LN2_LO;
+    T p = (T)fo_inv_factorial[POLY_DEG];
+    for (int d = POLY_DEG - 1; d >= 1; d--) p = p * r + (T)fo_inv_factorial[d];
+    T em1_r = p * r;                                   /* e^r - 1 */
+    UT kb, mb;
+    memcpy(&kb, &k, sizeof kb);
+    memcpy(&mb, &magic, sizeof mb);
+    UT sb = (kb - mb + (UT)BIAS) << MANT;              /* bits of 2^n */
+    T s;
+    memcpy(&s, &sb, sizeof s);
+    return (s - 1) + s * em1_r;
+}
+
+/* Clamp to [lo, hi]; NaN passes through (both comparisons are false). */
+INLINE T SFX(clamp)(T x, T lo, T hi) {
+    x = x > hi ? hi : x;
+    return x < lo ? lo : x;
+}
+
+/* 1/(1 + e^-x) = 1/(2 + expm1(-x)); saturates to 0 or 1 without overflow. */
+INLINE T SFX(sigmoid)(T x) {
+    return (T)1 / ((T)2 + SFX(expm1_clamped)(SFX(clamp)(-x, EXP_LO, EXP_HI)));
+}
+
+/* tanh|x| = -m/(2 + m) with m = expm1(-2|x|) in (-1, 0]: no cancellation near 0,
+ * no overflow for large |x|; the sign is copied back. */
+INLINE T SFX(tanh)(T x) {
+    T m = SFX(expm1_clamped)(SFX(clamp)((T)-2 * FABS(x), EXP_LO, EXP_HI));
+    return COPYSIGN(-m / ((T)2 + m), x);
+}
+
+INLINE T SFX(relu)(T x) { return x < 0 ? (T)0 : x; }   /* NaN stays NaN, as in torch */
+
+/* ---------------------------------------------------- pointwise step kernels */
+
+/* Everything a pointwise kernel of one step may touch; each uses a subset.
+ * Shapes: gate rows (B, G*H); state rows (B, H); bias (G*H); bias_hn (H). */
+typedef struct {
+    int64_t H;
+    T *gates;              /* in: pre-activations without bias; out: activated */
+    T *out, *c, *extra;    /* h_t, c_t, GRU extra of this step */
+    const T *h_prev, *c_prev;   /* never NULL: the drivers pass a zero row */
+    const T *bias, *bias_hn, *hh;   /* hh: GRU h W_hh^T of this step (B, 3H) */
+    int relu;
+    /* backward */
+    T *dgates, *dgates_hh, *dh, *dc;
+    const T *dout, *drh;        /* dout never NULL either */
+} SFX(step_ctx);
+
+/* A chunk covers the pairs [lo, hi) of the flattened (B, H) index space; it
+ * calls a row function once per batch row b with the units [j0, j1) of that
+ * row. The row functions take every array as a restrict parameter: GCC honours
+ * restrict on parameters, so the loops vectorize without alias checks. */
+#define FOR_ROWS(lo, hi, H, b, j0, j1)                                   \
+    for (int64_t b = (lo) / (H), j0, j1;                                  \
+         b * (H) < (hi) && (j0 = (lo) > b * (H) ? (lo) - b * (H) : 0,     \
+                            j1 = (hi) - b * (H) < (H) ? (hi) - b * (H) : (H), 1); \
+         b++)
+
+/* Gate k (of G) of batch row b in a (B, G*H) buffer. */
+#define GATE(buf, G, k) ((buf) + (b * (G) + (k)) * H)
+#define ROW(buf) ((buf) + b * H)
+
+/* RNN forward: h = act(pre + bias). */
+INLINE void SFX(rnn_fwd_row)(T *restrict h, const T *restrict pre, const T *restrict bias,
+                             int relu, int64_t j0, int64_t j1) {
+    if (relu)
+        for (int64_t j = j0; j < j1; j++) h[j] = SFX(relu)(pre[j] + bias[j]);
+    else
+        for (int64_t j = j0; j < j1; j++) h[j] = SFX(tanh)(pre[j] + bias[j]);
+}
+
+FO_DISPATCH static void SFX(rnn_fwd_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(rnn_fwd_row)(ROW(c->out), ROW(c->gates), c->bias, c->relu, j0, j1);
+}
+
+/* RNN backward: dpre = (dout + dh) * act'(h), act' from the saved output h. */
+INLINE void SFX(rnn_bwd_row)(T *restrict dpre, const T *restrict h, const T *restrict dout,
+                             const T *restrict dh, int relu, int64_t j0, int64_t j1) {
+    if (relu)
+        for (int64_t j = j0; j < j1; j++) dpre[j] = h[j] > 0 ? dout[j] + dh[j] : (T)0;
+    else
+        for (int64_t j = j0; j < j1; j++) dpre[j] = (dout[j] + dh[j]) * ((T)1 - h[j] * h[j]);
+}
+
+FO_DISPATCH static void SFX(rnn_bwd_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(rnn_bwd_row)(ROW(c->dgates), ROW(c->out), ROW(c->dout), ROW(c->dh), c->relu, j0, j1);
+}
+
+/* LSTM forward: i, f, o = sigmoid, g = tanh of (pre + bias);
+ * c = f*c_prev + i*g; h = o*tanh(c). Gates are stored activated, in place. */
+INLINE void SFX(lstm_fwd_row)(T *restrict gi, T *restrict gf, T *restrict gg, T *restrict go,
+                              T *restrict cn, T *restrict h, const T *restrict cp,
+                              const T *restrict bias, int64_t H, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        T i = SFX(sigmoid)(gi[j] + bias[j]);
+        T f = SFX(sigmoid)(gf[j] + bias[H + j]);
+        T g = SFX(tanh)(gg[j] + bias[2 * H + j]);
+        T o = SFX(sigmoid)(go[j] + bias[3 * H + j]);
+        T cj = f * cp[j] + i * g;
+        gi[j] = i; gf[j] = f; gg[j] = g; go[j] = o;
+        cn[j] = cj;
+        h[j] = o * SFX(tanh)(cj);
+    }
+}
+
+FO_DISPATCH static void SFX(lstm_fwd_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(lstm_fwd_row)(GATE(c->gates, 4, 0), GATE(c->gates, 4, 1), GATE(c->gates, 4, 2),
+                          GATE(c->gates, 4, 3), ROW(c->c), ROW(c->out), ROW(c->c_prev),
+                          c->bias, H, j0, j1);
+}
+
+/* LSTM backward: with dh = dout + dh_rec and tc = tanh(c) recomputed,
+ * dc += dh*o*(1-tc^2); di = dc*g*i(1-i); df = dc*c_prev*f(1-f);
+ * dg = dc*i*(1-g^2); do = dh*tc*o(1-o); dc_prev = dc*f (in place in dc). */
+INLINE void SFX(lstm_bwd_row)(T *restrict di, T *restrict df, T *restrict dg, T *restrict dgo,
+                              T *restrict dc, const T *restrict gi, const T *restrict gf,
+                              const T *restrict gg, const T *restrict go, const T *restrict cn,
+                              const T *restrict cp, const T *restrict dout,
+                              const T *restrict dh, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        T i = gi[j], f = gf[j], g = gg[j], o = go[j];
+        T tc = SFX(tanh)(cn[j]);
+        T dhj = dout[j] + dh[j];
+        T dcj = dc[j] + dhj * o * ((T)1 - tc * tc);
+        di[j] = dcj * g * i * ((T)1 - i);
+        df[j] = dcj * cp[j] * f * ((T)1 - f);
+        dg[j] = dcj * i * ((T)1 - g * g);
+        dgo[j] = dhj * tc * o * ((T)1 - o);
+        dc[j] = dcj * f;
+    }
+}
+
+FO_DISPATCH static void SFX(lstm_bwd_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(lstm_bwd_row)(GATE(c->dgates, 4, 0), GATE(c->dgates, 4, 1), GATE(c->dgates, 4, 2),
+                          GATE(c->dgates, 4, 3), ROW(c->dc), GATE(c->gates, 4, 0),
+                          GATE(c->gates, 4, 1), GATE(c->gates, 4, 2), GATE(c->gates, 4, 3),
+                          ROW(c->c), ROW(c->c_prev), ROW(c->dout), ROW(c->dh), j0, j1);
+}
+
+/* GRU (reset after, torch): with hh = h_prev W_hh^T,
+ * r = sig(pre_r + b_r + hh_r); z = sig(pre_z + b_z + hh_z); hn = hh_n + b_hn;
+ * n = tanh(pre_n + b_in + r*hn); h = n + z*(h_prev - n) (torch's form).
+ * bias holds (b_ir+b_hr, b_iz+b_hz, b_in); extra saves hn. */
+INLINE void SFX(gru_fwd_row)(T *restrict gr, T *restrict gz, T *restrict gn, T *restrict ex,
+                             T *restrict h, const T *restrict hr, const T *restrict hz,
+                             const T *restrict hnn, const T *restrict bias,
+                             const T *restrict bhn, const T *restrict hp, int64_t H,
+                             int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        T r = SFX(sigmoid)(gr[j] + bias[j] + hr[j]);
+        T z = SFX(sigmoid)(gz[j] + bias[H + j] + hz[j]);
+        T hn = hnn[j] + bhn[j];
+        T n = SFX(tanh)(gn[j] + bias[2 * H + j] + r * hn);
+        gr[j] = r; gz[j] = z; gn[j] = n;
+        ex[j] = hn;
+        h[j] = n + z * (hp[j] - n);
+    }
+}
+
+FO_DISPATCH static void SFX(gru_fwd_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(gru_fwd_row)(GATE(c->gates, 3, 0), GATE(c->gates, 3, 1), GATE(c->gates, 3, 2),
+                         ROW(c->extra), ROW(c->out), GATE(c->hh, 3, 0), GATE(c->hh, 3, 1),
+                         GATE(c->hh, 3, 2), c->bias, c->bias_hn, ROW(c->h_prev), H, j0, j1);
+}
+
+/* GRU (reset after) backward, dh = dout + dh_rec:
+ * dn = dh(1-z)(1-n^2); dz = dh(h_prev-n) z(1-z); dr = dn*hn r(1-r);
+ * input-side grads (dr, dz, dn), recurrent-side (dr, dz, dn*r);
+ * dh_rec = dh*z, to which the caller adds dgates_hh W_hh. */
+INLINE void SFX(gru_bwd_row)(T *restrict dr, T *restrict dz, T *restrict dn, T *restrict er,
+                             T *restrict ez, T *restrict en, T *restrict dh,
+                             const T *restrict gr, const T *restrict gz, const T *restrict gn,
+                             const T *restrict hn, const T *restrict hp,
+                             const T *restrict dout, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        T r = gr[j], z = gz[j], n = gn[j];
+        T dhj = dout[j] + dh[j];
+        T dnp = dhj * ((T)1 - z) * ((T)1 - n * n);
+        T dzp = dhj * (hp[j] - n) * z * ((T)1 - z);
+        T drp = dnp * hn[j] * r * ((T)1 - r);
+        dr[j] = drp; dz[j] = dzp; dn[j] = dnp;
+        er[j] = drp; ez[j] = dzp; en[j] = dnp * r;
+        dh[j] = dhj * z;
+    }
+}
+
+FO_DISPATCH static void SFX(gru_bwd_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(gru_bwd_row)(GATE(c->dgates, 3, 0), GATE(c->dgates, 3, 1), GATE(c->dgates, 3, 2),
+                         GATE(c->dgates_hh, 3, 0), GATE(c->dgates_hh, 3, 1),
+                         GATE(c->dgates_hh, 3, 2), ROW(c->dh), GATE(c->gates, 3, 0),
+                         GATE(c->gates, 3, 1), GATE(c->gates, 3, 2), ROW(c->extra),
+                         ROW(c->h_prev), ROW(c->dout), j0, j1);
+}
+
+/* GRU (reset before, Cho et al.), first half: r, z = sig(pre + bias) where
+ * pre already holds x W_i^T + h_prev W_h^T for r and z; extra = r*h_prev. */
+INLINE void SFX(grurb_fwd1_row)(T *restrict gr, T *restrict gz, T *restrict rh,
+                                const T *restrict bias, const T *restrict hp, int64_t H,
+                                int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        T r = SFX(sigmoid)(gr[j] + bias[j]);
+        gr[j] = r;
+        gz[j] = SFX(sigmoid)(gz[j] + bias[H + j]);
+        rh[j] = r * hp[j];
+    }
+}
+
+FO_DISPATCH static void SFX(grurb_fwd1_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(grurb_fwd1_row)(GATE(c->gates, 3, 0), GATE(c->gates, 3, 1), ROW(c->extra),
+                            c->bias, ROW(c->h_prev), H, j0, j1);
+}
+
+/* Second half, once pre_n holds x W_in^T + (r*h_prev) W_hn^T:
+ * n = tanh(pre_n + b_in + b_hn); h = n + z*(h_prev - n). */
+INLINE void SFX(grurb_fwd2_row)(T *restrict gn, T *restrict h, const T *restrict gz,
+                                const T *restrict bn, const T *restrict hp,
+                                int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        T n = SFX(tanh)(gn[j] + bn[j]);
+        gn[j] = n;
+        h[j] = n + gz[j] * (hp[j] - n);
+    }
+}
+
+FO_DISPATCH static void SFX(grurb_fwd2_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(grurb_fwd2_row)(GATE(c->gates, 3, 2), ROW(c->out), GATE(c->gates, 3, 1),
+                            c->bias + 2 * H, ROW(c->h_prev), j0, j1);
+}
+
+/* Reset-before backward, first half (dh = dout + dh_rec):
+ * dn = dh(1-z)(1-n^2); dz = dh(h_prev-n) z(1-z); dh_rec = dh*z. */
+INLINE void SFX(grurb_bwd1_row)(T *restrict dz, T *restrict dn, T *restrict dh,
+                                const T *restrict gz, const T *restrict gn,
+                                const T *restrict hp, const T *restrict dout,
+                                int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        T z = gz[j], n = gn[j];
+        T dhj = dout[j] + dh[j];
+        dn[j] = dhj * ((T)1 - z) * ((T)1 - n * n);
+        dz[j] = dhj * (hp[j] - n) * z * ((T)1 - z);
+        dh[j] = dhj * z;
+    }
+}
+
+FO_DISPATCH static void SFX(grurb_bwd1_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(grurb_bwd1_row)(GATE(c->dgates, 3, 1), GATE(c->dgates, 3, 2), ROW(c->dh),
+                            GATE(c->gates, 3, 1), GATE(c->gates, 3, 2), ROW(c->h_prev),
+                            ROW(c->dout), j0, j1);
+}
+
+/* Second half, once drh = dn W_hn (the gradient of r*h_prev):
+ * dr = drh*h_prev r(1-r); dh_rec += drh*r. */
+INLINE void SFX(grurb_bwd2_row)(T *restrict dr, T *restrict dh, const T *restrict gr,
+                                const T *restrict drh, const T *restrict hp,
+                                int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++) {
+        T r = gr[j];
+        dr[j] = drh[j] * hp[j] * r * ((T)1 - r);
+        dh[j] += drh[j] * r;
+    }
+}
+
+FO_DISPATCH static void SFX(grurb_bwd2_chunk)(void *vc, int64_t unused, int64_t lo, int64_t hi) {
+    (void)unused;
+    const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
+    const int64_t H = c->H;
+    FOR_ROWS(lo, hi, H, b, j0, j1)
+        SFX(grurb_bwd2_row)(GATE(c->dgates, 3, 0), ROW(c->dh), GATE(c->gates, 3, 0),
+                            ROW(c->drh), ROW(c->h_prev), j0, j1);
+}
+
+/* ------------------------------------------------------------- sequence */
+
+INLINE void SFX(run_step)(fo_chunk_fn body, SFX(step_ctx) *c, int64_t batch) {
+    int64_t n = batch * c->H;
+    fo_parallel_foreach(&n, 1, body, c);
+}
+
+/* acc[j] += sum over rows of a[row*lda + j], j < cols: bias gradients. */
+static void SFX(colsum_add)(T *restrict acc, const T *restrict a, int64_t rows,
+                            int64_t cols, int64_t lda) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < cols; j++) acc[j] += a[r * lda + j];
+}
+
+/* dst (cols x rows) = src (rows x cols)^T in 32x32 blocks that stay in L1,
+ * writing dst rows contiguously (strided stores measured 2x slower). */
+static void SFX(transpose)(T *restrict dst, const T *restrict src, int64_t rows, int64_t cols) {
+    for (int64_t i0 = 0; i0 < rows; i0 += 32)
+        for (int64_t j0 = 0; j0 < cols; j0 += 32) {
+            int64_t i1 = i0 + 32 < rows ? i0 + 32 : rows, j1 = j0 + 32 < cols ? j0 + 32 : cols;
+            for (int64_t j = j0; j < j1; j++)
+                for (int64_t i = i0; i < i1; i++) dst[j * rows + i] = src[i * cols + j];
+        }
+}
+
+/* C (B x nr) = beta*C + h W_hh[r0:r0+nr]^T: with w_hh_t (H, G*H), the
+ * transpose of w_hh, as the product "NN", which the BLASes measured here run
+ * 7-27% faster than "NT" at these shapes (B rows); else from w_hh directly. */
+INLINE void SFX(recurrent_product)(GEMM_FN gemm, const T *h, const T *w_hh, const T *w_hh_t,
+                                   int64_t B, int64_t H, int64_t GH, int64_t r0, int64_t nr,
+                                   T beta, T *c, int64_t ldc) {
+    if (w_hh_t) gemm(0, 0, B, nr, H, h, H, w_hh_t + r0, GH, beta, c, ldc);
+    else gemm(0, 1, B, nr, H, h, H, w_hh + r0 * H, H, beta, c, ldc);
+}
+
+/* Below this many steps, transposing W_hh once costs more than it saves. */
+#define FO_RNN_TRANSPOSE_MIN_STEPS 4
+
+int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM_FN gemm) {
+    const int mode = L->mode;
+    const int64_t Tn = L->seq_len, B = L->batch, I = L->input_size, H = L->hidden_size;
+    const int64_t G = fo_rnn_num_gates(mode), GH = G * H, BH = B * H;
+    const T *x = (const T *)io->x, *h0 = (const T *)io->h0, *c0 = (const T *)io->c0;
+    const T *w_ih = (const T *)L->w_ih, *w_hh = (const T *)L->w_hh;
+    const T *b_ih = (const T *)L->b_ih, *b_hh = (const T *)L->b_hh;
+    T *out = (T *)io->out, *c_all = (T *)io->c_all, *gates = (T *)io->gates;
+    T *extra = (T *)io->extra;
+    if (Tn == 0 || B == 0) return 0;
+
+    /* scratch: the bias row (G*H), b_hn (H), a zero state row (B, H) standing
+     * for an absent h0/c0 (branch-free kernels), GRU's h W_hh^T (B, 3H) */
+    T *bias = (T *)calloc((size_t)(GH + H + BH + (mode == FO_GRU ? B * GH : 0)), sizeof(T));
+    if (!bias) return -1;
+    T *bias_hn = bias + GH, *zeros = bias_hn + H, *hh = zeros + BH;
+    if (b_ih) {
+        for (int64_t j = 0; j < GH; j++) bias[j] = b_ih[j] + b_hh[j];
+        if (mode == FO_GRU)   /* b_hn stays inside r*(W_hn h + b_hn) */
+            for (int64_t j = 0; j < H; j++) {
+                bias[2 * H + j] = b_ih[2 * H + j];
+                bias_hn[j] = b_hh[2 * H + j];
+            }
+    }
+
+    T *w_hh_t = NULL;
+    if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS) {
+        w_hh_t = (T *)malloc((size_t)(GH * H) * sizeof(T));
+        if (!w_hh_t) { free(bias); return -1; }
+        SFX(transpose)(w_hh_t, w_hh, GH, H);
+    }
+
+    /* input projection of every step in one GEMM: gates = x W_ih^T */
+    gemm(0, 1, Tn * B, GH, I, x, I, w_ih, I, 0, gates, GH);
+
+    SFX(step_ctx) c;
+    memset(&c, 0, sizeof c);
+    c.H = H; c.bias = bias; c.bias_hn = bias_hn; c.hh = hh;
+    c.relu = mode == FO_RNN_RELU;
+    for (int64_t t = 0; t < Tn; t++) {
+        /* hp = NULL: the state is zero, its recurrent product is skipped */
+        const T *hp = t ? out + (t - 1) * BH : h0;
+        T *g = gates + t * B * GH;
+        c.gates = g; c.out = out + t * BH; c.h_prev = hp ? hp : zeros;
+        switch (mode) {
+        case FO_RNN_TANH: case FO_RNN_RELU:
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 1, g, GH);
+            SFX(run_step)(SFX(rnn_fwd_chunk), &c, B);
+            break;
+        case FO_LSTM:
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 1, g, GH);
+            c.c = c_all + t * BH;
+            c.c_prev = t ? c_all + (t - 1) * BH : c0 ? c0 : zeros;
+            SFX(run_step)(SFX(lstm_fwd_chunk), &c, B);
+            break;
+        case FO_GRU:
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 0, hh, GH);
+            else memset(hh, 0, (size_t)(B * GH) * sizeof(T));
+            c.extra = extra + t * BH;
+            SFX(run_step)(SFX(gru_fwd_chunk), &c, B);
+            break;
+        case FO_GRU_RESET_BEFORE:
+            /* r, z need h_prev W_h{r,z}^T; n needs (r*h_prev) W_hn^T after them */
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, 2 * H, 1, g, GH);
+            c.extra = extra + t * BH;
+            SFX(run_step)(SFX(grurb_fwd1_chunk), &c, B);
+            if (hp)
+                SFX(recurrent_product)(gemm, c.extra, w_hh, w_hh_t, B, H, GH, 2 * H, H, 1,
+                                       g + 2 * H, GH);
+            SFX(run_step)(SFX(grurb_fwd2_chunk), &c, B);
+            break;
+        }
+    }
+    free(w_hh_t);
+    free(bias);
+    return 0;
+}
+
+int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
+                         const fo_rnn_backward_io *io, GEMM_FN gemm) {
+    const int mode = L->mode;
+    const int64_t Tn = L->seq_len, B = L->batch, I = L->input_size, H = L->hidden_size;
+    const int64_t G = fo_rnn_num_gates(mode), GH = G * H, BH = B * H, TB = Tn * B;
+    const T *x = (const T *)sv->x, *h0 = (const T *)sv->h0, *c0 = (const T *)sv->c0;
+    const T *out = (const T *)sv->out, *c_all = (const T *)sv->c_all;
+    const T *gates = (const T *)sv->gates, *extra = (const T *)sv->extra;
+    const T *w_ih = (const T *)L->w_ih, *w_hh = (const T *)L->w_hh;
+    const T *dout = (const T *)io->dout, *dh_n = (const T *)io->dh_n, *dc_n = (const T *)io->dc_n;
+    T *dgates = (T *)io->dgates;
+    /* gradients w.r.t. the recurrent-side pre-activations: GRU's n row differs */
+    T *dgh = mode == FO_GRU ? (T *)io->dgates_hh : dgates;
+    if (B == 0) return 0;
+
+    /* scratch: dh carried to the previous step, dc likewise, GRU-RB's d(r*h),
+     * a zero row standing for an absent h0/c0/dout, and the column sums of
+     * the gate gradients (the bias gradients), taken step by step while each
+     * step's rows are still in cache */
+    T *dh = (T *)calloc((size_t)(4 * BH + 2 * GH), sizeof(T));
+    if (!dh) return -1;
+    T *dc = dh + BH, *drh = dc + BH, *zeros = drh + BH;
+    T *db_i = zeros + BH, *db_h = db_i + GH;
+    if (dh_n) memcpy(dh, dh_n, (size_t)BH * sizeof(T));
+    if (dc_n) memcpy(dc, dc_n, (size_t)BH * sizeof(T));
+
+    SFX(step_ctx) c;
+    memset(&c, 0, sizeof c);
+    c.H = H; c.dh = dh; c.dc = dc; c.drh = drh;
+    c.relu = mode == FO_RNN_RELU;
+    for (int64_t t = Tn - 1; t >= 0; t--) {
+        const T *hp = t ? out + (t - 1) * BH : h0;
+        const int carry = t > 0 || io->dh0;   /* is dh of step t-1 wanted at all */
+        c.gates = (T *)gates + t * B * GH; c.out = (T *)out + t * BH;
+        c.h_prev = hp ? hp : zeros;
+        c.dgates = dgates + t * B * GH; c.dgates_hh = dgh + t * B * GH;
+        c.dout = dout ? dout + t * BH : zeros;
+        switch (mode) {
+        case FO_RNN_TANH: case FO_RNN_RELU:
+            SFX(run_step)(SFX(rnn_bwd_chunk), &c, B);
+            if (carry) gemm(0, 0, B, H, GH, c.dgates, GH, w_hh, H, 0, dh, H);
+            break;
+        case FO_LSTM:
+            c.c = (T *)c_all + t * BH;
+            c.c_prev = t ? c_all + (t - 1) * BH : c0 ? c0 : zeros;
+            SFX(run_step)(SFX(lstm_bwd_chunk), &c, B);
+            if (carry) gemm(0, 0, B, H, GH, c.dgates, GH, w_hh, H, 0, dh, H);
+            break;
+        case FO_GRU:
+            c.extra = (T *)extra + t * BH;
+            SFX(run_step)(SFX(gru_bwd_chunk), &c, B);
+            if (carry) gemm(0, 0, B, H, GH, c.dgates_hh, GH, w_hh, H, 1, dh, H);
+            break;
+        case FO_GRU_RESET_BEFORE:
+            SFX(run_step)(SFX(grurb_bwd1_chunk), &c, B);
+            gemm(0, 0, B, H, H, c.dgates + 2 * H, GH, w_hh + 2 * H * H, H, 0, drh, H);
+            SFX(run_step)(SFX(grurb_bwd2_chunk), &c, B);
+            if (carry) gemm(0, 0, B, H, 2 * H, c.dgates, GH, w_hh, H, 1, dh, H);
+            break;
+        }
+        if (io->db_ih) {
+            SFX(colsum_add)(db_i, c.dgates, B, GH, GH);
+            if (dgh != dgates) SFX(colsum_add)(db_h, c.dgates_hh, B, GH, GH);
+        }
+    }
+    if (io->db_ih) {   /* both biases see the same gradient unless FO_GRU */
+        const T *sum_h = dgh != dgates ? db_h : db_i;
+        for (int64_t j = 0; j < GH; j++) {
+            ((T *)io->db_ih)[j] += db_i[j];
+            ((T *)io->db_hh)[j] += sum_h[j];
+        }
+    }
+    if (io->dh0) memcpy(io->dh0, dh, (size_t)BH * sizeof(T));
+    if (io->dc0) memcpy(io->dc0, dc, (size_t)BH * sizeof(T));
+    free(dh);
+    if (Tn == 0) return 0;
+
+    /* the large products over all T*B rows */
+    if (io->dx) gemm(0, 0, TB, I, GH, dgates, GH, w_ih, I, 0, (T *)io->dx, I);
+    gemm(1, 0, GH, I, TB, dgates, GH, x, I, 1, (T *)io->dw_ih, I);
+    /* dW_hh += dgh^T [h0; out[0:T-1]], split at h0 (a separate buffer) */
+    T *dw_hh = (T *)io->dw_hh;
+    const int64_t rows_h = mode == FO_GRU_RESET_BEFORE ? 2 * H : GH;  /* rows that see h_prev */
+    if (Tn > 1) gemm(1, 0, rows_h, H, TB - B, dgh + B * GH, GH, out, H, 1, dw_hh, H);
+    if (h0) gemm(1, 0, rows_h, H, B, dgh, GH, h0, H, 1, dw_hh, H);
+    if (mode == FO_GRU_RESET_BEFORE)   /* W_hn sees r*h_prev */
+        gemm(1, 0, H, H, TB, dgates + 2 * H, GH, extra, H, 1, dw_hh + 2 * H * H, H);
+    return 0;
+}
+
+#undef INLINE
+#undef FOR_ROWS
+#undef GATE
+#undef ROW

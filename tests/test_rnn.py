@@ -1,0 +1,576 @@
+"""Recurrent layers (RNN, LSTM, GRU and cells) against independent references:
+torch.nn modules with autograd (weights copied by name), a NumPy GRU with the
+reset gate before the recurrent product written here from the formula, and
+central finite differences in float64."""
+import os
+
+import numpy as np
+import pytest
+
+import fastopt as fo
+from conftest import DTYPES
+
+# Layer outputs and gradients go through GEMMs and T steps: looser than a kernel's.
+TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
+KINDS = [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "tanh"}),
+         ("RNN", {"nonlinearity": "relu"})]
+
+
+def close(a, b, dtype, what):
+    np.testing.assert_allclose(a, b, err_msg=what, **TOL[dtype])
+
+
+def rand(rng, shape, dtype, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def torch_dtype(torch, dtype):
+    return torch.float64 if dtype == np.float64 else torch.float32
+
+
+def copy_to_fastopt(tm, m):
+    m.load_state_dict({k: v.detach().numpy() for k, v in tm.state_dict().items()})
+
+
+# ------------------------------------------------------------ torch parity
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,kw", KINDS)
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_sequence_matches_torch(torch, dtype, kind, kw, num_layers, batch_first):
+    T, B, I, H = 7, 3, 5, 6
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    tm = getattr(torch.nn, kind)(I, H, num_layers=num_layers, batch_first=batch_first,
+                                 **kw).to(torch_dtype(torch, dtype))
+    m = getattr(fo, kind)(I, H, num_layers=num_layers, batch_first=batch_first, dtype=dtype, **kw)
+    copy_to_fastopt(tm, m)
+    assert [k for k, _ in m.named_parameters()] == [k for k, _ in tm.named_parameters()]
+    lstm = kind == "LSTM"
+    x = rand(rng, (B, T, I) if batch_first else (T, B, I), dtype)
+    h0, c0 = rand(rng, (num_layers, B, H), dtype), rand(rng, (num_layers, B, H), dtype)
+    dout = rand(rng, x.shape[:2] + (H,), dtype)
+    dh_n, dc_n = rand(rng, (num_layers, B, H), dtype), rand(rng, (num_layers, B, H), dtype)
+    x_in, h0_in, c0_in = x.copy(), h0.copy(), c0.copy()
+
+    tx = torch.from_numpy(x).requires_grad_()
+    th0, tc0 = torch.from_numpy(h0).requires_grad_(), torch.from_numpy(c0).requires_grad_()
+    tout, tstate = tm(tx, (th0, tc0) if lstm else th0)
+    outs, grads = [tout], [torch.from_numpy(dout)]
+    if lstm:
+        outs += list(tstate)
+        grads += [torch.from_numpy(dh_n), torch.from_numpy(dc_n)]
+    else:
+        outs.append(tstate)
+        grads.append(torch.from_numpy(dh_n))
+    torch.autograd.backward(outs, grads)
+
+    out, state = m.forward(x, (h0, c0) if lstm else h0)
+    dx, dstate = m.backward(dout, (dh_n, dc_n) if lstm else dh_n)
+    close(out, tout.detach().numpy(), dtype, "out")
+    if lstm:
+        close(state[0], tstate[0].detach().numpy(), dtype, "h_n")
+        close(state[1], tstate[1].detach().numpy(), dtype, "c_n")
+        close(dstate[0], th0.grad.numpy(), dtype, "dh0")
+        close(dstate[1], tc0.grad.numpy(), dtype, "dc0")
+    else:
+        close(state, tstate.detach().numpy(), dtype, "h_n")
+        close(dstate, th0.grad.numpy(), dtype, "dh0")
+    close(dx, tx.grad.numpy(), dtype, "dx")
+    for (name, p), g in zip(tm.named_parameters(), m.gradients()):
+        close(g, p.grad.numpy(), dtype, name)
+    # inputs are read, never written
+    np.testing.assert_array_equal(x, x_in)
+    np.testing.assert_array_equal(h0, h0_in)
+    np.testing.assert_array_equal(c0, c0_in)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_sequence_without_bias_and_state_matches_torch(torch, dtype, kind):
+    T, B, I, H = 4, 2, 3, 5
+    rng = np.random.default_rng(1)
+    tm = getattr(torch.nn, kind)(I, H, bias=False).to(torch_dtype(torch, dtype))
+    m = getattr(fo, kind)(I, H, bias=False, dtype=dtype)
+    assert list(m.state_dict()) == ["weight_ih_l0", "weight_hh_l0"]
+    copy_to_fastopt(tm, m)
+    x = rand(rng, (T, B, I), dtype)
+    dout = rand(rng, (T, B, H), dtype)
+    tx = torch.from_numpy(x).requires_grad_()
+    tout, _ = tm(tx)
+    tout.backward(torch.from_numpy(dout))
+    out, _ = m.forward(x)
+    dx, _ = m.backward(dout)
+    close(out, tout.detach().numpy(), dtype, "out")
+    close(dx, tx.grad.numpy(), dtype, "dx")
+    for (name, p), g in zip(tm.named_parameters(), m.gradients()):
+        close(g, p.grad.numpy(), dtype, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,kw", [("LSTMCell", {}), ("GRUCell", {}),
+                                     ("RNNCell", {"nonlinearity": "tanh"}),
+                                     ("RNNCell", {"nonlinearity": "relu"})])
+def test_cell_stepped_then_backpropagated_matches_torch(torch, dtype, kind, kw):
+    """Step T times, then backward T times newest first, as a user unrolls time."""
+    T, B, I, H = 5, 4, 3, 6
+    rng = np.random.default_rng(2)
+    tm = getattr(torch.nn, kind)(I, H, **kw).to(torch_dtype(torch, dtype))
+    m = getattr(fo, kind)(I, H, dtype=dtype, **kw)
+    copy_to_fastopt(tm, m)
+    lstm = kind == "LSTMCell"
+    xs = [rand(rng, (B, I), dtype) for _ in range(T)]
+    dhs = [rand(rng, (B, H), dtype) for _ in range(T)]   # loss gradient at each h_t
+    h0, c0 = rand(rng, (B, H), dtype), rand(rng, (B, H), dtype)
+
+    txs = [torch.from_numpy(x).requires_grad_() for x in xs]
+    th0, tc0 = torch.from_numpy(h0).requires_grad_(), torch.from_numpy(c0).requires_grad_()
+    th, tc, touts = th0, tc0, []
+    for tx in txs:
+        if lstm:
+            th, tc = tm(tx, (th, tc))
+        else:
+            th = tm(tx, th)
+        touts.append(th)
+    torch.autograd.backward(touts, [torch.from_numpy(d) for d in dhs])
+
+    h, c, outs = h0, c0, []
+    for x in xs:
+        if lstm:
+            h, c = m.forward(x, (h, c))
+        else:
+            h = m.forward(x, h)
+        outs.append(h)
+    for t in range(T):
+        close(outs[t], touts[t].detach().numpy(), dtype, f"h{t + 1}")
+    dh_next, dc_next, dxs = np.zeros((B, H), dtype), np.zeros((B, H), dtype), []
+    for t in reversed(range(T)):
+        if lstm:
+            dx, (dh_next, dc_next) = m.backward(dhs[t] + dh_next, dc_next)
+        else:
+            dx, dh_next = m.backward(dhs[t] + dh_next)
+        dxs.append(dx)
+    dxs.reverse()
+    for t in range(T):
+        close(dxs[t], txs[t].grad.numpy(), dtype, f"dx{t}")
+    close(dh_next, th0.grad.numpy(), dtype, "dh0")
+    if lstm:
+        close(dc_next, tc0.grad.numpy(), dtype, "dc0")
+    for (name, p), g in zip(tm.named_parameters(), m.gradients()):
+        close(g, p.grad.numpy(), dtype, name)
+    with pytest.raises(ValueError, match="forward"):
+        m.backward(dhs[0])          # every step has been backpropagated
+
+
+@pytest.mark.parametrize("blas", ["scipy", "numpy", "dnnl", "mkl", "auto"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_each_blas_matches_torch(torch, threads, blas, nthreads):
+    fo.set_num_threads(nthreads)
+    try:
+        try:
+            fo.set_blas(blas)
+        except OSError as e:
+            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":   # CI installs them all
+                raise
+            pytest.skip(f"{blas} not available: {e}")   # MKL, oneDNN: optional wheels
+        assert fo.get_blas() == blas or blas == "auto"
+        test_sequence_matches_torch(torch, np.float32, "LSTM", {}, 2, False)
+        test_sequence_matches_torch(torch, np.float64, "GRU", {}, 1, True)
+        test_cell_stepped_then_backpropagated_matches_torch(torch, np.float32, "LSTMCell", {})
+    finally:
+        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
+
+
+def test_layer_calls_leave_the_blas_thread_counts_as_they_were(threads):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    m = fo.GRU(3, 4)
+    m.forward(np.zeros((2, 2, 3), np.float32))       # loads the providers
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = [d["num_threads"] for d in threadpoolctl.threadpool_info()]
+        fo.set_num_threads(1)
+        out, _ = m.forward(np.zeros((2, 2, 3), np.float32))
+        m.backward(out)
+        assert [d["num_threads"] for d in threadpoolctl.threadpool_info()] == before
+
+
+# --------------------------------------- GRU with the reset gate before W_hn
+
+def numpy_gru_reset_before(x, h0, w_ih, w_hh, b_ih, b_hh):
+    """Cho et al.: r, z = sig(W_i{r,z} x + b_i + W_h{r,z} h + b_h);
+    n = tanh(W_in x + b_in + W_hn (r*h) + b_hn); h' = (1-z)*n + z*h."""
+    H = w_hh.shape[1]
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    h, outs = h0, []
+    for xt in x:
+        gi = xt @ w_ih.T + b_ih
+        r = sig(gi[:, :H] + h @ w_hh[:H].T + b_hh[:H])
+        z = sig(gi[:, H:2 * H] + h @ w_hh[H:2 * H].T + b_hh[H:2 * H])
+        n = np.tanh(gi[:, 2 * H:] + (r * h) @ w_hh[2 * H:].T + b_hh[2 * H:])
+        h = (1 - z) * n + z * h
+        outs.append(h)
+    return np.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gru_reset_before_matches_numpy_formula(dtype):
+    T, B, I, H = 6, 3, 4, 5
+    rng = np.random.default_rng(3)
+    m = fo.GRU(I, H, reset_after=False, dtype=dtype, seed=7)
+    x, h0 = rand(rng, (T, B, I), dtype), rand(rng, (1, B, H), dtype)
+    out, h_n = m.forward(x, h0)
+    ref = numpy_gru_reset_before(x.astype(np.float64), h0[0].astype(np.float64),
+                                 *[p.astype(np.float64) for p in m.parameters()])
+    close(out, ref, dtype, "out")
+    close(h_n[0], ref[-1], dtype, "h_n")
+    cell = fo.GRUCell(I, H, reset_after=False, dtype=dtype)
+    cell.load_state_dict({k[:-3]: v for k, v in m.state_dict().items()})
+    close(cell.forward(x[0], h0[0]), ref[0], dtype, "cell h1")
+
+
+# ------------------------------------------------------ finite differences
+
+FD_LAYERS = [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}),
+             ("RNN", {"nonlinearity": "tanh"}), ("RNN", {"nonlinearity": "relu"})]
+
+
+@pytest.mark.parametrize("kind,kw", FD_LAYERS)
+def test_gradients_match_finite_differences(kind, kw):
+    """loss = sum(out*dout) + sum(h_n*dh_n) (+ sum(c_n*dc_n)); central
+    differences in float64 for every input, initial state and parameter entry."""
+    T, B, I, H, L = 3, 2, 3, 4, 2
+    rng = np.random.default_rng(4)
+    m = getattr(fo, kind)(I, H, num_layers=L, dtype=np.float64, seed=5, **kw)
+    lstm = kind == "LSTM"
+    x = rng.standard_normal((T, B, I))
+    h0, c0 = rng.standard_normal((L, B, H)), rng.standard_normal((L, B, H))
+    dout, dh_n, dc_n = (rng.standard_normal(s) for s in [(T, B, H), (L, B, H), (L, B, H)])
+
+    def loss():
+        out, st = m.forward(x, (h0, c0) if lstm else h0)
+        val = np.sum(out * dout)
+        if lstm:
+            return val + np.sum(st[0] * dh_n) + np.sum(st[1] * dc_n)
+        return val + np.sum(st * dh_n)
+
+    loss()
+    m.zero_grad()
+    dx, dst = m.backward(dout, (dh_n, dc_n) if lstm else dh_n)
+    checks = [(x, dx, "x"), (h0, dst[0] if lstm else dst, "h0")]
+    if lstm:
+        checks.append((c0, dst[1], "c0"))
+    checks += [(p, g, name) for (name, p), g in zip(m.named_parameters(), m.gradients())]
+    eps = 1e-6
+    for arr, grad, name in checks:
+        num = np.empty_like(arr)
+        for i in np.ndindex(arr.shape):
+            keep = arr[i]
+            arr[i] = keep + eps
+            up = loss()
+            arr[i] = keep - eps
+            down = loss()
+            arr[i] = keep
+            num[i] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("kind,kw", [("LSTMCell", {}), ("GRUCell", {}),
+                                     ("GRUCell", {"reset_after": False}), ("RNNCell", {})])
+def test_cell_gradients_match_finite_differences(kind, kw):
+    B, I, H = 3, 4, 5
+    rng = np.random.default_rng(6)
+    m = getattr(fo, kind)(I, H, dtype=np.float64, seed=1, **kw)
+    lstm = kind == "LSTMCell"
+    x, h0, c0 = (rng.standard_normal(s) for s in [(B, I), (B, H), (B, H)])
+    dh1, dc1 = rng.standard_normal((B, H)), rng.standard_normal((B, H))
+
+    def loss(save=False):
+        if lstm:
+            h1, c1 = m.forward(x, (h0, c0))
+            val = np.sum(h1 * dh1) + np.sum(c1 * dc1)
+        else:
+            val = np.sum(m.forward(x, h0) * dh1)
+        if not save:
+            m.reset()
+        return val
+
+    loss(save=True)
+    if lstm:
+        dx, (dh0, dc0) = m.backward(dh1, dc1)
+        checks = [(x, dx), (h0, dh0), (c0, dc0)]
+    else:
+        dx, dh0 = m.backward(dh1)
+        checks = [(x, dx), (h0, dh0)]
+    checks += list(zip(m.parameters(), m.gradients()))
+    eps = 1e-6
+    for arr, grad in checks:
+        num = np.empty_like(arr)
+        for i in np.ndindex(arr.shape):
+            keep = arr[i]
+            arr[i] = keep + eps
+            up = loss()
+            arr[i] = keep - eps
+            down = loss()
+            arr[i] = keep
+            num[i] = (up - down) / (2 * eps)
+        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------- cell vs sequence layer
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}),
+                                     ("RNN", {"nonlinearity": "relu"})])
+def test_cell_unrolled_equals_sequence_layer(dtype, kind, kw):
+    T, B, I, H = 6, 3, 4, 5
+    rng = np.random.default_rng(8)
+    seq = getattr(fo, kind)(I, H, dtype=dtype, seed=3, **kw)
+    cell = getattr(fo, kind + "Cell")(I, H, dtype=dtype, **kw)
+    cell.load_state_dict({k[:-3]: v for k, v in seq.state_dict().items()})
+    lstm = kind == "LSTM"
+    x, dout = rand(rng, (T, B, I), dtype), rand(rng, (T, B, H), dtype)
+    h0, c0 = rand(rng, (1, B, H), dtype), rand(rng, (1, B, H), dtype)
+    out, _ = seq.forward(x, (h0, c0) if lstm else h0)
+    dx, dst = seq.backward(dout)
+    h, c, hs = h0[0], c0[0], []
+    for t in range(T):
+        if lstm:
+            h, c = cell.forward(x[t], (h, c))
+        else:
+            h = cell.forward(x[t], h)
+        hs.append(h)
+    close(np.stack(hs), out, dtype, "out")
+    dh, dc, dxs = np.zeros((B, H), dtype), np.zeros((B, H), dtype), []
+    for t in reversed(range(T)):
+        if lstm:
+            dxt, (dh, dc) = cell.backward(dout[t] + dh, dc)
+        else:
+            dxt, dh = cell.backward(dout[t] + dh)
+        dxs.append(dxt)
+    close(np.stack(dxs[::-1]), dx, dtype, "dx")
+    close(dh, dst[0][0] if lstm else dst[0], dtype, "dh0")
+    for g_seq, g_cell in zip(seq.gradients(), cell.gradients()):
+        close(g_cell, g_seq, dtype, "param grad")
+
+
+# ------------------------------------------------------ long and extreme
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_long_sequence_matches_torch_without_overflow(torch, kind):
+    T, B, I, H = 1000, 2, 3, 4
+    rng = np.random.default_rng(9)
+    tm = getattr(torch.nn, kind)(I, H).double()
+    m = getattr(fo, kind)(I, H, dtype=np.float64)
+    copy_to_fastopt(tm, m)
+    x = rng.standard_normal((T, B, I)) * 30      # saturates every gate
+    dout = rng.standard_normal((T, B, H))
+    tx = torch.from_numpy(x).requires_grad_()
+    tout, _ = tm(tx)
+    tout.backward(torch.from_numpy(dout))
+    with np.errstate(all="raise"):
+        out, _ = m.forward(x)
+        dx, _ = m.backward(dout)
+    assert np.isfinite(out).all() and np.isfinite(dx).all()
+    close(out, tout.detach().numpy(), np.float64, "out")
+    close(dx, tx.grad.numpy(), np.float64, "dx")
+    for (name, p), g in zip(tm.named_parameters(), m.gradients()):
+        np.testing.assert_allclose(g, p.grad.numpy(), rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_huge_inputs_saturate_and_nan_propagates(torch, dtype, kind):
+    T, B, I, H = 3, 2, 2, 3
+    tm = getattr(torch.nn, kind)(I, H).to(torch_dtype(torch, dtype))
+    m = getattr(fo, kind)(I, H, dtype=dtype)
+    copy_to_fastopt(tm, m)
+    x = np.array([1e30, -1e30, 1e4, -1e4, 88.7, -89.5, 0.0, -0.0, 709.8, -745.2, 1e-30, 3.0],
+                 dtype)[:T * B * I].reshape(T, B, I)
+    out, _ = m.forward(x)
+    with torch.no_grad():
+        ref, _ = tm(torch.from_numpy(x))
+    assert np.isfinite(out).all()
+    close(out, ref.numpy(), dtype, "out")
+    x[1, 0, 0] = np.nan
+    out, _ = m.forward(x)
+    assert np.isnan(out[1:, 0]).all() and np.isfinite(out[0]).all() and np.isfinite(out[:, 1]).all()
+
+
+# ------------------------------------------------------------- API, sizes
+
+@pytest.mark.parametrize("T,B,H", [(1, 1, 1), (2, 1, 7), (3, 0, 4), (0, 2, 3)])
+def test_odd_sizes_match_torch(torch, T, B, H):
+    I = 3
+    rng = np.random.default_rng(10)
+    tm = torch.nn.LSTM(I, H, num_layers=2).double()
+    m = fo.LSTM(I, H, num_layers=2, dtype=np.float64)
+    copy_to_fastopt(tm, m)
+    x = rng.standard_normal((T, B, I))
+    h0, c0 = rng.standard_normal((2, B, H)), rng.standard_normal((2, B, H))
+    out, (h_n, c_n) = m.forward(x, (h0, c0))
+    assert out.shape == (T, B, H) and h_n.shape == (2, B, H)
+    dout = rng.standard_normal((T, B, H))
+    dx, (dh0, dc0) = m.backward(dout, (np.ones_like(h_n), np.ones_like(c_n)))
+    assert dx.shape == x.shape and dh0.shape == h0.shape
+    if T == 0:
+        np.testing.assert_array_equal(h_n, h0)
+        np.testing.assert_array_equal(dh0, np.ones_like(h0))
+        return
+    if B == 0:
+        return
+    tx = torch.from_numpy(x).requires_grad_()
+    th0 = torch.from_numpy(h0).requires_grad_()
+    tout, (th, tc) = tm(tx, (th0, torch.from_numpy(c0)))
+    torch.autograd.backward([tout, th, tc], [torch.from_numpy(dout), torch.ones_like(th),
+                                             torch.ones_like(tc)])
+    close(out, tout.detach().numpy(), np.float64, "out")
+    close(dx, tx.grad.numpy(), np.float64, "dx")
+    close(dh0, th0.grad.numpy(), np.float64, "dh0")
+
+
+def test_gradients_accumulate_and_zero_grad():
+    m = fo.GRU(3, 4, num_layers=2, dtype=np.float64, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    out, _ = m.forward(x)
+    m.backward(np.ones_like(out))
+    once = [g.copy() for g in m.gradients()]
+    m.backward(np.ones_like(out))          # the saved forward is backpropagated again
+    for g, g1 in zip(m.gradients(), once):
+        np.testing.assert_allclose(g, 2 * g1, rtol=1e-14)
+    grads = m.gradients()
+    m.zero_grad()
+    assert all((g == 0).all() for g in m.gradients())
+    assert all(a is b for a, b in zip(grads, m.gradients()))   # zeroed in place
+    assert [p.shape for p in m.parameters()] == [g.shape for g in m.gradients()]
+
+
+def test_init_is_seeded_uniform_in_torch_bound():
+    H = 16
+    a, b = fo.LSTM(8, H, num_layers=2, seed=3), fo.LSTM(8, H, num_layers=2, seed=3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(p, q)
+        assert p.dtype == np.float32 and np.abs(p).max() <= 1 / np.sqrt(H)
+    c = fo.LSTM(8, H, num_layers=2, seed=4)
+    assert not np.array_equal(a.parameters()[0], c.parameters()[0])
+
+
+def test_state_dict_round_trips_into_torch(torch):
+    m = fo.GRU(3, 5, num_layers=2, dtype=np.float64, seed=1)
+    tm = torch.nn.GRU(3, 5, num_layers=2).double()
+    tm.load_state_dict({k: torch.from_numpy(v) for k, v in m.state_dict().items()})
+    x = np.random.default_rng(1).standard_normal((4, 2, 3))
+    with torch.no_grad():
+        ref, _ = tm(torch.from_numpy(x))
+    close(m.forward(x)[0], ref.numpy(), np.float64, "out")
+
+
+def test_optimizer_drives_the_layer():
+    m = fo.LSTM(3, 4, dtype=np.float64, seed=0)
+    x = np.random.default_rng(0).standard_normal((5, 2, 3))
+    opt = fo.SGD(m.parameters(), lr=0.1)
+    losses = []
+    for _ in range(20):
+        out, _ = m.forward(x)
+        losses.append(0.5 * np.sum(out ** 2))
+        m.zero_grad()
+        m.backward(out)
+        opt.step(m.gradients())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+# -------------------------------------------------------------- bad input
+
+def test_bad_input_raises_and_writes_nothing():
+    m = fo.LSTM(3, 4, num_layers=2, dtype=np.float32, seed=0)
+    x = np.zeros((5, 2, 3), np.float32)
+    with pytest.raises(ValueError, match="forward"):
+        m.backward(np.zeros((5, 2, 4), np.float32))
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        m.forward(x.astype(np.float64))
+    with pytest.raises(ValueError, match="x has shape"):
+        m.forward(np.zeros((5, 2, 4), np.float32))
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        m.forward(np.zeros((5, 3), np.float32))
+    with pytest.raises(ValueError, match="x must be C-contiguous"):
+        m.forward(np.zeros((3, 2, 5), np.float32).transpose(2, 1, 0))
+    with pytest.raises(ValueError, match="h0 has shape"):
+        m.forward(x, (np.zeros((1, 2, 4), np.float32), np.zeros((2, 2, 4), np.float32)))
+    with pytest.raises(TypeError, match="state must be a tuple"):
+        m.forward(x, np.zeros((2, 2, 4), np.float32))
+    out, _ = m.forward(x)
+    before = [g.copy() for g in m.gradients()]
+    with pytest.raises(TypeError, match="dout must have dtype float32"):
+        m.backward(out.astype(np.float64))
+    with pytest.raises(ValueError, match="dout has shape"):
+        m.backward(out[:, :1])
+    with pytest.raises(ValueError, match="h0 has shape"):
+        m.backward(out, (np.zeros((2, 1, 4), np.float32), np.zeros((2, 2, 4), np.float32)))
+    for g, g0 in zip(m.gradients(), before):
+        np.testing.assert_array_equal(g, g0)
+
+
+def test_bad_cell_input_and_constructor_arguments():
+    cell = fo.GRUCell(3, 4)
+    with pytest.raises(ValueError, match="forward"):
+        cell.backward(np.zeros((2, 4), np.float32))
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        cell.forward(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="h0 has shape"):
+        cell.forward(np.zeros((2, 3), np.float32), np.zeros((3, 4), np.float32))
+    cell.forward(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="dh1 has shape"):
+        cell.backward(np.zeros((3, 4), np.float32))
+    cell.backward(np.zeros((2, 4), np.float32))       # the failed call kept the step
+    with pytest.raises(TypeError, match="state must be a tuple"):
+        fo.LSTMCell(3, 4).forward(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32))
+    with pytest.raises(ValueError, match="hidden_size"):
+        fo.LSTM(3, 0)
+    with pytest.raises(ValueError, match="num_layers"):
+        fo.GRU(3, 4, num_layers=0)
+    with pytest.raises(ValueError, match="nonlinearity"):
+        fo.RNN(3, 4, nonlinearity="sigmoid")
+    with pytest.raises(TypeError, match="dtype"):
+        fo.RNNCell(3, 4, dtype=np.int32)
+
+
+def test_load_state_dict_that_does_not_fit_is_refused_whole():
+    m = fo.LSTM(3, 4, num_layers=2, seed=0)
+    before = m.state_dict()
+    sd = {k: np.ones_like(v) for k, v in before.items()}
+    bad_shape = dict(sd, weight_hh_l1=np.ones((16, 5), np.float32))
+    with pytest.raises(ValueError, match="weight_hh_l1"):
+        m.load_state_dict(bad_shape)
+    missing = dict(sd)
+    del missing["bias_ih_l1"]
+    with pytest.raises(ValueError, match="bias_ih_l1"):
+        m.load_state_dict(missing)
+    with pytest.raises(ValueError, match="unexpected"):
+        m.load_state_dict(dict(sd, weight_ih_l2=np.ones((16, 4), np.float32)))
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    params = m.parameters()
+    m.load_state_dict(sd)
+    assert all(a is b for a, b in zip(params, m.parameters()))   # loaded in place
+    assert all((p == 1).all() for p in m.parameters())
+
+
+def test_changing_returned_outputs_in_place_does_not_change_gradients():
+    rng = np.random.default_rng(11)
+    x, dout = rng.standard_normal((4, 2, 3)), rng.standard_normal((4, 2, 5))
+    ref, changed = (fo.RNN(3, 5, dtype=np.float64, seed=0) for _ in range(2))
+    out, _ = ref.forward(x)
+    dx_ref, _ = ref.backward(dout)
+    out, h_n = changed.forward(x)
+    out *= 3.0
+    h_n[:] = 0
+    dx, _ = changed.backward(dout)
+    np.testing.assert_array_equal(dx, dx_ref)
+    cell = fo.LSTMCell(3, 5, dtype=np.float64, seed=0)
+    h1, c1 = cell.forward(x[0])
+    d_ref = cell.backward(dout[0], dout[1])
+    h1, c1 = cell.forward(x[0])
+    h1[:] = 7
+    c1[:] = 7
+    d = cell.backward(dout[0], dout[1])
+    np.testing.assert_array_equal(d[0], d_ref[0])
+    np.testing.assert_array_equal(d[1][0], d_ref[1][0])
