@@ -6,9 +6,10 @@ competitors such as ``'numpy'``, ``'numpy_careful'``, ``'torch'``), plus the
 bytes the work must move at least (for GB/s and the fraction of copy bandwidth).
 Modules in this package register cases with ``@register(family, kernel, sizes)``.
 
-Timing: every callable of a case is timed in the same rounds, interleaved, so
-that the machine's noise hits all of them alike; the figure is the median over
-rounds of the per-call time. The copy baseline (``fastopt.copy`` over the same
+Timing: on one thread every callable of a case is timed in the same rounds,
+interleaved, so that the machine's noise hits all of them alike; with more
+threads each callable is timed in a block of its own after a warm-up (see
+time_interleaved); the figure is the median over rounds of the per-call time. The copy baseline (``fastopt.copy`` over the same
 number of bytes moved, same thread count) is timed in the same rounds, so the
 fraction of copy bandwidth is measured, not assumed.
 """
@@ -85,14 +86,19 @@ def set_threads(n):
         return None
 
 
-def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005):
-    """Median seconds per call of each callable, timed in interleaved rounds.
+def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, blocked=False):
+    """Median seconds per call of each callable.
 
-    A round gives each callable one block of `number` timed calls (a block
-    takes ~target seconds), preceded by one untimed call: that call absorbs the
-    hand-over from the previous library (another OpenMP pool still spinning on
-    the other core, cold caches), which would otherwise be charged to whoever
-    runs next. At least 5 rounds and min_time in total."""
+    Interleaved (default): a round gives each callable one block of `number`
+    timed calls (a block takes ~target seconds), preceded by one untimed call;
+    the machine's drifting noise then hits every callable alike.
+
+    blocked=True (used with more than one thread): all rounds of one callable,
+    then the next, each preceded by WARMUP seconds of untimed calls. Idle thread
+    pools keep spinning after their library returns (OpenBLAS for ~2^28 cycles,
+    GNU OpenMP for a while), and on a 2-core machine a spinning pool takes the
+    core that the next library's second thread needs; the warm-up lets it go to
+    sleep, so each library is timed as it runs in a loop of its own."""
     number = {}
     for k, f in fns.items():
         f()
@@ -103,15 +109,30 @@ def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005):
     samples = {k: [] for k in fns}
     per_round = sum(2 * target for _ in fns)
     n_rounds = rounds or max(5, min(200, int(min_time / per_round)))
-    for _ in range(n_rounds):
-        for k, f in fns.items():
-            n = number[k]
+
+    def block(k):
+        f, n = fns[k], number[k]
+        t0 = time.perf_counter()
+        for _ in range(n):
             f()
-            t0 = time.perf_counter()
-            for _ in range(n):
+        samples[k].append((time.perf_counter() - t0) / n)
+
+    if blocked:
+        for k, f in fns.items():
+            t_end = time.perf_counter() + WARMUP
+            while time.perf_counter() < t_end:
                 f()
-            samples[k].append((time.perf_counter() - t0) / n)
+            for _ in range(n_rounds):
+                block(k)
+    else:
+        for _ in range(n_rounds):
+            for k, f in fns.items():
+                f()
+                block(k)
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+WARMUP = 0.25
 
 
 def size_label(size):
@@ -176,7 +197,7 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
                                  np.zeros(third, np.float32), np.ones(third, np.float32))
                     fns["_copy"] = lambda b=copy_bufs: _fastopt.copy(b[0], b[1])
                     fns["_stream"] = lambda b=copy_bufs: _fastopt.stream_add(b[2], b[3])
-                t = time_interleaved(fns, min_time=min_time)
+                t = time_interleaved(fns, min_time=min_time, blocked=nt > 1)
                 row = {"family": family, "kernel": kernel, "size": size_label(size),
                        "threads": nt, "dtype": np.dtype(dtype).name,
                        "seconds": {k: v for k, v in t.items() if not k.startswith("_")},
