@@ -166,7 +166,10 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
         min_time=None):
     """Run every registered case; print the table to `out`; return the rows."""
     load_cases()
-    min_time = min_time if min_time is not None else (0.05 if quick else 0.4)
+    global WARMUP
+    min_time = min_time if min_time is not None else (0.03 if quick else 0.4)
+    WARMUP = 0.08 if quick else 0.25
+    t_start = time.perf_counter()
     rows = []
     info = machine_info()
     print(f"# fastopt bench: {info['cpu']}, {info['cores']} cores, numpy {info['numpy']}, "
@@ -220,6 +223,7 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
                 del case, fns, copy_bufs
         if limiter is not None:
             limiter.restore_original_limits()
+    print(f"# {len(rows)} rows in {time.perf_counter() - t_start:.0f} s", file=out)
     return {"machine": info, "rows": rows}
 
 
@@ -235,7 +239,8 @@ def main(argv=None):
                                  description="Time fastopt's kernels against NumPy and torch.")
     ap.add_argument("--threads", default="1,2",
                     help="comma-separated thread counts (default 1,2)")
-    ap.add_argument("--quick", action="store_true", help="fewer sizes and rounds (under a minute)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one or a few sizes per kernel, fewer rounds (under a minute)")
     ap.add_argument("--only", default="",
                     help="comma-separated families or kernels (optim, norm, rnn, adam, ...)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])

@@ -62,7 +62,7 @@ def _numpy_bn_careful(x, dy, w, b, axes, bs, eps=1e-5):
     return run
 
 
-@register("norm", "batchnorm-train-fwd+bwd", BN_SIZES)
+@register("norm", "batchnorm-train-fwd+bwd", BN_SIZES, [(256, 1024)])
 def batchnorm_train(size, dtype):
     shape, cl = _bn_shape(size)
     C = shape[-1] if cl else shape[1]
@@ -117,7 +117,7 @@ def _dropout_arrays(n, dtype):
     return rng.standard_normal(n, dtype=np.float32).astype(dtype)
 
 
-@register("norm", "dropout-fwd", DROPOUT_SIZES)
+@register("norm", "dropout-fwd", DROPOUT_SIZES, [1_000_000])
 def dropout_forward(n, dtype):
     x = _dropout_arrays(n, dtype)
     y, mask = np.empty_like(x), np.empty((n + 7) // 8, np.uint8)
@@ -150,7 +150,7 @@ def dropout_forward(n, dtype):
     return Case(fns, 2 * x.nbytes + (n + 7) // 8)
 
 
-@register("norm", "dropout-bwd", DROPOUT_SIZES)
+@register("norm", "dropout-bwd", DROPOUT_SIZES, [1_000_000])
 def dropout_backward(n, dtype):
     dy = _dropout_arrays(n, dtype)
     _, mask = F.dropout(dy, P, 1)
@@ -178,7 +178,7 @@ def dropout_backward(n, dtype):
     return Case(fns, 2 * dy.nbytes + (n + 7) // 8)
 
 
-@register("norm", "dropout-bwd-noseed", DROPOUT_SIZES)
+@register("norm", "dropout-bwd-noseed", DROPOUT_SIZES, [1_000_000])
 def dropout_backward_from_seed(n, dtype):
     """Backward with no stored mask: regenerated from (seed, offset)."""
     dy = _dropout_arrays(n, dtype)
