@@ -159,7 +159,15 @@ def machine_info():
     torch = torch_or_none()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "torch": getattr(torch, "__version__", None),
-            "openmp": _fastopt.has_openmp()}
+            "openmp": _fastopt.has_openmp(), "blas": _blas_name()}
+
+
+def _blas_name():
+    from .. import blas
+    try:
+        return blas.get_blas()
+    except Exception as e:   # a provider that fails to load is reported, not fatal
+        return f"unavailable ({e})"
 
 
 def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.stdout,
@@ -173,7 +181,8 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
     rows = []
     info = machine_info()
     print(f"# fastopt bench: {info['cpu']}, {info['cores']} cores, numpy {info['numpy']}, "
-          f"torch {info['torch']}, OpenMP {info['openmp']}, {np.dtype(dtype).name}", file=out)
+          f"torch {info['torch']}, OpenMP {info['openmp']}, BLAS for rnn {info['blas']}, "
+          f"{np.dtype(dtype).name}", file=out)
     print("# times are medians; X/fo = X's time / fastopt's time (>1: fastopt faster);\n"
           "# %copy = time of a streaming copy of the same bytes / fastopt time;\n"
           "# %strm = time of the in-place stream a += b over the same bytes / fastopt time",
