@@ -162,44 +162,53 @@ void keep_masks_avx512(__mmask16 keep[][8], const dropout_plan *d, uint64_t g, u
             for (int q = 0; q < 8; q++) keep[h][q] = d->mode == KEEP_ALL ? 0xffff : 0;
         return;
     }
-    const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    /* even blocks 16g + 2k in vector 2h, odd blocks 16g + 2k + 1 in vector
+     * 2h + 1 (64-bit lanes k < 8), so that one dword shuffle interleaves them
+     * into the group's word in block order; only the low 32 bits of a lane
+     * matter (vpmuludq reads only those, outputs are truncated) */
+    const __m512i lane2 = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
     const __m512i m0 = _mm512_set1_epi64(FO_PHILOX_M0), m1 = _mm512_set1_epi64(FO_PHILOX_M1);
-    /* vector v holds blocks 16g + 8v .. 16g + 8v + 7 (64-bit lanes); only the
-     * low 32 bits of a lane matter (vpmuludq reads only those, outputs are
-     * truncated) */
-    __m512i c0[4], c1[4], c2[4], c3[4];
+    /* c[w][v]: word w of vector v. Constant indices only (loops fully
+     * unrolled), so that GCC keeps all of it in registers. */
+    __m512i c[4][4];
+#pragma GCC unroll 4
     for (int v = 0; v < 2 * ng; v++) {
-        c0[v] = _mm512_add_epi64(_mm512_set1_epi64((long long)(g * 16 + 8 * (uint64_t)v)), lane);
-        c1[v] = _mm512_srli_epi64(c0[v], 32);
-        c2[v] = _mm512_set1_epi64((long long)offset);
-        c3[v] = _mm512_set1_epi64((long long)(offset >> 32));
+        c[0][v] = _mm512_add_epi64(
+            _mm512_set1_epi64((long long)((g + (uint64_t)(v / 2)) * 16 + (uint64_t)(v % 2))), lane2);
+        c[1][v] = _mm512_srli_epi64(c[0][v], 32);
+        c[2][v] = _mm512_set1_epi64((long long)offset);
+        c[3][v] = _mm512_set1_epi64((long long)(offset >> 32));
     }
     uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#pragma GCC unroll 10
     for (int round = 0; round < 10; round++) {
         const __m512i K0 = _mm512_set1_epi64(k0), K1 = _mm512_set1_epi64(k1);
+#pragma GCC unroll 4
         for (int v = 0; v < 2 * ng; v++) {
-            __m512i p0 = _mm512_mul_epu32(c0[v], m0), p1 = _mm512_mul_epu32(c2[v], m1);
-            c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[v], K0, 0x96);
-            c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[v], K1, 0x96);
-            c1[v] = p1;
-            c3[v] = p0;
+            __m512i p0 = _mm512_mul_epu32(c[0][v], m0), p1 = _mm512_mul_epu32(c[2][v], m1);
+            c[0][v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c[1][v], K0, 0x96);
+            c[2][v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c[3][v], K1, 0x96);
+            c[1][v] = p1;
+            c[3][v] = p0;
         }
         k0 += FO_PHILOX_W0;
         k1 += FO_PHILOX_W1;
     }
     const __m512i t_hi = _mm512_set1_epi32((int)d->t_hi), low16 = _mm512_set1_epi32(0xffff);
+    const __m512i t16 = _mm512_set1_epi16((short)d->t_hi);
+#pragma GCC unroll 2
     for (int h = 0; h < ng; h++) {
-        /* word w of the group's 16 blocks as 16 lanes of 32 bits */
-        const __m512i *cw[4] = {c0, c1, c2, c3};
-        __mmask16 ties = 0;
+        __mmask32 ties = 0;
+#pragma GCC unroll 4
         for (int w = 0; w < 4; w++) {
-            __m512i word = _mm512_inserti64x4(
-                _mm512_castsi256_si512(_mm512_cvtepi64_epi32(cw[w][2 * h])),
-                _mm512_cvtepi64_epi32(cw[w][2 * h + 1]), 1);
+            /* word w of blocks 0..15 as 16 lanes of 32 bits: odd lanes from
+             * the odd blocks' low dwords */
+            __m512i word = _mm512_mask_shuffle_epi32(c[w][2 * h], 0xAAAA, c[w][2 * h + 1],
+                                                     _MM_PERM_CDAB);
             __m512i lo = _mm512_and_si512(word, low16), hi = _mm512_srli_epi32(word, 16);
             keep[h][w] = _mm512_cmpgt_epu32_mask(lo, t_hi);
             keep[h][4 + w] = _mm512_cmpgt_epu32_mask(hi, t_hi);
-            ties |= _mm512_cmpeq_epu32_mask(lo, t_hi) | _mm512_cmpeq_epu32_mask(hi, t_hi);
+            ties |= _mm512_cmpeq_epi16_mask(word, t16);   /* either half equal */
         }
         if (ties) {   /* probability ~2^-9 per group: the portable path settles ties */
             uint32_t bits[4];
