@@ -102,6 +102,27 @@ INLINE void SFX(reduce_row4)(const T *restrict x, const T *restrict dy,
     }
 }
 
+
+/* Forward statistics (a = u): eight rows per pass over s1/s2, half
+ * reduce_row4's float64 traffic; the T partials are two interleaved chains of
+ * four shifted terms each, as precise as reduce_row4's. Backward keeps four
+ * rows: with dy, 16 input streams made GCC's loop slower (measured 98 -> 157
+ * us on (256, 1024)). */
+INLINE void SFX(reduce_row8)(const T *restrict x, const double *restrict center,
+                             double *restrict s1, double *restrict s2, int64_t L) {
+    for (int64_t j = 0; j < L; j++) {
+        T c = (T)center[j];
+        T p1 = 0, p2 = 0, q1 = 0, q2 = 0;
+        for (int k = 0; k < 8; k += 2) {
+            T u0 = x[k * L + j] - c, u1 = x[(k + 1) * L + j] - c;
+            p1 += u0; q1 += u1;
+            p2 += u0 * u0; q2 += u1 * u1;
+        }
+        s1[j] += (double)(p1 + q1);
+        s2[j] += (double)(p2 + q2);
+    }
+}
+
 INLINE void SFX(reduce_segment)(const T *restrict x, const T *restrict dy, double center,
                                 double *restrict acc1, double *restrict acc2, int64_t n,
                                 const int has_dy) {
@@ -131,6 +152,8 @@ INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const in
         int64_t r0 = unit * p->per_unit;
         int64_t r1 = r0 + p->per_unit < p->outer ? r0 + p->per_unit : p->outer;
         int64_t r = r0;
+        for (; !has_dy && r + 8 <= r1; r += 8)
+            SFX(reduce_row8)(j->x + r * L, j->center, s1, s2, L);
         for (; r + 4 <= r1; r += 4)
             SFX(reduce_row4)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->center,
                              s1, s2, L, has_dy);
