@@ -88,17 +88,10 @@ AVX512_TARGET static void SFX(dropout_groups_avx512)(const SFX(dropout_job) *j, 
     for (; g < gend; g += 2) {
         __mmask16 keep[2][8];
         int ng = g + 1 < gend ? 2 : 1;
-        /* mask bytes are the little-endian 16-bit masks; moved one mask at
-         * a time so that keep[][] can stay in registers */
-        if (bits_from_mask) {
-            for (int q = 0; q < 8 * ng; q++) memcpy(&keep[q / 8][q % 8], j->mask + g * 16 + 2 * q, 2);
-        } else if (ng == 2) {
-            keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 2);
-        } else {
-            keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 1);
-        }
-        if (write_mask)
-            for (int q = 0; q < 8 * ng; q++) memcpy(j->mask + g * 16 + 2 * q, &keep[q / 8][q % 8], 2);
+        if (bits_from_mask) memcpy(keep, j->mask + g * 16, 16 * (size_t)ng);   /* little-endian */
+        else if (ng == 2) keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 2);
+        else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 1);
+        if (write_mask) memcpy(j->mask + g * 16, keep, 16 * (size_t)ng);
         for (int h = 0; h < ng; h++) {
             int64_t i = (g + h) * FO_DROPOUT_GROUP;
             SFX(apply_masks_avx512)(j->out + i, j->in + i, keep[h], scale, j->stream);
