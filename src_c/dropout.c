@@ -2,14 +2,17 @@
  * Philox4x32-10 (rng.h) keyed by (seed, offset, element index).
  *
  * Dropout keeps element i when its 32-bit uniform >= round(p * 2^32), so
- * P(keep) = 1 - p to 2^-32 (group_keep_bits says where the bits come from),
+ * P(keep) = 1 - p to 2^-32. The uniform's top 8 bits are one byte of a Philox
+ * word (four elements per word: the RNG is most of the cost), its low 24
+ * bits are drawn only on a tie with the threshold's top 8 bits (see
+ * extra_low_bits for the exact layout),
  * and scales kept elements by 1/(1-p). The output is y = x * m with
  * m = kept ? scale : 0 (a multiply, not a select, so that NaN and Inf
  * propagate through dropped elements as they do in PyTorch). The mask is
  * bit-packed: bit i % 8 of byte i / 8 is 1 when element i is kept
  * (np.unpackbits(mask, bitorder='little') reads it).
  *
- * Work is split into whole 128-element groups (16 mask bytes; the random
+ * Work is split into whole 256-element groups (32 mask bytes; the random
  * bits of one group come from 16 Philox blocks side by side in vector lanes);
  * results do not depend on the thread count. Portable C (target_clones) plus
  * an AVX-512 path chosen at run time; both give the same bits. The math lives
@@ -30,16 +33,17 @@
 #define INLINE static inline __attribute__((always_inline))
 
 /* Below this many groups per thread (32K elements) an extra thread does not pay. */
-#define FO_DROPOUT_MIN_GROUPS 256
-/* Elements per dropout group: 16-bit draws, the low and high halves of the
- * 64 words of one Philox group (fo_philox_group). */
-#define FO_DROPOUT_GROUP 128
+#define FO_DROPOUT_MIN_GROUPS 128
+/* Elements per dropout group: 8-bit draws, the four bytes of each of the 64
+ * words of one Philox group (fo_philox_group). */
+#define FO_DROPOUT_GROUP 256
+#define FO_DROPOUT_GROUP_BYTES (FO_DROPOUT_GROUP / 8)   /* mask bytes of a group */
 
 typedef enum { KEEP_ALL, KEEP_NONE, KEEP_RANDOM } keep_mode;
 
 typedef struct {
     keep_mode mode;
-    uint32_t t_hi, t_lo;   /* the 32-bit threshold round(p * 2^32) in 16-bit halves */
+    uint32_t t_hi, t_lo;   /* the 32-bit threshold round(p * 2^32): top 8 bits, low 24 */
     double scale;          /* 1/(1-p); 0 when p == 1 */
 } dropout_plan;
 
@@ -54,8 +58,8 @@ static dropout_plan make_plan(double p) {
         double t = nearbyint(p * 4294967296.0);
         uint32_t ti = t >= 4294967295.0 ? 4294967295u : (uint32_t)t;
         d.mode = KEEP_RANDOM;
-        d.t_hi = ti >> 16;
-        d.t_lo = ti & 0xffffu;
+        d.t_hi = ti >> 24;
+        d.t_lo = ti & 0xffffffu;
         d.scale = 1.0 / (1.0 - p);
     }
     return d;
@@ -63,76 +67,79 @@ static dropout_plan make_plan(double p) {
 
 /* Element i is kept when its 32-bit uniform U(i) >= round(p * 2^32), so
  * P(keep) = 1 - p to 2^-32. Philox words are the expensive part (about 0.4 ns
- * per word here, more than a copy of the element), so U's top 16 bits come
- * from half a word: element 128*g + e takes the low half of word e of group g
- * (e < 64) or the high half of word e - 64. Only when those 16 bits equal the
- * threshold's (probability 2^-16) are U's low 16 bits needed: they come from
- * a separate block, counter (i as 64 bits with the top bit set, offset),
- * which no group counter (< 2^63) ever uses. */
+ * per word here, more than a copy of the element), so U's top 8 bits come
+ * from a quarter of a word: element 256*g + e takes byte e % 4 (little-endian)
+ * of word e / 4 of group g. Only when those 8 bits equal the threshold's
+ * (probability 2^-8) are U's low 24 bits needed: they are the low 24 bits of
+ * word 0 of a separate block, counter (i as 64 bits with the top bit set,
+ * offset), which no group counter (< 2^63) ever uses; when the threshold's
+ * low 24 bits are 0 (p = k/256) a tie keeps without drawing. */
 static uint32_t extra_low_bits(uint64_t i, uint64_t seed, uint64_t offset) {
     uint32_t ctr[4] = {(uint32_t)i, (uint32_t)(i >> 32) | 0x80000000u,
                        (uint32_t)offset, (uint32_t)(offset >> 32)};
     uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
     fo_philox4x32_10(ctr, key);
-    return ctr[0] & 0xffffu;
+    return ctr[0] & 0xffffffu;
 }
 
-/* The keep bits of group g: bit b of bits[w] = element 128*g + 32*w + b. */
-INLINE void group_keep_bits(uint32_t bits[4], const dropout_plan *d, uint64_t g,
+/* Keep bits of the tied elements i0 + b (bit b of ties set). */
+static uint64_t settle_ties(uint64_t ties, uint64_t i0, const dropout_plan *d, uint64_t seed,
+                            uint64_t offset) {
+    if (d->t_lo == 0) return ties;
+    uint64_t keep = 0;
+    for (; ties; ties &= ties - 1) {
+        int b = __builtin_ctzll(ties);
+        if (extra_low_bits(i0 + (uint64_t)b, seed, offset) >= d->t_lo) keep |= (uint64_t)1 << b;
+    }
+    return keep;
+}
+
+/* The keep bits of group g: bit b of bits[w] = element 256*g + 32*w + b. */
+INLINE void group_keep_bits(uint32_t bits[8], const dropout_plan *d, uint64_t g,
                             uint64_t seed, uint64_t offset) {
     if (d->mode != KEEP_RANDOM) {
         uint32_t all = d->mode == KEEP_ALL ? ~(uint32_t)0 : 0;
-        bits[0] = bits[1] = bits[2] = bits[3] = all;
+        for (int w = 0; w < 8; w++) bits[w] = all;
         return;
     }
     uint32_t r[FO_RNG_GROUP];
     fo_philox_group(r, g, seed, offset);
     const uint32_t t_hi = d->t_hi;
-    uint32_t ties = 0;
-    for (int w = 0; w < 4; w++) {
-        /* 32-bit lanes and an OR-reduction: this vectorizes */
-        const uint32_t *rw = r + 32 * (w % 2);
-        const int shift = w < 2 ? 0 : 16;
-        uint32_t acc = 0;
+    for (int w = 0; w < 8; w++) {
+        /* 32 elements = the bytes of words 8w .. 8w + 7 */
+        uint32_t acc = 0, ties = 0;
         for (int b = 0; b < 32; b++) {
-            uint32_t u = (rw[b] >> shift) & 0xffffu;
+            uint32_t u = (r[8 * w + b / 4] >> (8 * (b % 4))) & 0xffu;
             acc |= (uint32_t)(u > t_hi) << b;
-            ties |= u == t_hi;
+            ties |= (uint32_t)(u == t_hi) << b;
         }
+        if (ties)
+            acc |= (uint32_t)settle_ties(ties, g * FO_DROPOUT_GROUP + 32 * (uint64_t)w, d, seed,
+                                         offset);
         bits[w] = acc;
-    }
-    if (ties) {
-        for (int e = 0; e < FO_DROPOUT_GROUP; e++) {
-            uint32_t u = e < 64 ? r[e] & 0xffffu : r[e - 64] >> 16;
-            if (u == t_hi) {
-                uint64_t i = g * FO_DROPOUT_GROUP + (uint64_t)e;
-                uint32_t keep = extra_low_bits(i, seed, offset) >= d->t_lo;
-                bits[e / 32] |= keep << (e % 32);
-            }
-        }
     }
 }
 
 /* Mask bytes of a group (16, fewer at the end), little-endian whatever the
  * host's byte order. */
-INLINE void store_mask_bytes(uint8_t *mask, const uint32_t bits[4], int64_t nbytes) {
+INLINE void store_mask_bytes(uint8_t *mask, const uint32_t bits[8], int64_t nbytes) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    if (nbytes == 16) {
-        memcpy(mask, bits, 16);
+    if (nbytes == FO_DROPOUT_GROUP_BYTES) {
+        memcpy(mask, bits, FO_DROPOUT_GROUP_BYTES);
         return;
     }
 #endif
     for (int64_t k = 0; k < nbytes; k++) mask[k] = (uint8_t)(bits[k / 4] >> (8 * (k % 4)));
 }
 
-INLINE void load_mask_bytes(uint32_t bits[4], const uint8_t *mask, int64_t nbytes) {
+INLINE void load_mask_bytes(uint32_t bits[8], const uint8_t *mask, int64_t nbytes) {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    if (nbytes == 16) {
-        memcpy(bits, mask, 16);
+    if (nbytes == FO_DROPOUT_GROUP_BYTES) {
+        memcpy(bits, mask, FO_DROPOUT_GROUP_BYTES);
         return;
     }
 #endif
-    bits[0] = bits[1] = bits[2] = bits[3] = 0;
+    for (int w = 0; w < 8; w++) bits[w] = 0;
     for (int64_t k = 0; k < nbytes; k++) bits[k / 4] |= (uint32_t)mask[k] << (8 * (k % 4));
 }
 
@@ -141,7 +148,7 @@ INLINE void load_mask_bytes(uint32_t bits[4], const uint8_t *mask, int64_t nbyte
  * vpmullq (no vpmuludq for 32x32->64-bit products) and builds the mask bits
  * with shuffles and OR-trees, where AVX-512 compares give them directly. This
  * path computes the same bits (16 blocks as two vectors of 64-bit lanes,
- * compares into 16-bit masks) and is chosen at run time on CPUs that have
+ * byte compares straight into 64-bit masks) and is chosen at run time on CPUs that have
  * AVX-512 (F, BW, DQ, VL). The test suite checks its masks against a NumPy
  * Philox; the portable path gives the identical bits. */
 #ifdef FO_AVX512
@@ -151,15 +158,15 @@ static int force_portable = 0;   /* fo_dropout_use_portable(): for tests */
 
 static int have_avx512(void) { return !force_portable && fo_cpu_has_avx512(); }
 
-/* keep[h][q] bit b = element 128*(g + h) + 16*q + b is kept (h < ng, q < 8).
+/* keep[h][w] bit b = element 256*(g + h) + 64*w + b is kept (h < ng, w < 4).
  * Two groups at a time (ng = 2) give the core eight independent multiply
  * chains, enough to hide the multiplies' latency. */
 AVX512_TARGET static inline __attribute__((always_inline))
-void keep_masks_avx512(__mmask16 keep[][8], const dropout_plan *d, uint64_t g, uint64_t seed,
+void keep_masks_avx512(__mmask64 keep[][4], const dropout_plan *d, uint64_t g, uint64_t seed,
                        uint64_t offset, const int ng) {
     if (d->mode != KEEP_RANDOM) {
         for (int h = 0; h < ng; h++)
-            for (int q = 0; q < 8; q++) keep[h][q] = d->mode == KEEP_ALL ? 0xffff : 0;
+            for (int w = 0; w < 4; w++) keep[h][w] = d->mode == KEEP_ALL ? ~(__mmask64)0 : 0;
         return;
     }
     /* even blocks 16g + 2k in vector 2h, odd blocks 16g + 2k + 1 in vector
@@ -194,26 +201,20 @@ void keep_masks_avx512(__mmask16 keep[][8], const dropout_plan *d, uint64_t g, u
         k0 += FO_PHILOX_W0;
         k1 += FO_PHILOX_W1;
     }
-    const __m512i t_hi = _mm512_set1_epi32((int)d->t_hi), low16 = _mm512_set1_epi32(0xffff);
-    const __m512i t16 = _mm512_set1_epi16((short)d->t_hi);
+    const __m512i t8 = _mm512_set1_epi8((char)d->t_hi);
 #pragma GCC unroll 2
     for (int h = 0; h < ng; h++) {
-        __mmask32 ties = 0;
 #pragma GCC unroll 4
         for (int w = 0; w < 4; w++) {
-            /* word w of blocks 0..15 as 16 lanes of 32 bits: odd lanes from
-             * the odd blocks' low dwords */
+            /* word w of blocks 0..15 as 16 lanes of 32 bits (odd lanes from
+             * the odd blocks' low dwords): its bytes are elements 64w .. 64w + 63 */
             __m512i word = _mm512_mask_shuffle_epi32(c[w][2 * h], 0xAAAA, c[w][2 * h + 1],
                                                      _MM_PERM_CDAB);
-            __m512i lo = _mm512_and_si512(word, low16), hi = _mm512_srli_epi32(word, 16);
-            keep[h][w] = _mm512_cmpgt_epu32_mask(lo, t_hi);
-            keep[h][4 + w] = _mm512_cmpgt_epu32_mask(hi, t_hi);
-            ties |= _mm512_cmpeq_epi16_mask(word, t16);   /* either half equal */
-        }
-        if (ties) {   /* probability ~2^-9 per group: the portable path settles ties */
-            uint32_t bits[4];
-            group_keep_bits(bits, d, g + (uint64_t)h, seed, offset);
-            for (int q = 0; q < 8; q++) keep[h][q] = (__mmask16)(bits[q / 2] >> (16 * (q % 2)));
+            keep[h][w] = _mm512_cmpgt_epu8_mask(word, t8);
+            __mmask64 ties = _mm512_cmpeq_epi8_mask(word, t8);
+            if (ties)   /* about one element in 256 */
+                keep[h][w] |= settle_ties(ties, (g + (uint64_t)h) * FO_DROPOUT_GROUP + 64 * (uint64_t)w,
+                                          d, seed, offset);
         }
     }
 }

@@ -12,11 +12,11 @@ typedef struct {
     int stream;             /* AVX-512 path: streaming stores (avx512.h) */
 } SFX(dropout_job);
 
-/* out[e] = in[e] * (bit e ? scale : 0) for the n <= 128 elements of a group. */
-INLINE void SFX(apply_bits)(T *restrict out, const T *restrict in, const uint32_t bits[4],
+/* out[e] = in[e] * (bit e ? scale : 0) for the n <= 256 elements of a group. */
+INLINE void SFX(apply_bits)(T *restrict out, const T *restrict in, const uint32_t bits[8],
                             T scale, int64_t n) {
     if (n == FO_DROPOUT_GROUP) {
-        for (int w = 0; w < 4; w++) {
+        for (int w = 0; w < 8; w++) {
             uint32_t b = bits[w];
             for (int e = 0; e < 32; e++)
                 out[32 * w + e] = in[32 * w + e] * (((b >> e) & 1) ? scale : (T)0);
@@ -36,40 +36,37 @@ INLINE void SFX(dropout_groups)(const SFX(dropout_job) *j, int64_t g0, int64_t g
         int64_t i = g * FO_DROPOUT_GROUP;
         int64_t n = j->n - i < FO_DROPOUT_GROUP ? j->n - i : FO_DROPOUT_GROUP;
         int64_t nbytes = (n + 7) / 8;
-        uint32_t bits[4];
+        uint32_t bits[8];
         if (bits_from_mask) {
-            load_mask_bytes(bits, j->mask + g * 16, nbytes);
+            load_mask_bytes(bits, j->mask + g * FO_DROPOUT_GROUP_BYTES, nbytes);
         } else {
             group_keep_bits(bits, &j->d, (uint64_t)g, j->seed, j->offset);
-            for (int w = 0; w < 4; w++) {   /* clear the bits past the end */
+            for (int w = 0; w < 8; w++) {   /* clear the bits past the end */
                 int64_t left = n - 32 * w;
                 if (left < 32) bits[w] &= left <= 0 ? 0 : ((uint32_t)1 << left) - 1;
             }
         }
-        if (write_mask) store_mask_bytes(j->mask + g * 16, bits, nbytes);
+        if (write_mask) store_mask_bytes(j->mask + g * FO_DROPOUT_GROUP_BYTES, bits, nbytes);
         SFX(apply_bits)(j->out + i, j->in + i, bits, scale, n);
     }
 }
 
 #ifdef FO_DROPOUT_AVX512
-/* out[16q + b] = in[16q + b] * (bit b of keep[q] ? scale : 0), q < 8 */
+/* out[64w + b] = in[64w + b] * (bit b of keep[w] ? scale : 0), w < 4 */
 AVX512_TARGET static inline void SFX(apply_masks_avx512)(T *out, const T *in,
-                                                         const __mmask16 keep[8], T scale,
+                                                         const __mmask64 keep[4], T scale,
                                                          int stream) {
 #if FO_T_IS_F64
     const __m512d s = _mm512_set1_pd(scale);
-    for (int q = 0; q < 8; q++) {
-        __m512d m0 = _mm512_maskz_mov_pd((__mmask8)keep[q], s);
-        __m512d m1 = _mm512_maskz_mov_pd((__mmask8)(keep[q] >> 8), s);
-        fo_store64(out + 16 * q, _mm512_castpd_si512(
-            _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q), m0)), stream);
-        fo_store64(out + 16 * q + 8, _mm512_castpd_si512(
-            _mm512_mul_pd(_mm512_loadu_pd(in + 16 * q + 8), m1)), stream);
+    for (int q = 0; q < 32; q++) {   /* 8 elements each */
+        __m512d m = _mm512_maskz_mov_pd((__mmask8)(keep[q / 8] >> (8 * (q % 8))), s);
+        fo_store64(out + 8 * q, _mm512_castpd_si512(
+            _mm512_mul_pd(_mm512_loadu_pd(in + 8 * q), m)), stream);
     }
 #else
     const __m512 s = _mm512_set1_ps(scale);
-    for (int q = 0; q < 8; q++) {
-        __m512 m = _mm512_maskz_mov_ps(keep[q], s);
+    for (int q = 0; q < 16; q++) {   /* 16 elements each */
+        __m512 m = _mm512_maskz_mov_ps((__mmask16)(keep[q / 4] >> (16 * (q % 4))), s);
         fo_store64(out + 16 * q, _mm512_castps_si512(
             _mm512_mul_ps(_mm512_loadu_ps(in + 16 * q), m)), stream);
     }
@@ -82,16 +79,17 @@ AVX512_TARGET static void SFX(dropout_groups_avx512)(const SFX(dropout_job) *j, 
                                                      int64_t g1, const int bits_from_mask,
                                                      const int write_mask) {
     const T scale = (T)j->d.scale;
-    int64_t full = j->n / FO_DROPOUT_GROUP;   /* groups with 128 elements */
+    int64_t full = j->n / FO_DROPOUT_GROUP;   /* groups with 256 elements */
     int64_t gend = g1 < full ? g1 : full;
     int64_t g = g0;
     for (; g < gend; g += 2) {
-        __mmask16 keep[2][8];
+        __mmask64 keep[2][4];
         int ng = g + 1 < gend ? 2 : 1;
-        if (bits_from_mask) memcpy(keep, j->mask + g * 16, 16 * (size_t)ng);   /* little-endian */
+        uint8_t *mask = j->mask + g * FO_DROPOUT_GROUP_BYTES;
+        if (bits_from_mask) memcpy(keep, mask, FO_DROPOUT_GROUP_BYTES * (size_t)ng);   /* little-endian */
         else if (ng == 2) keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 2);
         else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 1);
-        if (write_mask) memcpy(j->mask + g * 16, keep, 16 * (size_t)ng);
+        if (write_mask) memcpy(mask, keep, FO_DROPOUT_GROUP_BYTES * (size_t)ng);
         for (int h = 0; h < ng; h++) {
             int64_t i = (g + h) * FO_DROPOUT_GROUP;
             SFX(apply_masks_avx512)(j->out + i, j->in + i, keep[h], scale, j->stream);

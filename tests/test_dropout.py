@@ -41,28 +41,29 @@ def test_philox_reference_known_answers():
 
 
 def reference_keep(n, p, seed, offset):
-    """Kept elements per the documented layout: element i = 128*g + e takes the
-    low (e < 64) or high 16 bits of word e % 64 of group g, word w = j // 16 of
-    the block with counter (16*g + j % 16, offset) (j = e % 64), key seed; kept
-    when those bits, followed by 16 more bits drawn only on a tie (counter
-    (i | 2^63, offset), word 0), form a 32-bit U >= round(p * 2^32)."""
+    """Kept elements per the documented layout: element i = 256*g + e takes
+    byte e % 4 (little-endian) of word q = e // 4 of group g, that is word
+    q // 16 of the block with counter (16*g + q % 16, offset), key seed; kept
+    when that byte, followed by 24 more bits drawn only on a tie (the low 24
+    bits of word 0 of the block with counter (i | 2^63, offset)), forms a
+    32-bit U >= round(p * 2^32)."""
     i = np.arange(n, dtype=np.uint64)
-    g, e = i // np.uint64(128), i % np.uint64(128)
-    j = e % np.uint64(64)
-    block = g * np.uint64(16) + j % np.uint64(16)
+    g, e = i // np.uint64(256), i % np.uint64(256)
+    q = e // np.uint64(4)
+    block = g * np.uint64(16) + q % np.uint64(16)
     off_lo, off_hi = offset & 0xFFFFFFFF, offset >> 32
     words = philox4x32_10(block & M32, block >> np.uint64(32), off_lo, off_hi,
                           seed & 0xFFFFFFFF, seed >> 32)
-    word = np.choose((j // np.uint64(16)).astype(np.int64), words)
-    hi16 = np.where(e < 64, word & np.uint64(0xFFFF), word >> np.uint64(16))
+    word = np.choose((q // np.uint64(16)).astype(np.int64), words)
+    top8 = (word >> (np.uint64(8) * (e % np.uint64(4)))) & np.uint64(0xFF)
     t = min(int(round(p * 2**32)), 2**32 - 1)
-    keep = hi16 > np.uint64(t >> 16)
-    tie = np.nonzero(hi16 == np.uint64(t >> 16))[0]
+    keep = top8 > np.uint64(t >> 24)
+    tie = np.nonzero(top8 == np.uint64(t >> 24))[0]
     if tie.size:
         it = i[tie]
         extra = philox4x32_10(it & M32, (it >> np.uint64(32)) | np.uint64(0x80000000),
                               off_lo, off_hi, seed & 0xFFFFFFFF, seed >> 32)[0]
-        keep[tie] = (extra & np.uint64(0xFFFF)) >= np.uint64(t & 0xFFFF)
+        keep[tie] = (extra & np.uint64(0xFFFFFF)) >= np.uint64(t & 0xFFFFFF)
     return keep
 
 
@@ -129,13 +130,13 @@ def test_keep_rate_is_binomial(p):
 
 
 def test_keep_rate_of_blocks_is_uniform():
-    """Chi-square of kept counts over 64 positions of each 128-group."""
-    n, p = 128 * 20000, 0.5
+    """Chi-square of kept counts over the 256 positions of each 256-group."""
+    n, p = 256 * 20000, 0.5
     _, mask = F.dropout(np.ones(n, np.float32), p, seed=5)
-    keep = unpack(mask, n).reshape(-1, 128).sum(0)
+    keep = unpack(mask, n).reshape(-1, 256).sum(0)
     expect = 20000 * (1 - p)
     chi2 = ((keep - expect) ** 2 / (expect * p)).sum()
-    assert chi2 < 200     # 127 degrees of freedom: mean 127, sd 16
+    assert chi2 < 360     # 255 degrees of freedom: mean 255, sd 22.6
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

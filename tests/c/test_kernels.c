@@ -159,8 +159,8 @@ static void test_batchnorm(void) {
 }
 
 /* Dropout: the Random123 known-answer vector through the documented layout
- * (element 0 keeps iff the low 16 bits of philox(ctr 0, key seed) word 0 are
- * above the threshold's), p = 0 / 1, and backward from the mask = backward
+ * (element e < 4 keeps iff byte e of philox(ctr 0, key seed) word 0 is above
+ * the threshold's top 8 bits), p = 0 / 1, and backward from the mask = backward
  * from (seed, offset). */
 static void test_dropout(void) {
     enum { N = 1000 };
@@ -169,8 +169,9 @@ static void test_dropout(void) {
     for (int i = 0; i < N; i++) x[i] = (float)init_value(i);
     fo_dropout_args a = {0.5, 0, 0};
     fo_dropout_forward_f32(y, mask, x, N, &a);
-    /* philox4x32-10(ctr 0, key 0) word 0 = 0x6627e8d5: low 16 bits 0xe8d5 >= 0x8000 */
-    check("dropout element 0 kept", mask[0] & 1, 1, 0);
+    /* philox4x32-10(ctr 0, key 0) word 0 = 0x6627e8d5: bytes d5, e8 > 0x80
+     * (kept), 27, 66 < 0x80 (dropped) */
+    check("dropout elements 0-3", mask[0] & 15, 3, 0);
     int kept = 0;
     for (int i = 0; i < N; i++) {
         int k = (mask[i / 8] >> (i % 8)) & 1;
