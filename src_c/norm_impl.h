@@ -63,6 +63,7 @@ typedef struct {
     const T *x, *dy;
     T *out;
     const double *center;    /* reduction: sums of a*(x - center) */
+                             /* (and cen = center as T, for the T partials) */
     double *partial;         /* reduction: per unit 2*W (row) or 2 (segment) sums */
     const T *cen, *k1, *k2, *k3;   /* apply: out = k1*dy + k2*(x - cen) + k3 */
     int has_x;               /* apply reads x (0: eval backward, dx = k1*dy) */
@@ -87,13 +88,13 @@ INLINE void SFX(reduce_row)(const T *restrict x, const T *restrict dy,
 /* Four rows per pass over s1/s2: a quarter of the L1 traffic of reduce_row,
  * and the four-row partial sums in T (twice the lanes of float64 for float32
  * data), added to the float64 sums. The center is a T value (the shift K, or
- * save_mean), so x - center is exact for x within a factor 2 of it (Sterbenz)
- * and the partials of four shifted terms keep T's relative precision. */
+ * save_mean; read from cen, not converted per row), so x - center is exact
+ * for x within a factor 2 of it (Sterbenz) and the partials of four shifted terms keep T's relative precision. */
 INLINE void SFX(reduce_row4)(const T *restrict x, const T *restrict dy,
-                             const double *restrict center, double *restrict s1,
+                             const T *restrict cen, double *restrict s1,
                              double *restrict s2, int64_t L, const int has_dy) {
     for (int64_t j = 0; j < L; j++) {
-        T c = (T)center[j];
+        T c = cen[j];
         T u0 = x[j] - c, u1 = x[L + j] - c, u2 = x[2 * L + j] - c, u3 = x[3 * L + j] - c;
         T a0 = has_dy ? dy[j] : u0, a1 = has_dy ? dy[L + j] : u1;
         T a2 = has_dy ? dy[2 * L + j] : u2, a3 = has_dy ? dy[3 * L + j] : u3;
@@ -108,10 +109,10 @@ INLINE void SFX(reduce_row4)(const T *restrict x, const T *restrict dy,
  * four shifted terms each, as precise as reduce_row4's. Backward keeps four
  * rows: with dy, 16 input streams made GCC's loop slower (measured 98 -> 157
  * us on (256, 1024)). */
-INLINE void SFX(reduce_row8)(const T *restrict x, const double *restrict center,
+INLINE void SFX(reduce_row8)(const T *restrict x, const T *restrict cen,
                              double *restrict s1, double *restrict s2, int64_t L) {
     for (int64_t j = 0; j < L; j++) {
-        T c = (T)center[j];
+        T c = cen[j];
         T p1 = 0, p2 = 0, q1 = 0, q2 = 0;
         for (int k = 0; k < 8; k += 2) {
             T u0 = x[k * L + j] - c, u1 = x[(k + 1) * L + j] - c;
@@ -153,9 +154,9 @@ INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const in
         int64_t r1 = r0 + p->per_unit < p->outer ? r0 + p->per_unit : p->outer;
         int64_t r = r0;
         for (; !has_dy && r + 8 <= r1; r += 8)
-            SFX(reduce_row8)(j->x + r * L, j->center, s1, s2, L);
+            SFX(reduce_row8)(j->x + r * L, j->cen, s1, s2, L);
         for (; r + 4 <= r1; r += 4)
-            SFX(reduce_row4)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->center,
+            SFX(reduce_row4)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->cen,
                              s1, s2, L, has_dy);
         for (; r < r1; r++)
             SFX(reduce_row)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->center,
@@ -454,6 +455,7 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
         s.k1[c] = 0;   /* forward: no dy term */
         if (a->training) {
             s.center[c] = M ? (double)x[c * inner] : 0.0;   /* the shift K */
+            s.cen[c] = M ? x[c * inner] : 0;
         } else {
             mean = (double)running_mean[c];
             invstd = 1.0 / sqrt((double)running_var[c] + a->eps);
@@ -477,6 +479,7 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
     j.has_x = 1;
     if (a->training && M > 0) {
         SFX(expand_d)(s.center, &p);
+        SFX(expand)(s.cen, &p);
         SFX(reduce)(&j, s.sum1, s.sum2);
         for (int64_t c = 0; c < C; c++) {
             double K = (double)x[c * inner];
@@ -533,10 +536,12 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
     int need_sums = M > 0 && (a->training || dweight || dbias);
     for (int64_t c = 0; c < C; c++) {
         s.center[c] = (double)save_mean[c];
+        s.cen[c] = save_mean[c];
         s.sum1[c] = s.sum2[c] = 0;
     }
     if (need_sums) {
         SFX(expand_d)(s.center, &p);
+        SFX(expand)(s.cen, &p);   /* re-expanded after k1..k3 are set below */
         SFX(reduce)(&j, s.sum1, s.sum2);   /* sum(dy), sum(dy*(x - mean)) */
     }
     for (int64_t c = 0; c < C; c++) {
