@@ -23,6 +23,12 @@
 #define FO_NORM_ROW_UNIT 65536         /* row mode: elements per reduction unit */
 #define FO_NORM_SEG_UNIT 8192          /* segment mode: elements per reduction unit */
 #define FO_NORM_MIN_PER_THREAD 32768   /* below: one thread (a parallel region costs us) */
+/* The apply coefficient arrays (cen, k1, k2, k3) start this many bytes apart
+ * beyond their length: with W*sizeof(T) a multiple of 4 KiB they would all sit
+ * at one offset modulo 4 KiB, and the apply pass's seven streams (x, dy, out
+ * and those four) would compete for one 8-way L1 set ((256, 1024) float32
+ * backward: ~97 -> ~92 us here). */
+#define FO_NORM_SKEW_BYTES 192
 
 typedef struct {
     int64_t outer, C, inner, M;   /* M = outer*inner: elements per channel */
@@ -414,7 +420,9 @@ typedef struct {
 static int SFX(scratch_alloc)(SFX(norm_scratch) *s, const fo_norm_plan *p) {
     int64_t W = p->W, C = p->C;
     int64_t npartial = p->row_mode ? p->nunits * 2 * W : p->nunits * 2;
-    size_t bytes = sizeof(double) * (size_t)(npartial + 2 * C + W) + sizeof(T) * (size_t)(4 * W);
+    const int64_t sk = FO_NORM_SKEW_BYTES / (int64_t)sizeof(T);
+    size_t bytes = sizeof(double) * (size_t)(npartial + 2 * C + W) +
+                   sizeof(T) * (size_t)(4 * (W + sk));
     s->block = malloc(bytes ? bytes : 1);
     if (!s->block) return -1;
     s->partial = (double *)s->block;
@@ -422,9 +430,9 @@ static int SFX(scratch_alloc)(SFX(norm_scratch) *s, const fo_norm_plan *p) {
     s->sum2 = s->sum1 + C;
     s->center = s->sum2 + C;
     s->cen = (T *)(s->center + W);
-    s->k1 = s->cen + W;
-    s->k2 = s->k1 + W;
-    s->k3 = s->k2 + W;
+    s->k1 = s->cen + W + sk;
+    s->k2 = s->k1 + W + sk;
+    s->k3 = s->k2 + W + sk;
     return 0;
 }
 
