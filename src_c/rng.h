@@ -14,7 +14,9 @@
  *                          key = {lo(seed), hi(seed)})[e / 16],  b = 16*g + e % 16.
  * So one group is 16 independent Philox blocks, word w of block l being
  * element 16*w + l: the 16 blocks run side by side in vector lanes and the
- * words land in element order with no shuffle. */
+ * words land in element order with no shuffle. (This is the layout of
+ * Gaussian noise; dropout splits word q of group g into four 8-bit draws for
+ * elements 256*g + 4*q .. 256*g + 4*q + 3, see dropout.c.) */
 #ifndef FASTOPT_RNG_H
 #define FASTOPT_RNG_H
 
