@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from . import _fastopt
+from ._layer import Layer
 from ._functional_norm import _real, _u64
 
 __all__ = ["BatchNorm", "Dropout"]
@@ -22,26 +23,7 @@ def _check_dtype(dtype):
     return dtype
 
 
-class _Layer:
-    training = True
-
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def parameters(self):
-        return []
-
-    def gradients(self):
-        return []
-
-    def zero_grad(self):
-        for g in self.gradients():
-            g.fill(0)
-
+class _Layer(Layer):
     def __call__(self, x, out=None):
         return self.forward(x, out=out)
 

@@ -16,6 +16,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import _fastopt
+from ._layer import Layer
 from .blas import ensure_configured
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU"]
@@ -43,7 +44,7 @@ def _positive_int(v, name, minimum=1):
     return int(v)
 
 
-class _Recurrent:
+class _Recurrent(Layer):
     """Parameters (torch names and layout), their gradients, state_dict and the
     train/eval flag shared by the cells and the sequence layers."""
 
@@ -88,17 +89,6 @@ class _Recurrent:
 
     def named_parameters(self):
         return list(self._params.items())
-
-    def zero_grad(self):
-        for g in self._grads.values():
-            g.fill(0)
-
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
 
     def state_dict(self):
         """{torch name: copy of the array}, e.g. weight_ih_l0, bias_hh_l1."""
