@@ -276,6 +276,33 @@ def test_state_dict_round_trip_is_exact(case, dtype):
         np.testing.assert_array_equal(x, y)
 
 
+def test_state_arrays_are_separate_aligned_and_initialized():
+    """State lives in one buffer per dtype (huge pages, one address range):
+    every array must still be its param's shape, start on a 64-byte line,
+    overlap no other, and hold its initial value; after load_state_dict too."""
+    shapes = [(5,), (3, 2), (0,), (17, 3), (1,)]
+    for cls, kw, names, fill in [(fo.Adam, {"amsgrad": True},
+                                  ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), 0.0),
+                                 (fo.Adagrad, {"initial_accumulator_value": 0.25}, ("sum",),
+                                  0.25)]:
+        for dtype in DTYPES:
+            p = init_params(shapes, dtype)
+            opt = cls(p, **kw)
+            opt.step([np.zeros_like(x) for x in p] if cls is fo.Adagrad else
+                     [np.ones_like(x) for x in p])
+            for opt_ in (opt, cls(init_params(shapes, dtype), **kw)):
+                if opt_ is not opt:
+                    opt_.load_state_dict(opt.state_dict())
+                arrays = [a for n in names for a in opt_._groups[0]["state"][n].arrays]
+                for k, a in enumerate(arrays):
+                    assert a.shape == shapes[k % len(shapes)] and a.dtype == dtype
+                    assert a.size == 0 or a.ctypes.data % 64 == 0
+                    assert not any(np.shares_memory(a, b) for b in arrays[k + 1:])
+            if cls is fo.Adagrad:   # zero gradients: the accumulator keeps its initial value
+                for a in opt._groups[0]["state"]["sum"].arrays:
+                    assert np.all(a == dtype(fill))
+
+
 def test_state_dict_is_a_copy_and_loads_torch_layout(torch):
     p = init_params([(5,), (3, 2)], np.float32)
     opt = fo.Adam(p, lr=0.1, amsgrad=True)

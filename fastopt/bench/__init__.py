@@ -8,10 +8,12 @@ Modules in this package register cases with ``@register(family, kernel, sizes)``
 
 Timing: on one thread every callable of a case is timed in the same rounds,
 interleaved, so that the machine's noise hits all of them alike; with more
-threads each callable is timed in a block of its own after a warm-up (see
-time_interleaved); the figure is the median over rounds of the per-call time. The copy baseline (``fastopt.copy`` over the same
-number of bytes moved, same thread count) is timed in the same rounds, so the
-fraction of copy bandwidth is measured, not assumed.
+threads fastopt's own callables are still interleaved, and each other library
+is timed in a block of its own after a warm-up (see time_interleaved); the
+figure is the median over rounds of the per-call time. The copy baseline
+(``fastopt.copy`` over the same number of bytes moved, same thread count) is
+timed in the same rounds as fastopt, so the fraction of copy bandwidth is
+measured, not assumed.
 """
 import dataclasses
 import importlib
@@ -37,6 +39,7 @@ COMPETITORS = {
     "torch_foreach": "torch-foreach",
     "torch_cl": "torch-chlast",
     "gemm_only": "gemm-only",
+    "fastopt_flat": "fo-flat",   # fastopt on one flat array of the same size
 }
 
 
@@ -93,12 +96,15 @@ def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, blocked=False
     timed calls (a block takes ~target seconds), preceded by one untimed call;
     the machine's drifting noise then hits every callable alike.
 
-    blocked=True (used with more than one thread): all rounds of one callable,
-    then the next, each preceded by WARMUP seconds of untimed calls. Idle thread
-    pools keep spinning after their library returns (OpenBLAS for ~2^28 cycles,
-    GNU OpenMP for a while), and on a 2-core machine a spinning pool takes the
-    core that the next library's second thread needs; the warm-up lets it go to
-    sleep, so each library is timed as it runs in a loop of its own."""
+    blocked=True (used with more than one thread): the callables on fastopt's
+    own thread pool (OWN_POOL: fastopt, and the copy and stream baselines) are
+    interleaved as above after WARMUP seconds of untimed calls, so that their
+    ratios stay same-run figures; then all rounds of each other callable, each
+    preceded by its own warm-up. Idle thread pools keep spinning after their
+    library returns (OpenBLAS for ~2^28 cycles, GNU OpenMP for a while), and on
+    a 2-core machine a spinning pool takes the core that the next library's
+    second thread needs; the warm-up lets it go to sleep, so each library is
+    timed as it runs in a loop of its own."""
     number = {}
     for k, f in fns.items():
         f()
@@ -118,7 +124,18 @@ def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, blocked=False
         samples[k].append((time.perf_counter() - t0) / n)
 
     if blocked:
+        own = [k for k in fns if k in OWN_POOL]
+        t_end = time.perf_counter() + WARMUP
+        while time.perf_counter() < t_end:
+            for k in own:
+                fns[k]()
+        for _ in range(n_rounds):
+            for k in own:
+                fns[k]()
+                block(k)
         for k, f in fns.items():
+            if k in own:
+                continue
             t_end = time.perf_counter() + WARMUP
             while time.perf_counter() < t_end:
                 f()
@@ -133,6 +150,9 @@ def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, blocked=False
 
 
 WARMUP = 0.25
+# callables that run on fastopt's own OpenMP pool: timed interleaved even with
+# more than one thread
+OWN_POOL = ("fastopt", "fastopt_flat", "_copy", "_stream")
 
 
 def size_label(size):
