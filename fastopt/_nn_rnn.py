@@ -7,8 +7,9 @@ only the recurrent product, and the weight gradients are a few GEMMs over the
 whole sequence. Weight names, shapes and gate orders are torch's
 (LSTM i, f, g, o; GRU r, z, n), so ``state_dict()`` moves between the two.
 
-Shapes (time-major unless ``batch_first``): x (T, B, I); out (T, B, H);
-state h (num_layers, B, H), LSTM also c. Cells: x (B, I), h (B, H).
+Shapes (time-major unless ``batch_first``): x (T, B, I); out (T, B, D*H);
+state h (num_layers*D, B, H), LSTM also c, with D = 2 directions when
+bidirectional, else 1. Cells: x (B, I), h (B, H).
 """
 import math
 from collections import OrderedDict
@@ -17,6 +18,8 @@ import numpy as np
 
 from . import _fastopt
 from ._layer import Layer
+from ._functional_norm import _real
+from ._nn_norm import Dropout
 from .blas import ensure_configured
 
 __all__ = ["RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU"]
@@ -49,7 +52,9 @@ class _Recurrent(Layer):
     train/eval flag shared by the cells and the sequence layers."""
 
     def _init_params(self, mode, input_size, hidden_size, num_layers, bias, dtype, seed,
-                     suffixes):
+                     suffixes, directions=1):
+        """Parameters of each layer (and direction: '_reverse' names the second),
+        in torch's order; returns the generator, for any further seeded draws."""
         self.mode = mode
         self.input_size = _positive_int(input_size, "input_size")
         self.hidden_size = _positive_int(hidden_size, "hidden_size")
@@ -65,13 +70,16 @@ class _Recurrent(Layer):
         bound = 1.0 / math.sqrt(H)     # torch: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         self._params = OrderedDict()
         for layer, sfx in enumerate(suffixes):
-            fan_in = self.input_size if layer == 0 else H
+            fan_in = self.input_size if layer == 0 else directions * H
             shapes = [("weight_ih", (G * H, fan_in)), ("weight_hh", (G * H, H))]
             if self.bias:
                 shapes += [("bias_ih", (G * H,)), ("bias_hh", (G * H,))]
-            for name, shape in shapes:
-                self._params[name + sfx] = rng.uniform(-bound, bound, shape).astype(self.dtype)
+            for d in range(directions):
+                for name, shape in shapes:
+                    self._params[name + sfx + ("_reverse" if d else "")] = \
+                        rng.uniform(-bound, bound, shape).astype(self.dtype)
         self._grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
+        return rng
 
     def _layer_params(self, sfx):
         """(w_ih, w_hh, b_ih, b_hh) and their grads of one layer (biases None without bias)."""
@@ -116,20 +124,37 @@ class _Recurrent(Layer):
 
 
 class _Saved:
-    """One layer's forward over one sequence (or one cell step): the checked C
-    call, which keeps the buffers backward reads."""
+    """One layer's (and direction's) forward over one sequence, or one cell
+    step: the checked C call, which keeps the buffers backward reads."""
     __slots__ = ("call", "x", "h0", "c0", "out", "c_all", "gates")
 
 
 class _SequenceLayer(_Recurrent):
-    """A stack of `num_layers` recurrent layers over whole sequences."""
+    """A stack of `num_layers` recurrent layers over whole sequences, each in one
+    direction or (bidirectional) two: the second runs over the time-reversed
+    input with its own weights ('_reverse'), and the layer's output is the two
+    outputs side by side, (T, B, 2H). With dropout > 0, training applies
+    inverted dropout (fastopt.Dropout: Philox, seeded) to the output of every
+    layer but the last, as torch does."""
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
-                 batch_first=False, dtype=np.float32, seed=None):
-        self._init_params(mode, input_size, hidden_size, num_layers, bias, dtype, seed,
-                          [f"_l{k}" for k in range(_positive_int(num_layers, "num_layers"))])
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
+                 seed=None):
+        dropout = _real(dropout, "dropout")
+        if not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+        self.dropout = dropout
+        self.bidirectional = bool(bidirectional)
+        self._D = 2 if self.bidirectional else 1
+        L = _positive_int(num_layers, "num_layers")
+        rng = self._init_params(mode, input_size, hidden_size, L, bias, dtype, seed,
+                                [f"_l{k}" for k in range(L)], self._D)
         self.batch_first = bool(batch_first)
-        self._saved = None       # per layer _Saved of the last forward
+        # one dropout between each pair of layers, seeded from the same generator
+        self._dropouts = ([Dropout(dropout, seed=int(rng.integers(2 ** 63)))
+                           for _ in range(L - 1)] if dropout > 0 else [])
+        self._saved = None       # per (layer, direction) _Saved of the last forward
+        self._dropped = []       # per layer: whether its output went through dropout
         self._work = {}          # reused scratch: name -> array
 
     def _scratch(self, name, shape):
@@ -141,7 +166,7 @@ class _SequenceLayer(_Recurrent):
         return a
 
     def _check_state(self, state, B):
-        L, H = self.num_layers, self.hidden_size
+        L, H = self.num_layers * self._D, self.hidden_size
         shape = (L, B, H)
         if state is None:
             return None, None
@@ -164,26 +189,45 @@ class _SequenceLayer(_Recurrent):
         h0, c0 = self._check_state(state, B)
         if self.batch_first:
             x = np.ascontiguousarray(x.transpose(1, 0, 2))
-        H, G, L = self.hidden_size, _GATES[self.mode], self.num_layers
+        H, G, L, D = self.hidden_size, _GATES[self.mode], self.num_layers, self._D
         self._saved = None       # the scratch below is about to change
-        saved = []
+        saved, dropped = [], []
         inp = x
         for layer in range(L):
-            (w_ih, w_hh, b_ih, b_hh), _ = self._layer_params(f"_l{layer}")
-            out = self._scratch(f"out{layer}", (T, B, H))
-            s = _Saved()
-            s.x, s.out = inp, out
-            s.h0 = h0[layer] if h0 is not None else None
-            s.c0 = c0[layer] if c0 is not None else None
-            s.c_all = self._scratch(f"c{layer}", (T, B, H)) if self.mode == "lstm" else None
-            s.call = _fastopt.RnnLayerCall(
-                self.mode, T, B, inp.shape[2], H, w_ih, w_hh, b_ih, b_hh, inp, s.h0, s.c0, out,
-                s.c_all, self._scratch(f"gates{layer}", (T, B, G * H)),
-                self._scratch(f"extra{layer}", (T, B, H)) if G == 3 else None)
-            s.call.forward()
-            saved.append(s)
-            inp = out
-        self._saved = saved
+            outs = []
+            for d in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                (w_ih, w_hh, b_ih, b_hh), _ = self._layer_params(sfx)
+                src = inp
+                if d:            # the reverse direction reads the input newest first
+                    src = self._scratch(f"in{sfx}", inp.shape)
+                    np.copyto(src, inp[::-1])
+                out = self._scratch(f"out{sfx}", (T, B, H))
+                k = layer * D + d
+                s = _Saved()
+                s.x, s.out = src, out
+                s.h0 = h0[k] if h0 is not None else None
+                s.c0 = c0[k] if c0 is not None else None
+                s.c_all = self._scratch(f"c{sfx}", (T, B, H)) if self.mode == "lstm" else None
+                s.call = _fastopt.RnnLayerCall(
+                    self.mode, T, B, src.shape[2], H, w_ih, w_hh, b_ih, b_hh, src, s.h0, s.c0,
+                    out, s.c_all, self._scratch(f"gates{sfx}", (T, B, G * H)),
+                    self._scratch(f"extra{sfx}", (T, B, H)) if G == 3 else None)
+                s.call.forward()
+                saved.append(s)
+                outs.append(out)
+            y = outs[0]
+            if D == 2:           # both directions' h at each time step, side by side
+                y = self._scratch(f"cat{layer}", (T, B, 2 * H))
+                y[..., :H] = outs[0]
+                y[..., H:] = outs[1][::-1]
+            drop = layer < L - 1 and self.training and self.dropout > 0
+            if drop:
+                self._dropouts[layer].training = True
+                y = self._dropouts[layer].forward(y, out=self._scratch(f"drop{layer}", y.shape))
+            dropped.append(drop)
+            inp = y
+        self._saved, self._dropped = saved, dropped
         out = inp
         h_n = self._final_state([s.out for s in saved], h0, T, B)
         # a copy: backward reads the saved out, which the caller may then change
@@ -195,11 +239,12 @@ class _SequenceLayer(_Recurrent):
     __call__ = forward
 
     def _final_state(self, per_layer, initial, T, B):
-        """h_n (or c_n) of every layer from its (T, B, H) states: the last step's,
-        or the initial state when T == 0."""
+        """h_n (or c_n) of every layer and direction from its (T, B, H) states
+        (in its own order of time): the last step's, or the initial state when
+        T == 0."""
         if T == 0:
-            return (initial.copy() if initial is not None
-                    else np.zeros((self.num_layers, B, self.hidden_size), self.dtype))
+            return (initial.copy() if initial is not None else
+                    np.zeros((self.num_layers * self._D, B, self.hidden_size), self.dtype))
         return np.stack([a[T - 1] for a in per_layer])
 
     def backward(self, dout, dstate=None):
@@ -211,8 +256,8 @@ class _SequenceLayer(_Recurrent):
             raise ValueError("backward() needs a matching forward() first")
         saved = self._saved
         T, B = saved[0].x.shape[:2]
-        H, G, L = self.hidden_size, _GATES[self.mode], self.num_layers
-        out_shape = (B, T, H) if self.batch_first else (T, B, H)
+        H, G, L, D = self.hidden_size, _GATES[self.mode], self.num_layers, self._D
+        out_shape = (B, T, D * H) if self.batch_first else (T, B, D * H)
         if dout is not None:
             dout = _input(dout, "dout", self.dtype, out_shape)
             if self.batch_first:
@@ -220,22 +265,40 @@ class _SequenceLayer(_Recurrent):
         dh_n = dc_n = None
         if dstate is not None:
             dh_n, dc_n = self._check_state(dstate, B)
-        dh0 = np.empty((L, B, H), self.dtype)
-        dc0 = np.empty((L, B, H), self.dtype) if self.mode == "lstm" else None
+        dh0 = np.empty((L * D, B, H), self.dtype)
+        dc0 = np.empty((L * D, B, H), self.dtype) if self.mode == "lstm" else None
         dgates = self._scratch("dgates", (T, B, G * H))
         dgates_hh = self._scratch("dgates_hh", (T, B, G * H)) if self.mode == "gru" else None
         d_above = dout
         for layer in reversed(range(L)):
-            _, (gw_ih, gw_hh, gb_ih, gb_hh) = self._layer_params(f"_l{layer}")
-            I = self.input_size if layer == 0 else H
-            dx = (np.empty((T, B, I), self.dtype) if layer == 0
-                  else self._scratch(f"dx{layer}", (T, B, I)))
-            saved[layer].call.backward(
-                d_above, dh_n[layer] if dh_n is not None else None,
-                dc_n[layer] if dc_n is not None else None, dx, dh0[layer],
-                dc0[layer] if dc0 is not None else None, gw_ih, gw_hh, gb_ih, gb_hh,
-                dgates, dgates_hh)
-            d_above = dx
+            if d_above is not None and self._dropped[layer]:
+                d_above = self._dropouts[layer].backward(
+                    d_above, out=self._scratch(f"ddrop{layer}", d_above.shape))
+            d_dirs = [d_above]
+            if D == 2:           # each direction's share of d_above, in its own time order
+                d_dirs = [None, None]
+                if d_above is not None:
+                    d_dirs = [self._scratch("dfwd", (T, B, H)), self._scratch("drev", (T, B, H))]
+                    np.copyto(d_dirs[0], d_above[..., :H])
+                    np.copyto(d_dirs[1], d_above[::-1, :, H:])
+            I = self.input_size if layer == 0 else D * H
+            dxs = []
+            for d in range(D):
+                k, sfx = layer * D + d, f"_l{layer}" + ("_reverse" if d else "")
+                _, (gw_ih, gw_hh, gb_ih, gb_hh) = self._layer_params(sfx)
+                dx = (np.empty((T, B, I), self.dtype) if layer == 0 and D == 1
+                      else self._scratch(f"dx{sfx}", (T, B, I)))
+                saved[k].call.backward(
+                    d_dirs[d], dh_n[k] if dh_n is not None else None,
+                    dc_n[k] if dc_n is not None else None, dx, dh0[k],
+                    dc0[k] if dc0 is not None else None, gw_ih, gw_hh, gb_ih, gb_hh,
+                    dgates, dgates_hh)
+                dxs.append(dx)
+            d_above = dxs[0]
+            if D == 2:           # the reverse direction saw the input newest first
+                d_above = (np.empty((T, B, I), self.dtype) if layer == 0
+                           else self._scratch(f"dxsum{layer}", (T, B, I)))
+                np.add(dxs[0], dxs[1][::-1], out=d_above)
         dx = d_above.transpose(1, 0, 2).copy() if self.batch_first else d_above
         return dx, ((dh0, dc0) if self.mode == "lstm" else dh0)
 
@@ -244,21 +307,22 @@ class RNN(_SequenceLayer):
     """Elman RNN: h_t = act(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), act tanh or relu."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dtype=np.float32, seed=None):
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
+                 seed=None):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__("rnn_" + nonlinearity, input_size, hidden_size, num_layers, bias,
-                         batch_first, dtype, seed)
+                         batch_first, dropout, bidirectional, dtype, seed)
 
 
 class LSTM(_SequenceLayer):
     """LSTM, gates i, f, g, o: c_t = f*c_{t-1} + i*g, h_t = o*tanh(c_t)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dtype=np.float32, seed=None):
+                 dropout=0.0, bidirectional=False, dtype=np.float32, seed=None):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
-                         dtype, seed)
+                         dropout, bidirectional, dtype, seed)
 
 
 class GRU(_SequenceLayer):
@@ -267,10 +331,12 @@ class GRU(_SequenceLayer):
     n = tanh(W_in x + b_in + W_hn (r*h) + b_hn)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dtype=np.float32, seed=None, reset_after=True):
+                 dropout=0.0, bidirectional=False, dtype=np.float32, seed=None,
+                 reset_after=True):
         self.reset_after = bool(reset_after)
         super().__init__("gru" if reset_after else "gru_reset_before", input_size,
-                         hidden_size, num_layers, bias, batch_first, dtype, seed)
+                         hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
+                         dtype, seed)
 
 
 class _Cell(_Recurrent):

@@ -38,20 +38,24 @@ def copy_to_fastopt(tm, m):
 @pytest.mark.parametrize("kind,kw", KINDS)
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_sequence_matches_torch(torch, dtype, kind, kw, num_layers, batch_first):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_sequence_matches_torch(torch, dtype, kind, kw, num_layers, batch_first, bidirectional):
     T, B, I, H = 7, 3, 5, 6
+    D = 2 if bidirectional else 1
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     tm = getattr(torch.nn, kind)(I, H, num_layers=num_layers, batch_first=batch_first,
-                                 **kw).to(torch_dtype(torch, dtype))
-    m = getattr(fo, kind)(I, H, num_layers=num_layers, batch_first=batch_first, dtype=dtype, **kw)
+                                 bidirectional=bidirectional, **kw).to(torch_dtype(torch, dtype))
+    m = getattr(fo, kind)(I, H, num_layers=num_layers, batch_first=batch_first,
+                          bidirectional=bidirectional, dtype=dtype, **kw)
     copy_to_fastopt(tm, m)
     assert [k for k, _ in m.named_parameters()] == [k for k, _ in tm.named_parameters()]
     lstm = kind == "LSTM"
     x = rand(rng, (B, T, I) if batch_first else (T, B, I), dtype)
-    h0, c0 = rand(rng, (num_layers, B, H), dtype), rand(rng, (num_layers, B, H), dtype)
-    dout = rand(rng, x.shape[:2] + (H,), dtype)
-    dh_n, dc_n = rand(rng, (num_layers, B, H), dtype), rand(rng, (num_layers, B, H), dtype)
+    h0, c0 = rand(rng, (num_layers * D, B, H), dtype), rand(rng, (num_layers * D, B, H), dtype)
+    dout = rand(rng, x.shape[:2] + (D * H,), dtype)
+    dh_n, dc_n = (rand(rng, (num_layers * D, B, H), dtype),
+                  rand(rng, (num_layers * D, B, H), dtype))
     x_in, h0_in, c0_in = x.copy(), h0.copy(), c0.copy()
 
     tx = torch.from_numpy(x).requires_grad_()
@@ -175,8 +179,8 @@ def test_each_blas_matches_torch(torch, threads, blas, nthreads):
                 raise
             pytest.skip(f"{blas} not available: {e}")   # MKL, oneDNN: optional wheels
         assert fo.get_blas() == blas or blas == "auto"
-        test_sequence_matches_torch(torch, np.float32, "LSTM", {}, 2, False)
-        test_sequence_matches_torch(torch, np.float64, "GRU", {}, 1, True)
+        test_sequence_matches_torch(torch, np.float32, "LSTM", {}, 2, False, False)
+        test_sequence_matches_torch(torch, np.float64, "GRU", {}, 1, True, True)
         test_cell_stepped_then_backpropagated_matches_torch(torch, np.float32, "LSTMCell", {})
     finally:
         fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
@@ -231,7 +235,8 @@ def test_gru_reset_before_matches_numpy_formula(dtype):
 # ------------------------------------------------------ finite differences
 
 FD_LAYERS = [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}),
-             ("RNN", {"nonlinearity": "tanh"}), ("RNN", {"nonlinearity": "relu"})]
+             ("RNN", {"nonlinearity": "tanh"}), ("RNN", {"nonlinearity": "relu"}),
+             ("LSTM", {"bidirectional": True}), ("GRU", {"bidirectional": True})]
 
 
 @pytest.mark.parametrize("kind,kw", FD_LAYERS)
@@ -239,12 +244,14 @@ def test_gradients_match_finite_differences(kind, kw):
     """loss = sum(out*dout) + sum(h_n*dh_n) (+ sum(c_n*dc_n)); central
     differences in float64 for every input, initial state and parameter entry."""
     T, B, I, H, L = 3, 2, 3, 4, 2
+    D = 2 if kw.get("bidirectional") else 1
     rng = np.random.default_rng(4)
     m = getattr(fo, kind)(I, H, num_layers=L, dtype=np.float64, seed=5, **kw)
     lstm = kind == "LSTM"
     x = rng.standard_normal((T, B, I))
-    h0, c0 = rng.standard_normal((L, B, H)), rng.standard_normal((L, B, H))
-    dout, dh_n, dc_n = (rng.standard_normal(s) for s in [(T, B, H), (L, B, H), (L, B, H)])
+    h0, c0 = rng.standard_normal((L * D, B, H)), rng.standard_normal((L * D, B, H))
+    dout, dh_n, dc_n = (rng.standard_normal(s)
+                        for s in [(T, B, D * H), (L * D, B, H), (L * D, B, H)])
 
     def loss():
         out, st = m.forward(x, (h0, c0) if lstm else h0)
@@ -531,6 +538,83 @@ def test_bad_cell_input_and_constructor_arguments():
         fo.RNN(3, 4, nonlinearity="sigmoid")
     with pytest.raises(TypeError, match="dtype"):
         fo.RNNCell(3, 4, dtype=np.int32)
+    with pytest.raises(ValueError, match="dropout"):
+        fo.LSTM(3, 4, num_layers=2, dropout=1.5)
+    with pytest.raises(TypeError, match="dropout"):
+        fo.GRU(3, 4, num_layers=2, dropout="0.5")
+    m = fo.LSTM(3, 4, bidirectional=True)
+    with pytest.raises(ValueError, match="h0 has shape"):   # (num_layers*2, B, H) when bidirectional
+        m.forward(np.zeros((2, 5, 3), np.float32),
+                  (np.zeros((1, 5, 4), np.float32), np.zeros((1, 5, 4), np.float32)))
+    m.forward(np.zeros((2, 5, 3), np.float32))
+    with pytest.raises(ValueError, match="dout has shape"):
+        m.backward(np.zeros((2, 5, 4), np.float32))
+
+
+# ------------------------------------------------------- dropout between layers
+
+@pytest.mark.parametrize("kind,bidirectional", [("LSTM", False), ("GRU", True),
+                                                ("RNN", False)])
+def test_dropout_between_layers_is_the_composition_of_its_parts(kind, bidirectional):
+    """A 3-layer model with dropout equals, in training, layer 0, dropout with
+    the layer's seed, layer 1, dropout, layer 2, each run on its own: outputs,
+    final states, input and parameter gradients. Eval is the dropout-free
+    model; each training forward draws a fresh mask."""
+    T, B, I, H, L, p = 5, 4, 3, 6, 3, 0.4
+    D = 2 if bidirectional else 1
+    rng = np.random.default_rng(11)
+    m = getattr(fo, kind)(I, H, num_layers=L, dropout=p, bidirectional=bidirectional,
+                          dtype=np.float64, seed=3)
+    parts = [getattr(fo, kind)(I if k == 0 else D * H, H, bidirectional=bidirectional,
+                               dtype=np.float64) for k in range(L)]
+    sd = m.state_dict()
+    for k, part in enumerate(parts):
+        part.load_state_dict({n.replace(f"_l{k}", "_l0"): v for n, v in sd.items()
+                              if f"_l{k}" in n})
+    x, dout = rand(rng, (T, B, I), np.float64), rand(rng, (T, B, D * H), np.float64)
+    seeds = [d.seed for d in m._dropouts]
+    assert len(seeds) == L - 1 and len(set(seeds)) == L - 1
+
+    out, state = m.forward(x)
+    dx, _ = m.backward(dout)
+    y, masks, finals = x, [], []
+    for k, part in enumerate(parts):
+        y, st = part.forward(y)
+        finals.append(st[0] if kind == "LSTM" else st)
+        if k < L - 1:
+            y, mask = fo.functional.dropout(y, p, seeds[k], offset=0)
+            masks.append(mask)
+            kept = np.unpackbits(mask, count=y.size, bitorder="little").mean()
+            assert 0.35 < 1 - kept < 0.45          # the layer output really went through p
+    np.testing.assert_allclose(out, y, rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(state[0] if kind == "LSTM" else state,
+                               np.concatenate(finals), rtol=1e-13, atol=1e-14)
+    d = dout
+    for k in reversed(range(L)):
+        if k < L - 1:
+            d = fo.functional.dropout_backward(d, masks[k], p)
+        d, _ = parts[k].backward(d)
+    np.testing.assert_allclose(dx, d, rtol=1e-12, atol=1e-13)
+    grads = [g for part in parts for g in part.gradients()]
+    for g, ref in zip(m.gradients(), grads):
+        np.testing.assert_allclose(g, ref, rtol=1e-12, atol=1e-13)
+
+    out2, _ = m.forward(x)                       # a fresh mask per training forward
+    assert not np.allclose(out2, out)
+    m.eval()
+    ref = getattr(fo, kind)(I, H, num_layers=L, bidirectional=bidirectional, dtype=np.float64)
+    ref.load_state_dict(sd)
+    np.testing.assert_array_equal(m.forward(x)[0], ref.forward(x)[0])
+
+
+def test_dropout_eval_matches_torch(torch):
+    tm = torch.nn.LSTM(3, 5, num_layers=2, dropout=0.5, bidirectional=True).double().eval()
+    m = fo.LSTM(3, 5, num_layers=2, dropout=0.5, bidirectional=True, dtype=np.float64).eval()
+    copy_to_fastopt(tm, m)
+    x = rand(np.random.default_rng(2), (4, 2, 3), np.float64)
+    with torch.no_grad():
+        tout, _ = tm(torch.from_numpy(x))
+    close(m.forward(x)[0], tout.numpy(), np.float64, "out")
 
 
 def test_load_state_dict_that_does_not_fit_is_refused_whole():
