@@ -155,6 +155,7 @@ class _SequenceLayer(_Recurrent):
                            for _ in range(L - 1)] if dropout > 0 else [])
         self._saved = None       # per (layer, direction) _Saved of the last forward
         self._dropped = []       # per layer: whether its output went through dropout
+        self._unbatched = False  # the last forward's input was 2-D (T, I)
         self._work = {}          # reused scratch: name -> array
 
     def _scratch(self, name, shape):
@@ -177,17 +178,41 @@ class _SequenceLayer(_Recurrent):
                     _input(state[1], "c0", self.dtype, shape))
         return _input(state, "h0", self.dtype, shape), None
 
+    def _map_state(self, state, fn):
+        """fn(array, name) applied to h (and c) of a state; None stays None."""
+        if state is None:
+            return None
+        if self.mode == "lstm":
+            if not isinstance(state, (tuple, list)) or len(state) != 2:
+                raise TypeError("state must be a tuple (h0, c0) for an LSTM")
+            return fn(state[0], "h0"), fn(state[1], "c0")
+        return fn(state, "h0")
+
     def forward(self, x, state=None):
         """out, state = forward(x, state=None). x (T, B, I) ((B, T, I) when
-        batch_first); state h0 (num_layers, B, H), LSTM (h0, c0); None = zeros."""
+        batch_first), or unbatched (T, I); state h0 (num_layers*D, B, H) (or
+        (num_layers*D, H) unbatched), LSTM (h0, c0); None = zeros."""
         x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+        if x.ndim != 2:
+            result = self._forward(x, state, self.batch_first)
+            self._unbatched = False
+            return result
+        # unbatched, as torch takes it: a batch of one, time-major whatever batch_first
+        S = (self.num_layers * self._D, self.hidden_size)
+        x = _input(x, "x", self.dtype, (x.shape[0], self.input_size))[:, None]
+        state = self._map_state(state, lambda a, n: _input(a, n, self.dtype, S)[:, None])
+        out, state = self._forward(x, state, False)
+        self._unbatched = True
+        return out[:, 0], self._map_state(state, lambda a, n: a[:, 0])
+
+    def _forward(self, x, state, batch_first):
         if x.ndim != 3:
-            raise ValueError(f"x must be 3-D ({'B, T' if self.batch_first else 'T, B'}, "
-                             f"input_size), got shape {x.shape}")
-        T, B = (x.shape[1], x.shape[0]) if self.batch_first else x.shape[:2]
+            raise ValueError(f"x must be 3-D ({'B, T' if batch_first else 'T, B'}, "
+                             f"input_size) or 2-D (T, input_size), got shape {x.shape}")
+        T, B = (x.shape[1], x.shape[0]) if batch_first else x.shape[:2]
         x = _input(x, "x", self.dtype, x.shape[:2] + (self.input_size,))
         h0, c0 = self._check_state(state, B)
-        if self.batch_first:
+        if batch_first:
             x = np.ascontiguousarray(x.transpose(1, 0, 2))
         H, G, L, D = self.hidden_size, _GATES[self.mode], self.num_layers, self._D
         self._saved = None       # the scratch below is about to change
@@ -231,7 +256,7 @@ class _SequenceLayer(_Recurrent):
         out = inp
         h_n = self._final_state([s.out for s in saved], h0, T, B)
         # a copy: backward reads the saved out, which the caller may then change
-        result_out = out.transpose(1, 0, 2).copy() if self.batch_first else out.copy()
+        result_out = out.transpose(1, 0, 2).copy() if batch_first else out.copy()
         if self.mode == "lstm":
             return result_out, (h_n, self._final_state([s.c_all for s in saved], c0, T, B))
         return result_out, h_n
@@ -251,16 +276,27 @@ class _SequenceLayer(_Recurrent):
         """dx, dstate = backward(dout, dstate=None): the gradients of the input
         and of the initial state from those of out (None = zeros) and of the
         final state (h_n, LSTM (h_n, c_n); None = zeros). Parameter gradients
-        are accumulated (+=) into gradients()."""
+        are accumulated (+=) into gradients(). Unbatched forward: unbatched
+        shapes here too."""
         if self._saved is None:
             raise ValueError("backward() needs a matching forward() first")
+        if not self._unbatched:
+            return self._backward(dout, dstate, self.batch_first)
+        T, S = self._saved[0].x.shape[0], (self.num_layers * self._D, self.hidden_size)
+        if dout is not None:
+            dout = _input(dout, "dout", self.dtype, (T, self._D * self.hidden_size))[:, None]
+        dstate = self._map_state(dstate, lambda a, n: _input(a, n, self.dtype, S)[:, None])
+        dx, dstate = self._backward(dout, dstate, False)
+        return dx[:, 0], self._map_state(dstate, lambda a, n: a[:, 0])
+
+    def _backward(self, dout, dstate, batch_first):
         saved = self._saved
         T, B = saved[0].x.shape[:2]
         H, G, L, D = self.hidden_size, _GATES[self.mode], self.num_layers, self._D
-        out_shape = (B, T, D * H) if self.batch_first else (T, B, D * H)
+        out_shape = (B, T, D * H) if batch_first else (T, B, D * H)
         if dout is not None:
             dout = _input(dout, "dout", self.dtype, out_shape)
-            if self.batch_first:
+            if batch_first:
                 dout = np.ascontiguousarray(dout.transpose(1, 0, 2))
         dh_n = dc_n = None
         if dstate is not None:
@@ -299,7 +335,7 @@ class _SequenceLayer(_Recurrent):
                 d_above = (np.empty((T, B, I), self.dtype) if layer == 0
                            else self._scratch(f"dxsum{layer}", (T, B, I)))
                 np.add(dxs[0], dxs[1][::-1], out=d_above)
-        dx = d_above.transpose(1, 0, 2).copy() if self.batch_first else d_above
+        dx = d_above.transpose(1, 0, 2).copy() if batch_first else d_above
         return dx, ((dh0, dc0) if self.mode == "lstm" else dh0)
 
 

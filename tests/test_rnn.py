@@ -497,7 +497,7 @@ def test_bad_input_raises_and_writes_nothing():
     with pytest.raises(ValueError, match="x has shape"):
         m.forward(np.zeros((5, 2, 4), np.float32))
     with pytest.raises(ValueError, match="x must be 3-D"):
-        m.forward(np.zeros((5, 3), np.float32))
+        m.forward(np.zeros((5, 2, 1, 3), np.float32))
     with pytest.raises(ValueError, match="x must be C-contiguous"):
         m.forward(np.zeros((3, 2, 5), np.float32).transpose(2, 1, 0))
     with pytest.raises(ValueError, match="h0 has shape"):
@@ -549,6 +549,40 @@ def test_bad_cell_input_and_constructor_arguments():
     m.forward(np.zeros((2, 5, 3), np.float32))
     with pytest.raises(ValueError, match="dout has shape"):
         m.backward(np.zeros((2, 5, 4), np.float32))
+
+
+@pytest.mark.parametrize("kind,bidirectional", [("LSTM", True), ("GRU", False), ("RNN", True)])
+def test_unbatched_input_matches_torch(torch, kind, bidirectional):
+    """2-D input (T, I) with 2-D states, as torch takes it (batch_first ignored)."""
+    T, I, H, L = 5, 3, 4, 2
+    D = 2 if bidirectional else 1
+    rng = np.random.default_rng(6)
+    tm = getattr(torch.nn, kind)(I, H, num_layers=L, bidirectional=bidirectional,
+                                 batch_first=True).double()
+    m = getattr(fo, kind)(I, H, num_layers=L, bidirectional=bidirectional, batch_first=True,
+                          dtype=np.float64)
+    copy_to_fastopt(tm, m)
+    lstm = kind == "LSTM"
+    x, h0, c0 = (rand(rng, s, np.float64) for s in [(T, I), (L * D, H), (L * D, H)])
+    dout, dh_n = rand(rng, (T, D * H), np.float64), rand(rng, (L * D, H), np.float64)
+    tx, th0, tc0 = (torch.from_numpy(a.copy()).requires_grad_() for a in (x, h0, c0))
+    tout, tst = tm(tx, (th0, tc0) if lstm else th0)
+    th_n = tst[0] if lstm else tst
+    torch.autograd.backward([tout, th_n], [torch.from_numpy(dout), torch.from_numpy(dh_n)])
+    out, st = m.forward(x, (h0, c0) if lstm else h0)
+    assert out.shape == (T, D * H)
+    close(out, tout.detach().numpy(), np.float64, "out")
+    close(st[0] if lstm else st, th_n.detach().numpy(), np.float64, "h_n")
+    dx, dst = m.backward(dout, (dh_n, np.zeros_like(dh_n)) if lstm else dh_n)
+    close(dx, tx.grad.numpy(), np.float64, "dx")
+    close(dst[0] if lstm else dst, th0.grad.numpy(), np.float64, "dh0")
+    if lstm:
+        close(dst[1], tc0.grad.numpy(), np.float64, "dc0")
+    for (name, p), g in zip(tm.named_parameters(), m.gradients()):
+        close(g, p.grad.numpy(), np.float64, name)
+    with pytest.raises(ValueError, match="h0 has shape"):   # a failed call keeps the forward
+        m.forward(x, (h0[:, None], c0[:, None]) if lstm else h0[:, None])
+    m.backward(dout)
 
 
 # ------------------------------------------------------- dropout between layers
