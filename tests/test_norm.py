@@ -10,9 +10,11 @@ from fastopt import functional as F
 DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 2e-5, np.float64: 1e-11}
 
-# (shape, channels_last): (N, C), NCHW with small and large spatial sizes
-# (both loop shapes of the kernel), 3-D spatial, channels-last.
-SHAPES = [((2, 3), False), ((16, 5), False), ((7, 33), False), ((8, 3, 2), False),
+# (shape, channels_last): (N, C) (rows of one and two column blocks, row
+# counts with 8-, 4- and 1-row passes), NCHW with small and large spatial
+# sizes (both loop shapes of the kernel), 3-D spatial, channels-last.
+SHAPES = [((2, 3), False), ((16, 5), False), ((7, 33), False), ((13, 100), False),
+          ((8, 3, 2), False),
           ((4, 3, 5, 7), False), ((3, 2, 4, 5, 6), False), ((2, 3, 5000), False),
           ((4, 5, 7, 3), True), ((2, 3, 4, 5, 6), True), ((1, 9, 4), True)]
 
