@@ -11,15 +11,17 @@
  *     columns. A reduction unit is a run of rows.
  *   segment mode (NCHW with spatial dims): the inner elements of one
  *     (sample, channel) are contiguous; loops run along a segment with
- *     per-channel scalars. A reduction unit is one channel over a run of
- *     samples, summed into FO_NORM_LANES float64 lane accumulators. */
+ *     per-channel scalars. The sums of one channel over a run of samples go
+ *     into float64 lane accumulators; a reduction unit is such a run for a
+ *     chunk of up to FO_NORM_CHUNK channels, read sample by sample in address
+ *     order. */
 
 #define INLINE static inline __attribute__((always_inline))
 
 #ifndef FO_NORM_PLAN
 #define FO_NORM_PLAN
 
-#define FO_NORM_LANES 16               /* lane accumulators of a segment sum */
+#define FO_NORM_CHUNK 64               /* segment mode: channels per reduction unit */
 #define FO_NORM_ROW_UNIT 65536         /* row mode: elements per reduction unit */
 #define FO_NORM_SEG_UNIT 8192          /* segment mode: elements per reduction unit */
 #define FO_NORM_MIN_PER_THREAD 32768   /* below: one thread (a parallel region costs us) */
@@ -36,7 +38,8 @@ typedef struct {
     int64_t W;                    /* per-column arrays: L = C*inner (row mode) or C */
     int64_t per_unit;             /* rows (row mode) or samples (segment mode) per unit */
     int64_t nblocks;              /* runs of rows / of samples */
-    int64_t nunits;               /* row mode: nblocks; segment mode: nblocks*C */
+    int64_t nchunks;              /* segment mode: chunks of FO_NORM_CHUNK channels */
+    int64_t nunits;               /* row mode: nblocks; segment mode: nblocks*nchunks */
     int nthreads;
 } fo_norm_plan;
 
@@ -52,7 +55,8 @@ static fo_norm_plan fo_norm_make_plan(int64_t outer, int64_t C, int64_t inner) {
         p.per_unit = inner >= FO_NORM_SEG_UNIT ? 1 : FO_NORM_SEG_UNIT / inner;
     }
     p.nblocks = (outer + p.per_unit - 1) / p.per_unit;
-    p.nunits = p.row_mode ? p.nblocks : p.nblocks * C;
+    p.nchunks = p.row_mode ? 1 : (C + FO_NORM_CHUNK - 1) / FO_NORM_CHUNK;
+    p.nunits = p.nblocks * p.nchunks;
     int64_t nt = fo_get_num_threads();
     int64_t total = outer * L;
     if (nt > total / FO_NORM_MIN_PER_THREAD) nt = total / FO_NORM_MIN_PER_THREAD;
@@ -70,7 +74,8 @@ typedef struct {
     T *out;
     const double *center;    /* reduction: sums of a*(x - center) */
                              /* (and cen = center as T, for the T partials) */
-    double *partial;         /* reduction: per unit 2*W (row) or 2 (segment) sums */
+    double *partial;         /* reduction: 2*W sums per run of rows (row mode), or 2
+                                per (run of samples, channel) (segment mode) */
     const T *cen, *k1, *k2, *k3;   /* apply: out = k1*dy + k2*(x - cen) + k3 */
     int has_x;               /* apply reads x (0: eval backward, dx = k1*dy) */
     int stream;              /* apply through the AVX-512 streaming-store path (mode) */
@@ -137,25 +142,56 @@ INLINE void SFX(reduce_rows)(const T *restrict x, const T *restrict dy,
     }
 }
 
-INLINE void SFX(reduce_segment)(const T *restrict x, const T *restrict dy, double center,
+/* 64-byte vectors of T and of float64 (GCC vector extensions; unaligned
+ * loads through may_alias): written as loops over lanes, GCC left the
+ * segment sums scalar (the backward sums of (256, 512, 7, 7) took 15 ms). */
+typedef T SFX(vec) __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+#ifndef FO_NORM_VEC
+#define FO_NORM_VEC
+typedef double fo_vec_f64 __attribute__((vector_size(64), aligned(8), may_alias));
+typedef float fo_half_f32 __attribute__((vector_size(32), aligned(4), may_alias));
+#define FO_NORM_LANES 16   /* float64 lane accumulators of a segment sum */
+#endif
+#define FO_VL ((int64_t)(64 / sizeof(T)))   /* elements of T in a vector */
+
+/* acc[0..VL) += p, in float64. */
+INLINE void SFX(add_lanes)(double *restrict acc, SFX(vec) p) {
+#if FO_T_IS_F64
+    *(fo_vec_f64 *)acc += p;
+#else
+    *(fo_vec_f64 *)acc += __builtin_convertvector(*(const fo_half_f32 *)&p, fo_vec_f64);
+    *(fo_vec_f64 *)(acc + 8) +=
+        __builtin_convertvector(*(const fo_half_f32 *)((const float *)&p + 8), fo_vec_f64);
+#endif
+}
+
+/* Sums of a segment's n elements into the lanes: up to four vectors add up in
+ * T (as the row kernels' partials do), then go into the float64 lanes; the
+ * tail goes lane by lane in float64. */
+INLINE void SFX(reduce_segment)(const T *restrict x, const T *restrict dy, T cen,
                                 double *restrict acc1, double *restrict acc2, int64_t n,
                                 const int has_dy) {
+    const SFX(vec) c = (SFX(vec)){0} + cen;
     int64_t i = 0;
-    for (; i + FO_NORM_LANES <= n; i += FO_NORM_LANES) {
-        for (int l = 0; l < FO_NORM_LANES; l++) {
-            double u = (double)x[i + l] - center;
-            double a = has_dy ? (double)dy[i + l] : u;
-            acc1[l] += a;
-            acc2[l] += a * u;
+    while (i + FO_VL <= n) {
+        SFX(vec) p1 = {0}, p2 = {0};
+        for (int k = 0; k < 4 && i + FO_VL <= n; k++, i += FO_VL) {
+            SFX(vec) u = *(const SFX(vec) *)(x + i) - c;
+            SFX(vec) a = has_dy ? *(const SFX(vec) *)(dy + i) : u;
+            p1 += a;
+            p2 += a * u;
         }
+        SFX(add_lanes)(acc1, p1);
+        SFX(add_lanes)(acc2, p2);
     }
     for (int l = 0; i < n; i++, l++) {
-        double u = (double)x[i] - center;
+        double u = (double)(x[i] - cen);
         double a = has_dy ? (double)dy[i] : u;
         acc1[l] += a;
         acc2[l] += a * u;
     }
 }
+#undef FO_VL
 
 INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const int has_dy) {
     const fo_norm_plan *p = &j->plan;
@@ -176,22 +212,30 @@ INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const in
             SFX(reduce_row)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->center,
                             s1, s2, L, has_dy);
     } else {
-        int64_t b = unit / p->C, c = unit % p->C;
-        double acc1[FO_NORM_LANES] = {0}, acc2[FO_NORM_LANES] = {0};
+        /* unit = (run of samples b, chunk of channels g): sample by sample,
+         * channel by channel, each channel's segments into its own lanes; then
+         * each channel's lanes summed into its partial slot (b, c) */
+        int64_t b = unit / p->nchunks, c0 = unit % p->nchunks * FO_NORM_CHUNK;
+        int64_t nc = p->C - c0 < FO_NORM_CHUNK ? p->C - c0 : FO_NORM_CHUNK;
+        double acc[FO_NORM_CHUNK][2][FO_NORM_LANES];
+        memset(acc, 0, sizeof(double) * 2 * FO_NORM_LANES * (size_t)nc);
         int64_t n0 = b * p->per_unit;
         int64_t n1 = n0 + p->per_unit < p->outer ? n0 + p->per_unit : p->outer;
-        for (int64_t n = n0; n < n1; n++) {
-            int64_t off = (n * p->C + c) * p->inner;
-            SFX(reduce_segment)(j->x + off, has_dy ? j->dy + off : 0, j->center[c],
-                                acc1, acc2, p->inner, has_dy);
+        for (int64_t n = n0; n < n1; n++)
+            for (int64_t k = 0; k < nc; k++) {
+                int64_t off = (n * p->C + c0 + k) * p->inner;
+                SFX(reduce_segment)(j->x + off, has_dy ? j->dy + off : 0, j->cen[c0 + k],
+                                    acc[k][0], acc[k][1], p->inner, has_dy);
+            }
+        for (int64_t k = 0; k < nc; k++) {
+            double t1 = 0, t2 = 0;
+            for (int l = 0; l < FO_NORM_LANES; l++) {
+                t1 += acc[k][0][l];
+                t2 += acc[k][1][l];
+            }
+            j->partial[2 * (b * p->C + c0 + k)] = t1;
+            j->partial[2 * (b * p->C + c0 + k) + 1] = t2;
         }
-        double t1 = 0, t2 = 0;
-        for (int l = 0; l < FO_NORM_LANES; l++) {
-            t1 += acc1[l];
-            t2 += acc2[l];
-        }
-        j->partial[2 * unit] = t1;
-        j->partial[2 * unit + 1] = t2;
     }
 }
 
@@ -427,7 +471,7 @@ typedef struct {
 
 static int SFX(scratch_alloc)(SFX(norm_scratch) *s, const fo_norm_plan *p) {
     int64_t W = p->W, C = p->C;
-    int64_t npartial = p->row_mode ? p->nunits * 2 * W : p->nunits * 2;
+    int64_t npartial = p->row_mode ? p->nunits * 2 * W : p->nblocks * C * 2;
     const int64_t sk = FO_NORM_SKEW_BYTES / (int64_t)sizeof(T);
     size_t bytes = sizeof(double) * (size_t)(npartial + 2 * C + W) +
                    sizeof(T) * (size_t)(4 * (W + sk));
