@@ -9,8 +9,9 @@ from fastopt import functional as F
 
 from . import Case, register, torch_or_none
 
-# NCHW shapes, and channels-last input (N, H, W, C) marked by the "cl" suffix
-BN_SIZES = [(32, 64, 56, 56), "32x56x56x64cl", (256, 1024)]
+# NCHW shapes, and channels-last input (N, H, W, C) marked by the "cl" suffix;
+# (256, 512, 7, 7) is a late stage of a ResNet: many channels, small planes
+BN_SIZES = [(32, 64, 56, 56), "32x56x56x64cl", (256, 1024), (256, 512, 7, 7)]
 DROPOUT_SIZES = [1_000_000, 16_000_000]
 P = 0.5
 
