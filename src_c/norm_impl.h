@@ -111,11 +111,14 @@ INLINE void SFX(reduce_row)(const T *restrict x, const T *restrict dy,
 #define FO_NORM_COLS ((int64_t)(256 / sizeof(T)))
 #endif
 
-INLINE void SFX(reduce_block)(const T *restrict x, const T *restrict dy,
-                              const T *restrict cen, double *restrict s1,
-                              double *restrict s2, int64_t L, int64_t n, const int R,
-                              const int has_dy) {
-    T p1[FO_NORM_COLS], p2[FO_NORM_COLS];
+/* The sums of R rows of n columns, rows L apart, through T partials in buf
+ * (2n + 48 elements) into s1 and s2. */
+INLINE void SFX(reduce_span)(const T *restrict x, const T *restrict dy,
+                             const T *restrict cen, double *restrict s1,
+                             double *restrict s2, T *buf, int64_t L, int64_t n, const int R,
+                             const int has_dy) {
+    /* wide rows: p2 not a multiple of 4 KiB after p1 (see FO_NORM_WIDE) */
+    T *restrict p1 = buf, *restrict p2 = buf + n + (n > FO_NORM_COLS ? 48 : 0);
     for (int64_t j = 0; j < n; j++) p1[j] = p2[j] = 0;
     for (int k = 0; k < R; k++)
         for (int64_t j = 0; j < n; j++) {
@@ -130,7 +133,7 @@ INLINE void SFX(reduce_block)(const T *restrict x, const T *restrict dy,
     }
 }
 
-/* Rows wider than a block, up to FO_NORM_WIDE columns: row after row, in
+/* Rows wider than a block, up to FO_NORM_WIDE columns, go row after row, in
  * address order (one stream: two rows at a time were slower), with the
  * partials in L1; the two partial arrays must not sit a multiple of 4 KiB
  * apart, or their loads wait on each other's stores (4K aliasing: (N, 256)
@@ -138,23 +141,12 @@ INLINE void SFX(reduce_block)(const T *restrict x, const T *restrict dy,
 #ifndef FO_NORM_WIDE
 #define FO_NORM_WIDE 512
 #endif
+
 INLINE void SFX(reduce_wide)(const T *restrict x, const T *restrict dy,
                              const T *restrict cen, double *restrict s1,
                              double *restrict s2, int64_t L, const int R, const int has_dy) {
-    T buf[2 * FO_NORM_WIDE + 64];
-    T *restrict p1 = buf, *restrict p2 = buf + L + 48;   /* not 4 KiB apart */
-    for (int64_t j = 0; j < L; j++) p1[j] = p2[j] = 0;
-    for (int k = 0; k < R; k++)
-        for (int64_t j = 0; j < L; j++) {
-            T u = x[k * L + j] - cen[j];
-            T a = has_dy ? dy[k * L + j] : u;
-            p1[j] += a;
-            p2[j] += a * u;
-        }
-    for (int64_t j = 0; j < L; j++) {
-        s1[j] += (double)p1[j];
-        s2[j] += (double)p2[j];
-    }
+    T buf[2 * FO_NORM_WIDE + 48];
+    SFX(reduce_span)(x, dy, cen, s1, s2, buf, L, L, R, has_dy);
 }
 
 INLINE void SFX(reduce_rows)(const T *restrict x, const T *restrict dy,
@@ -164,12 +156,14 @@ INLINE void SFX(reduce_rows)(const T *restrict x, const T *restrict dy,
         SFX(reduce_wide)(x, dy, cen, s1, s2, L, R, has_dy);
         return;
     }
+    T buf[2 * FO_NORM_COLS];   /* a whole block's partials: in registers */
     for (int64_t jb = 0; jb < L; jb += FO_NORM_COLS) {
         const T *xb = x + jb, *dyb = has_dy ? dy + jb : 0;
-        if (L - jb >= FO_NORM_COLS)   /* a whole block: a constant count, registers */
-            SFX(reduce_block)(xb, dyb, cen + jb, s1 + jb, s2 + jb, L, FO_NORM_COLS, R, has_dy);
+        int64_t n = L - jb < FO_NORM_COLS ? L - jb : FO_NORM_COLS;
+        if (n == FO_NORM_COLS)   /* a constant count */
+            SFX(reduce_span)(xb, dyb, cen + jb, s1 + jb, s2 + jb, buf, L, FO_NORM_COLS, R, has_dy);
         else
-            SFX(reduce_block)(xb, dyb, cen + jb, s1 + jb, s2 + jb, L, L - jb, R, has_dy);
+            SFX(reduce_span)(xb, dyb, cen + jb, s1 + jb, s2 + jb, buf, L, n, R, has_dy);
     }
 }
 
