@@ -17,9 +17,10 @@
  *     (x, dy), then dx = k1*dy + k2*(x - mean) + k3 in one pass.
  *
  * Determinism: a reduction is split into fixed units (a run of rows, or a
- * channel over a run of samples) that depend on the shape only; each unit's
- * float64 partial sums go to their own slot and are added in unit order, so
- * results are bitwise identical for any thread count.
+ * run of samples for a chunk of channels) that depend on the shape only; each
+ * unit's float64 partial sums go to their own slots and are added in unit
+ * order, so results are bitwise identical for any thread count. Units read
+ * their rows or samples in address order, so that the prefetcher keeps up.
  *
  * Outputs larger than the cache are written with streaming stores by an
  * AVX-512 apply pass chosen at run time (avx512.h); everything else is

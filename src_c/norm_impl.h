@@ -23,7 +23,7 @@
 
 #define FO_NORM_CHUNK 64               /* segment mode: channels per reduction unit */
 #define FO_NORM_ROW_UNIT 65536         /* row mode: elements per reduction unit */
-#define FO_NORM_SEG_UNIT 8192          /* segment mode: elements per reduction unit */
+#define FO_NORM_SEG_UNIT 8192          /* segment mode: elements of a channel per run of samples */
 #define FO_NORM_MIN_PER_THREAD 32768   /* below: one thread (a parallel region costs us) */
 /* The apply coefficient arrays (cen, k1, k2, k3) start this many bytes apart
  * beyond their length: with W*sizeof(T) a multiple of 4 KiB they would all sit
