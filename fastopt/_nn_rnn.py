@@ -81,6 +81,20 @@ class _Recurrent(Layer):
         self._grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
         return rng
 
+    def __repr__(self):
+        """Like torch's: the sizes, then the options that differ from the defaults."""
+        opts = []
+        for name, default in [("num_layers", 1), ("nonlinearity", "tanh"), ("bias", True),
+                              ("batch_first", False), ("dropout", 0.0),
+                              ("bidirectional", False), ("reset_after", True)]:
+            value = getattr(self, name, default)
+            if value != default:
+                opts.append(f"{name}={value!r}")
+        if self.dtype is not np.float32:
+            opts.append(f"dtype={np.dtype(self.dtype).name}")
+        return (f"{type(self).__name__}({self.input_size}, {self.hidden_size}"
+                + "".join(", " + o for o in opts) + ")")
+
     def _layer_params(self, sfx):
         """(w_ih, w_hh, b_ih, b_hh) and their grads of one layer (biases None without bias)."""
         p, g = self._params, self._grads

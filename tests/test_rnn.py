@@ -692,3 +692,13 @@ def test_changing_returned_outputs_in_place_does_not_change_gradients():
     d = cell.backward(dout[0], dout[1])
     np.testing.assert_array_equal(d[0], d_ref[0])
     np.testing.assert_array_equal(d[1][0], d_ref[1][0])
+
+
+def test_repr_names_sizes_and_non_default_options():
+    assert repr(fo.LSTM(3, 4)) == "LSTM(3, 4)"
+    assert repr(fo.LSTM(3, 4, num_layers=2, dropout=0.2, bidirectional=True)) == \
+        "LSTM(3, 4, num_layers=2, dropout=0.2, bidirectional=True)"
+    assert repr(fo.RNN(3, 4, nonlinearity="relu", dtype=np.float64)) == \
+        "RNN(3, 4, nonlinearity='relu', dtype=float64)"
+    assert repr(fo.GRUCell(3, 4, reset_after=False, bias=False)) == \
+        "GRUCell(3, 4, bias=False, reset_after=False)"
