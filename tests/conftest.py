@@ -32,3 +32,18 @@ def threads():
     n = fastopt.get_num_threads()
     yield
     fastopt.set_num_threads(n)
+
+
+def central_differences(loss, arr, eps=1e-6):
+    """d loss / d arr by central differences, arr changed in place entry by
+    entry (and restored); loss() reads arr."""
+    num = np.empty(arr.shape)
+    for i in np.ndindex(arr.shape):
+        keep = arr[i]
+        arr[i] = keep + eps
+        up = loss()
+        arr[i] = keep - eps
+        down = loss()
+        arr[i] = keep
+        num[i] = (up - down) / (2 * eps)
+    return num

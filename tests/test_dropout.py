@@ -8,8 +8,8 @@ import pytest
 
 import fastopt as fo
 from fastopt import functional as F
+from conftest import DTYPES
 
-DTYPES = [np.float32, np.float64]
 SIZES = [0, 1, 7, 1023, 2**20 + 3]
 M32 = np.uint64(0xFFFFFFFF)
 

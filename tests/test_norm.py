@@ -6,8 +6,8 @@ import pytest
 
 import fastopt as fo
 from fastopt import functional as F
+from conftest import DTYPES, central_differences
 
-DTYPES = [np.float32, np.float64]
 TOL = {np.float32: 2e-5, np.float64: 1e-11}
 
 # (shape, channels_last): (N, C) (rows of one and two column blocks, wide rows
@@ -186,19 +186,9 @@ def test_finite_differences(shape, cl, training):
     y, sm, si = F.batch_norm_forward(x, rm.copy(), rv.copy(), w, b, training=training,
                                      channels_last=cl)
     dx, dw, db = F.batch_norm_backward(r, x, sm, si, w, training=training, channels_last=cl)
-    h = 1e-6
     for arr, grad in ((x, dx), (w, dw), (b, db)):
-        num = np.zeros(arr.size)
-        flat = arr.reshape(-1)
-        for i in range(arr.size):
-            old = flat[i]
-            flat[i] = old + h
-            lp = loss(x, w, b)
-            flat[i] = old - h
-            lm = loss(x, w, b)
-            flat[i] = old
-            num[i] = (lp - lm) / (2 * h)
-        np.testing.assert_allclose(grad.reshape(-1), num, rtol=1e-6, atol=1e-7)
+        num = central_differences(lambda: loss(x, w, b), arr)
+        np.testing.assert_allclose(grad.reshape(-1), num.reshape(-1), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from conftest import DTYPES
+from conftest import DTYPES, central_differences
 
 # Layer outputs and gradients go through GEMMs and T steps: looser than a kernel's.
 TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
@@ -267,18 +267,9 @@ def test_gradients_match_finite_differences(kind, kw):
     if lstm:
         checks.append((c0, dst[1], "c0"))
     checks += [(p, g, name) for (name, p), g in zip(m.named_parameters(), m.gradients())]
-    eps = 1e-6
     for arr, grad, name in checks:
-        num = np.empty_like(arr)
-        for i in np.ndindex(arr.shape):
-            keep = arr[i]
-            arr[i] = keep + eps
-            up = loss()
-            arr[i] = keep - eps
-            down = loss()
-            arr[i] = keep
-            num[i] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8, err_msg=name)
+        np.testing.assert_allclose(grad, central_differences(loss, arr), rtol=1e-6, atol=1e-8,
+                                   err_msg=name)
 
 
 @pytest.mark.parametrize("kind,kw", [("LSTMCell", {}), ("GRUCell", {}),
@@ -309,18 +300,8 @@ def test_cell_gradients_match_finite_differences(kind, kw):
         dx, dh0 = m.backward(dh1)
         checks = [(x, dx), (h0, dh0)]
     checks += list(zip(m.parameters(), m.gradients()))
-    eps = 1e-6
     for arr, grad in checks:
-        num = np.empty_like(arr)
-        for i in np.ndindex(arr.shape):
-            keep = arr[i]
-            arr[i] = keep + eps
-            up = loss()
-            arr[i] = keep - eps
-            down = loss()
-            arr[i] = keep
-            num[i] = (up - down) / (2 * eps)
-        np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(grad, central_differences(loss, arr), rtol=1e-6, atol=1e-8)
 
 
 # ------------------------------------------------- cell vs sequence layer
