@@ -638,6 +638,23 @@ FO_DISPATCH static void SFX(backward_coefs)(
     }
 }
 
+/* A pass's job over the call's scratch (streaming chosen later, per output). */
+static SFX(norm_job) SFX(make_job)(const fo_norm_plan *p, const SFX(norm_scratch) *s,
+                                   const T *x, const T *dy, T *out, int has_x) {
+    SFX(norm_job) j;
+    memset(&j, 0, sizeof j);
+    j.plan = *p;
+    j.x = x;
+    j.dy = dy;
+    j.out = out;
+    j.partial = s->partial;
+    j.lanes = s->lanes;
+    j.center = s->center;
+    j.cen = s->cen; j.k1 = s->k1; j.k2 = s->k2; j.k3 = s->k3;
+    j.has_x = has_x;
+    return j;
+}
+
 int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mean,
                               T *running_var, const T *x, const T *weight, const T *bias,
                               int64_t outer, int64_t C, int64_t inner,
@@ -657,16 +674,7 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
         SFX(forward_coefs)(C, M, inner, a, s.sum1, s.sum2, s.center, x, weight, bias,
                            save_mean, save_invstd, running_mean, running_var, s.cen, s.k2,
                            s.k3);
-    SFX(norm_job) j;
-    memset(&j, 0, sizeof j);
-    j.plan = p;
-    j.x = x;
-    j.out = y;
-    j.partial = s.partial;
-    j.lanes = s.lanes;
-    j.center = s.center;
-    j.cen = s.cen; j.k1 = s.k1; j.k2 = s.k2; j.k3 = s.k3;
-    j.has_x = 1;
+    SFX(norm_job) j = SFX(make_job)(&p, &s, x, 0, y, 1);
     if (a->training && M > 0) {
         SFX(expand_d)(s.center, &p);
         SFX(expand)(s.cen, &p);
@@ -694,17 +702,8 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
     SFX(norm_scratch) s;
     if (SFX(scratch_alloc)(&s, &p)) return -1;
     int64_t M = p.M;
-    SFX(norm_job) j;
-    memset(&j, 0, sizeof j);
-    j.plan = p;
-    j.x = x;
-    j.dy = dy;
-    j.out = dx;
-    j.partial = s.partial;
-    j.lanes = s.lanes;
-    j.center = s.center;
-    j.cen = s.cen; j.k1 = s.k1; j.k2 = s.k2; j.k3 = s.k3;
-    j.has_x = a->training;   /* eval: dx = k1*dy, x not read (an Inf there stays out of dx) */
+    /* eval: dx = k1*dy, x not read (an Inf there stays out of dx) */
+    SFX(norm_job) j = SFX(make_job)(&p, &s, x, dy, dx, a->training);
     int need_sums = M > 0 && (a->training || dweight || dbias);
     for (int64_t c = 0; c < C; c++) {
         s.center[c] = (double)save_mean[c];
