@@ -10,6 +10,7 @@ import pytest
 from fastopt import _fastopt
 from fastopt.bench import norm as cases
 from fastopt.bench import size_label
+from benchtools import time_case
 
 WHO = ["fastopt", "numpy", "numpy_careful", "torch", "torch_cl"]
 CASES = [("batchnorm-train-fwd+bwd", cases.batchnorm_train, s) for s in cases.BN_SIZES] + \
@@ -21,11 +22,7 @@ CASES = [("batchnorm-train-fwd+bwd", cases.batchnorm_train, s) for s in cases.BN
 @pytest.mark.parametrize("kernel,fn,size", CASES,
                          ids=[f"{k}-{size_label(s)}" for k, _, s in CASES])
 def test_case(benchmark, kernel, fn, size, who):
-    case = fn(size, np.float32)
-    if who not in case.fns:
-        pytest.skip(f"{who} is not a competitor in this case (or not installed)")
-    benchmark.group = f"{kernel} {size}"
-    benchmark(case.fns[who])
+    time_case(benchmark, kernel, size, fn(size, np.float32), who)
 
 
 @pytest.mark.parametrize("n", cases.DROPOUT_SIZES)

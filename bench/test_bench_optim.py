@@ -10,6 +10,7 @@ import pytest
 import fastopt as fo
 from fastopt import _fastopt
 from fastopt.bench import optim as cases
+from benchtools import time_case
 
 SIZES = [10_000, 1_000_000, 16_000_000, "model150"]
 KERNELS = {"adam": cases.adam, "sgd-momentum": cases.sgd_momentum,
@@ -21,11 +22,7 @@ WHO = ["fastopt", "numpy", "numpy_careful", "torch", "torch_foreach"]
 @pytest.mark.parametrize("kernel", list(KERNELS))
 @pytest.mark.parametrize("who", WHO)
 def test_step(benchmark, kernel, size, who):
-    case = KERNELS[kernel](size, np.float32)
-    if who not in case.fns:
-        pytest.skip(f"{who} not installed")
-    benchmark.group = f"{kernel} {size}"
-    benchmark(case.fns[who])
+    time_case(benchmark, kernel, size, KERNELS[kernel](size, np.float32), who)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=str)

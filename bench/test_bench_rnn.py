@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fastopt.bench import REGISTRY, load_cases, set_threads
+from benchtools import time_case
 
 load_cases()
 CASES = [(kernel, size, fn) for family, kernel, sizes, _, fn in REGISTRY if family == "rnn"
@@ -28,8 +29,4 @@ def one_thread():
 @pytest.mark.parametrize("who", COMPETITORS)
 @pytest.mark.parametrize("kernel,size,case_fn", CASES, ids=[f"{k}-{s}" for k, s, _ in CASES])
 def test_rnn(benchmark, kernel, size, case_fn, who):
-    case = case_fn(size, np.float32)
-    if who not in case.fns:
-        pytest.skip(f"{who} is not installed")
-    benchmark.group = f"{kernel} {size}"
-    benchmark(case.fns[who])
+    time_case(benchmark, kernel, size, case_fn(size, np.float32), who)
