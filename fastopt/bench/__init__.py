@@ -6,11 +6,11 @@ competitors such as ``'numpy'``, ``'numpy_careful'``, ``'torch'``), plus the
 bytes the work must move at least (for GB/s and the fraction of copy bandwidth).
 Modules in this package register cases with ``@register(family, kernel, sizes)``.
 
-Timing: on one thread every callable of a case is timed in the same rounds,
-interleaved, so that the machine's noise hits all of them alike; with more
-threads fastopt's own callables are still interleaved, and each other library
-is timed in a block of its own after a warm-up (see time_interleaved); the
-figure is the median over rounds of the per-call time. The copy baseline
+Timing: every callable of a case is timed in the same rounds, interleaved,
+so that the machine's noise hits all of them alike; with more threads the
+runner pauses between libraries so that an idle thread pool does not steal
+the next library's core (see time_interleaved); the figure is the median over
+rounds of the per-call time. The copy baseline
 (``fastopt.copy`` over the same number of bytes moved, same thread count) is
 timed in the same rounds as fastopt, so the fraction of copy bandwidth is
 measured, not assumed.
@@ -48,6 +48,7 @@ class Case:
     fns: dict                 # name -> zero-argument callable doing the work once
     bytes_moved: int = 0      # minimum memory traffic of the work (0: not memory-bound)
     note: str = ""
+    settle: float = 0.0       # pause between libraries at >1 thread, if more than SETTLE
 
 
 def register(family, kernel, sizes, quick_sizes=None):
@@ -89,69 +90,55 @@ def set_threads(n):
         return None
 
 
-def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, blocked=False):
+def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, settle=0.0):
     """Median seconds per call of each callable.
 
-    Interleaved (default): a round gives each callable one block of `number`
-    timed calls (a block takes ~target seconds), preceded by one untimed call;
-    the machine's drifting noise then hits every callable alike.
+    A round gives each callable one block of `number` timed calls (a block
+    takes ~target seconds), preceded by one untimed call; every callable is
+    timed in every round, so the machine's drifting noise hits all of them
+    alike and the ratios are same-time figures.
 
-    blocked=True (used with more than one thread): the callables on fastopt's
-    own thread pool (OWN_POOL: fastopt, and the copy and stream baselines) are
-    interleaved as above after WARMUP seconds of untimed calls, so that their
-    ratios stay same-run figures; then all rounds of each other callable, each
-    preceded by its own warm-up. Idle thread pools keep spinning after their
-    library returns (OpenBLAS for ~2^28 cycles, GNU OpenMP for a while), and on
-    a 2-core machine a spinning pool takes the core that the next library's
-    second thread needs; the warm-up lets it go to sleep, so each library is
-    timed as it runs in a loop of its own."""
+    settle > 0 (used with more than one thread): before each block whose
+    library differs from the previous block's, sleep `settle` seconds. Idle
+    thread pools keep spinning after their library returns (GNU OpenMP for
+    about a millisecond, OpenBLAS for ~2^28 cycles), and on a 2-core machine a
+    spinning pool takes the core that the next library's second thread needs;
+    the pause lets it go to sleep first. The callables on fastopt's own pool
+    (OWN_POOL: fastopt and the copy and stream baselines) count as one library
+    and run back to back."""
+    order = [k for k in fns if k in OWN_POOL] + [k for k in fns if k not in OWN_POOL]
     number = {}
-    for k, f in fns.items():
+    for k in order:
+        f = fns[k]
         f()
         t0 = time.perf_counter()
         f()
         dt = time.perf_counter() - t0
         number[k] = max(1, int(target / max(dt, 1e-7)))
-    samples = {k: [] for k in fns}
+    samples = {k: [] for k in order}
     per_round = sum(2 * target for _ in fns)
-    n_rounds = rounds or max(5, min(200, int(min_time / per_round)))
-
-    def block(k):
-        f, n = fns[k], number[k]
-        t0 = time.perf_counter()
-        for _ in range(n):
+    n_rounds = rounds or max(MIN_ROUNDS, min(200, int(min_time / per_round)))
+    prev = None
+    for _ in range(n_rounds):
+        for k in order:
+            f, n = fns[k], number[k]
+            lib = "own" if k in OWN_POOL else k
+            if settle and lib != prev:
+                time.sleep(settle)
+            prev = lib
             f()
-        samples[k].append((time.perf_counter() - t0) / n)
-
-    if blocked:
-        own = [k for k in fns if k in OWN_POOL]
-        t_end = time.perf_counter() + WARMUP
-        while time.perf_counter() < t_end:
-            for k in own:
-                fns[k]()
-        for _ in range(n_rounds):
-            for k in own:
-                fns[k]()
-                block(k)
-        for k, f in fns.items():
-            if k in own:
-                continue
-            t_end = time.perf_counter() + WARMUP
-            while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            for _ in range(n):
                 f()
-            for _ in range(n_rounds):
-                block(k)
-    else:
-        for _ in range(n_rounds):
-            for k, f in fns.items():
-                f()
-                block(k)
+            samples[k].append((time.perf_counter() - t0) / n)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-WARMUP = 0.25
-# callables that run on fastopt's own OpenMP pool: timed interleaved even with
-# more than one thread
+MIN_ROUNDS = 7
+# seconds to pause between libraries with more than one thread (see
+# time_interleaved); a case may ask for more (Case.settle: OpenBLAS's pool)
+SETTLE = 0.02
+# callables that run on fastopt's own OpenMP pool
 OWN_POOL = ("fastopt", "fastopt_flat", "_copy", "_stream")
 
 
@@ -194,9 +181,7 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
         min_time=None):
     """Run every registered case; print the table to `out`; return the rows."""
     load_cases()
-    global WARMUP
     min_time = min_time if min_time is not None else (0.03 if quick else 0.4)
-    WARMUP = 0.08 if quick else 0.25
     t_start = time.perf_counter()
     rows = []
     info = machine_info()
@@ -229,7 +214,8 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
                                  np.zeros(third, np.float32), np.ones(third, np.float32))
                     fns["_copy"] = lambda b=copy_bufs: _fastopt.copy(b[0], b[1])
                     fns["_stream"] = lambda b=copy_bufs: _fastopt.stream_add(b[2], b[3])
-                t = time_interleaved(fns, min_time=min_time, blocked=nt > 1)
+                t = time_interleaved(fns, min_time=min_time,
+                                     settle=max(SETTLE, case.settle) if nt > 1 else 0.0)
                 row = {"family": family, "kernel": kernel, "size": size_label(size),
                        "threads": nt, "dtype": np.dtype(dtype).name,
                        "seconds": {k: v for k, v in t.items() if not k.startswith("_")},

@@ -31,6 +31,9 @@ class Size(dict):
 SEQ = [Size(T=50, B=32, I=128, H=256)]
 CELL = [Size(B=64, I=256, H=512)]
 GATES = {"lstm": 4, "gru": 3}
+# the NumPy competitors' GEMMs run on OpenBLAS's pool, which spins ~2^28
+# cycles (~70 ms here) after its last call: pause that long between libraries
+OPENBLAS_SETTLE = 0.1
 
 
 def _sigmoid(x):
@@ -318,7 +321,7 @@ def _seq_case(kind, size, dtype, backward):
                 with torch.no_grad():
                     tm(tx)
         fns["torch"] = torch_run
-    return Case(fns)
+    return Case(fns, settle=OPENBLAS_SETTLE)
 
 
 def _cell_case(kind, size, dtype, backward):
@@ -387,7 +390,7 @@ def _cell_case(kind, size, dtype, backward):
             else:
                 tm(tx, th0).backward(tdh)
         fns["torch"] = torch_run
-    return Case(fns)
+    return Case(fns, settle=OPENBLAS_SETTLE)
 
 
 for _kind in ("lstm", "gru"):
