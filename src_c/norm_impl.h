@@ -118,6 +118,29 @@ INLINE void SFX(reduce_row)(const T *restrict x, const T *restrict dy,
 #define FO_NORM_COLS ((int64_t)(256 / sizeof(T)))
 #endif
 
+/* 64-byte vectors of T and of float64 (GCC vector extensions; unaligned
+ * loads through may_alias): written as loops over lanes, GCC left the
+ * segment sums scalar (the backward sums of (256, 512, 7, 7) took 15 ms). */
+typedef T SFX(vec) __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
+#ifndef FO_NORM_VEC
+#define FO_NORM_VEC
+typedef double fo_vec_f64 __attribute__((vector_size(64), aligned(8), may_alias));
+typedef float fo_half_f32 __attribute__((vector_size(32), aligned(4), may_alias));
+#define FO_NORM_LANES 16   /* float64 lane accumulators of a segment sum */
+#endif
+#define FO_VL ((int64_t)(64 / sizeof(T)))   /* elements of T in a vector */
+
+/* acc[0..VL) += p, in float64. */
+INLINE void SFX(add_lanes)(double *restrict acc, SFX(vec) p) {
+#if FO_T_IS_F64
+    *(fo_vec_f64 *)acc += p;
+#else
+    *(fo_vec_f64 *)acc += __builtin_convertvector(*(const fo_half_f32 *)&p, fo_vec_f64);
+    *(fo_vec_f64 *)(acc + 8) +=
+        __builtin_convertvector(*(const fo_half_f32 *)((const float *)&p + 8), fo_vec_f64);
+#endif
+}
+
 /* The sums of R rows of n columns, rows L apart, through T partials in buf
  * (2n + 48 elements) into s1 and s2. */
 INLINE void SFX(reduce_span)(const T *restrict x, const T *restrict dy,
@@ -137,6 +160,32 @@ INLINE void SFX(reduce_span)(const T *restrict x, const T *restrict dy,
     for (int64_t j = 0; j < n; j++) {
         s1[j] += (double)p1[j];
         s2[j] += (double)p2[j];
+    }
+}
+
+/* A whole block (FO_NORM_COLS columns) of R rows: reduce_span's sums, with
+ * the center and the partials in vector registers (as arrays, GCC unrolled
+ * the R rows and kept reloading them). */
+INLINE void SFX(reduce_block)(const T *restrict x, const T *restrict dy,
+                              const T *restrict cen, double *restrict s1,
+                              double *restrict s2, int64_t L, const int R, const int has_dy) {
+    enum { NV = (int)(FO_NORM_COLS * (int64_t)sizeof(T) / 64) };
+    const int64_t vl = 64 / (int64_t)sizeof(T);
+    SFX(vec) c[NV], p1[NV], p2[NV];
+    for (int v = 0; v < NV; v++) {
+        c[v] = *(const SFX(vec) *)(cen + v * vl);
+        p1[v] = p2[v] = (SFX(vec)){0};
+    }
+    for (int k = 0; k < R; k++)
+        for (int v = 0; v < NV; v++) {
+            SFX(vec) u = *(const SFX(vec) *)(x + k * L + v * vl) - c[v];
+            SFX(vec) a = has_dy ? *(const SFX(vec) *)(dy + k * L + v * vl) : u;
+            p1[v] += a;
+            p2[v] += a * u;
+        }
+    for (int v = 0; v < NV; v++) {
+        SFX(add_lanes)(s1 + v * vl, p1[v]);
+        SFX(add_lanes)(s2 + v * vl, p2[v]);
     }
 }
 
@@ -167,34 +216,11 @@ INLINE void SFX(reduce_rows)(const T *restrict x, const T *restrict dy,
     for (int64_t jb = 0; jb < L; jb += FO_NORM_COLS) {
         const T *xb = x + jb, *dyb = has_dy ? dy + jb : 0;
         int64_t n = L - jb < FO_NORM_COLS ? L - jb : FO_NORM_COLS;
-        if (n == FO_NORM_COLS)   /* a constant count */
-            SFX(reduce_span)(xb, dyb, cen + jb, s1 + jb, s2 + jb, buf, L, FO_NORM_COLS, R, has_dy);
+        if (n == FO_NORM_COLS)
+            SFX(reduce_block)(xb, dyb, cen + jb, s1 + jb, s2 + jb, L, R, has_dy);
         else
             SFX(reduce_span)(xb, dyb, cen + jb, s1 + jb, s2 + jb, buf, L, n, R, has_dy);
     }
-}
-
-/* 64-byte vectors of T and of float64 (GCC vector extensions; unaligned
- * loads through may_alias): written as loops over lanes, GCC left the
- * segment sums scalar (the backward sums of (256, 512, 7, 7) took 15 ms). */
-typedef T SFX(vec) __attribute__((vector_size(64), aligned(sizeof(T)), may_alias));
-#ifndef FO_NORM_VEC
-#define FO_NORM_VEC
-typedef double fo_vec_f64 __attribute__((vector_size(64), aligned(8), may_alias));
-typedef float fo_half_f32 __attribute__((vector_size(32), aligned(4), may_alias));
-#define FO_NORM_LANES 16   /* float64 lane accumulators of a segment sum */
-#endif
-#define FO_VL ((int64_t)(64 / sizeof(T)))   /* elements of T in a vector */
-
-/* acc[0..VL) += p, in float64. */
-INLINE void SFX(add_lanes)(double *restrict acc, SFX(vec) p) {
-#if FO_T_IS_F64
-    *(fo_vec_f64 *)acc += p;
-#else
-    *(fo_vec_f64 *)acc += __builtin_convertvector(*(const fo_half_f32 *)&p, fo_vec_f64);
-    *(fo_vec_f64 *)(acc + 8) +=
-        __builtin_convertvector(*(const fo_half_f32 *)((const float *)&p + 8), fo_vec_f64);
-#endif
 }
 
 /* Sums of a segment's n elements into the lanes: up to four vectors add up in
@@ -416,11 +442,49 @@ void SFX(apply_line_avx512)(T *out, const T *x, const T *dy, const T *cen, const
     }
 }
 
+/* Row mode, rows of NV whole vectors (NV <= 4: channels-last rows of up to
+ * 64 float32 channels): the coefficients stay in registers for all the rows
+ * of the call; a call per row took ~20% of a (32, 56, 56, 64) apply. */
+AVX512_TARGET static inline __attribute__((always_inline))
+void SFX(apply_short_rows_avx512)(const SFX(norm_job) *j, int64_t s0, int64_t s1,
+                                  const int NV, const int has_dy, const int has_x) {
+    const int64_t len = NV * VN;
+    const int st = j->stream;
+    VT vc[4], v1[4], v2[4], v3[4];
+    for (int v = 0; v < NV; v++) {
+        vc[v] = VLD(j->cen + v * VN); v1[v] = VLD(j->k1 + v * VN);
+        v2[v] = VLD(j->k2 + v * VN); v3[v] = VLD(j->k3 + v * VN);
+    }
+    for (int64_t s = s0; s < s1; s++) {
+        const int64_t off = s * len;
+        for (int v = 0; v < NV; v++) {
+            VT r = v3[v];
+            if (has_x) r = VFMA(v2[v], VSUB(VLD(j->x + off + v * VN), vc[v]), r);
+            if (has_dy) r = VFMA(v1[v], VLD(j->dy + off + v * VN), r);
+            fo_store64(j->out + off + v * VN, VBITS(r), st);
+        }
+    }
+}
+
 AVX512_TARGET static void SFX(apply_lines_avx512)(const SFX(norm_job) *j, int64_t s0,
                                                    int64_t s1) {
     const fo_norm_plan *p = &j->plan;
     int64_t len = p->row_mode ? p->W : p->inner;
     int has_dy = j->dy != 0, has_x = j->has_x, st = j->stream;
+    if (p->row_mode && len % VN == 0 && len <= 4 * VN) {
+#define ROWS(nv) do { \
+        if (has_dy && has_x) SFX(apply_short_rows_avx512)(j, s0, s1, nv, 1, 1); \
+        else if (has_dy) SFX(apply_short_rows_avx512)(j, s0, s1, nv, 1, 0); \
+        else SFX(apply_short_rows_avx512)(j, s0, s1, nv, 0, 1); } while (0)
+        switch (len / VN) {
+        case 1: ROWS(1); break;
+        case 2: ROWS(2); break;
+        case 3: ROWS(3); break;
+        default: ROWS(4); break;
+        }
+#undef ROWS
+        return;
+    }
 #define LINE(cols, hd, hx) SFX(apply_line_avx512)(j->out + off, j->x + off, \
         hd ? j->dy + off : 0, j->cen + c, j->k1 + c, j->k2 + c, j->k3 + c, len, st, cols, hd, hx)
     for (int64_t s = s0; s < s1; s++) {

@@ -466,13 +466,16 @@ def _aligned_empty(shape, dtype, align):
 
 @pytest.mark.parametrize("shape,cl,dtype", [((8, 16, 184, 184), False, np.float32),
                                             ((8, 184, 184, 16), True, np.float32),
+                                            ((4, 128, 128, 64), True, np.float32),
+                                            ((4, 181, 181, 24), True, np.float64),
                                             ((8, 16, 128, 128), False, np.float64),
                                             ((4, 8, 361, 361), False, np.float32)])
 @pytest.mark.parametrize("align", [64, 16, 4])
 def test_large_outputs_streaming_stores(shape, cl, dtype, align):
     """Outputs over 16 MB take the streaming-store apply pass (64/16-byte
-    aligned output with 16-byte multiple lines; otherwise ordinary stores):
-    forward and backward against the float64 reference."""
+    aligned output with 16-byte multiple lines; otherwise ordinary stores;
+    channels-last rows of 1 to 4 whole vectors keep their coefficients in
+    registers): forward and backward against the float64 reference."""
     C = shape[-1] if cl else shape[1]
     x, dy = make(shape, dtype, 1, 2.0, 3.0), make(shape, dtype, 2)
     w, b = make((C,), dtype, 3), make((C,), dtype, 4)
