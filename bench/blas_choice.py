@@ -117,6 +117,7 @@ def main():
         time_layers(args.rounds)
         fo.set_blas("auto")
         return
+    print(f"FMA peak of one core: {_fastopt.fma_peak():.1f} GFLOP/s (the roof of every column)")
     rng = np.random.default_rng(0)
     header = None
     for M, K, N, ta, tb, where in SHAPES:

@@ -8,6 +8,7 @@ cdef extern from "fastopt.h" nogil:
     int fo_has_openmp()
     void fo_copy(void *dst, const void *src, int64_t nbytes)
     void fo_stream_add_f32(float *a, const float *b, int64_t n)
+    float fo_fma_peak_f32(int64_t rounds)
 
 
 def set_num_threads(int n):
@@ -51,6 +52,31 @@ def stream_add(cnp.ndarray a, cnp.ndarray b):
     cdef int64_t n = a.size
     with nogil:
         fo_stream_add_f32(pa, pb, n)
+
+
+def fma_peak(double seconds=0.02, int repeats=5):
+    """One core's float32 multiply-add rate in GFLOP/s (the best of `repeats`
+    timings of about `seconds` each): the compute roof of the recurrent
+    layers' GEMMs, measured by the benchmark in the same run."""
+    import time
+    cdef int64_t rounds = 1 << 16
+    cdef double best = 0.0, dt
+    cdef int r
+    while True:   # calibrate: rounds for about `seconds`
+        t0 = time.perf_counter()
+        with nogil:
+            fo_fma_peak_f32(rounds)
+        dt = time.perf_counter() - t0
+        if dt >= seconds / 4 or rounds >= (<int64_t>1 << 40):
+            break
+        rounds *= 4
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        with nogil:
+            fo_fma_peak_f32(rounds)
+        dt = time.perf_counter() - t0
+        best = max(best, 384.0 * rounds / dt / 1e9)
+    return best
 
 
 cdef inline str _dtype_name(object dt):

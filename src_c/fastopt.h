@@ -36,6 +36,9 @@ void fo_copy(void *dst, const void *src, int64_t nbytes);
 /* a[i] += b[i]: the in-place streaming baseline (reads 2 arrays, writes 1 in
  * place, the access pattern of an optimizer step). */
 void fo_stream_add_f32(float *a, const float *b, int64_t n);
+/* One thread, `rounds` x 384 float32 flops of independent multiply-adds (the
+ * compute roof of the GEMM-bound kernels); returns a value to be ignored. */
+float fo_fma_peak_f32(int64_t rounds);
 
 /* ---- optimizers -------------------------------------------------------- */
 /* Shared gradient preprocessing (PyTorch's order):

@@ -1,4 +1,5 @@
-/* parallel.c -- thread count, the shared work splitter and a threaded copy. */
+/* parallel.c -- thread count, the shared work splitter, and the baselines the
+ * benchmarks measure against (a threaded copy and stream, the FMA peak). */
 #include <string.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
@@ -124,4 +125,21 @@ static void add_body(void *c, int64_t tensor, int64_t lo, int64_t hi) {
 void fo_stream_add_f32(float *a, const float *b, int64_t n) {
     add_ctx c = {a, b};
     fo_parallel_foreach(&n, 1, add_body, &c);
+}
+
+typedef float fo_v16f __attribute__((vector_size(64)));
+
+/* 12 independent chains of a = a*b + c on 64-byte vectors, `rounds` times:
+ * enough chains to fill both FMA pipes whatever their latency, so the time
+ * gives one core's float32 multiply-add peak. Returns a sum of every chain,
+ * so that none is optimized away. */
+FO_DISPATCH float fo_fma_peak_f32(int64_t rounds) {
+    fo_v16f a[12], b = (fo_v16f){0} + 0.999999f, c = (fo_v16f){0} + 1e-7f;
+    for (int i = 0; i < 12; i++) a[i] = (fo_v16f){0} + (float)i;
+    for (int64_t n = 0; n < rounds; n++)
+        for (int i = 0; i < 12; i++) a[i] = a[i] * b + c;
+    float s = 0;
+    for (int i = 0; i < 12; i++)
+        for (int l = 0; l < 16; l++) s += a[i][l];
+    return s;
 }

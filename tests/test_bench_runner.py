@@ -38,3 +38,19 @@ def test_interleaved_timing_measures_each_callable():
                                    rounds=5, target=0.004, settle=settle)
         assert 0.0018 < t["fastopt"] < 0.02
         assert t["numpy"] < 0.001
+
+
+def test_gemm_rows_report_the_fraction_of_the_fma_peak():
+    """Recurrent rows carry their GEMM flops (a GRU cell forward: x W_ih^T and
+    h W_hh^T, 2*B*3H*(I+H)) and the fraction of the FMA peak measured in the
+    same run."""
+    res = bench.run(threads=(1,), quick=True, families=["gru-cell-fwd"], min_time=0.001,
+                    out=io.StringIO())
+    peak = res["machine"]["fma_peak_gflops"]
+    assert 1 < peak < 1e5
+    (row,) = res["rows"]
+    B, I, H = 64, 256, 512
+    assert row["size"] == f"B{B} I{I} H{H}"
+    flops = row["gflops"] * 1e9 * row["seconds"]["fastopt"]
+    assert abs(flops - 2 * B * 3 * H * (I + H)) < 1e-6 * flops
+    assert row["frac_fma_peak"] == row["gflops"] / peak

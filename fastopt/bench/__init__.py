@@ -48,6 +48,7 @@ class Case:
     fns: dict                 # name -> zero-argument callable doing the work once
     bytes_moved: int = 0      # minimum memory traffic of the work (0: not memory-bound)
     note: str = ""
+    flops: int = 0            # GEMM work (compute-bound cases): the %fma column
     settle: float = 0.0       # pause between libraries at >1 thread, if more than SETTLE
 
 
@@ -90,7 +91,8 @@ def set_threads(n):
         return None
 
 
-def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, settle=0.0):
+def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, settle=0.0,
+                     min_rounds=7):
     """Median seconds per call of each callable.
 
     A round gives each callable one block of `number` timed calls (a block
@@ -117,7 +119,7 @@ def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, settle=0.0):
         number[k] = max(1, int(target / max(dt, 1e-7)))
     samples = {k: [] for k in order}
     per_round = sum(2 * target for _ in fns)
-    n_rounds = rounds or max(MIN_ROUNDS, min(200, int(min_time / per_round)))
+    n_rounds = rounds or max(min_rounds, min(200, int(min_time / per_round)))
     prev = None
     for _ in range(n_rounds):
         for k in order:
@@ -134,7 +136,6 @@ def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, settle=0.0):
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-MIN_ROUNDS = 7
 # seconds to pause between libraries with more than one thread (see
 # time_interleaved); a case may ask for more (Case.settle: OpenBLAS's pool)
 SETTLE = 0.02
@@ -185,16 +186,18 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
     t_start = time.perf_counter()
     rows = []
     info = machine_info()
+    peak = info["fma_peak_gflops"] = _fastopt.fma_peak()   # one core, now
     print(f"# fastopt bench: {info['cpu']}, {info['cores']} cores, numpy {info['numpy']}, "
           f"torch {info['torch']}, OpenMP {info['openmp']}, BLAS for rnn {info['blas']}, "
-          f"{np.dtype(dtype).name}", file=out)
+          f"{np.dtype(dtype).name}; FMA peak {peak:.0f} GFLOP/s per core", file=out)
     print("# times are medians; X/fo = X's time / fastopt's time (>1: fastopt faster);\n"
           "# %copy = time of a streaming copy of the same bytes / fastopt time;\n"
-          "# %strm = time of the in-place stream a += b over the same bytes / fastopt time",
+          "# %strm = time of the in-place stream a += b over the same bytes / fastopt time;\n"
+          "# %fma = the GEMM flops of the work / fastopt time / (FMA peak x threads)",
           file=out)
     header = (f"{'kernel':<24} {'size':>14} {'thr':>3} {'fastopt':>10} "
               + " ".join(f"{h + '/fo':>14}" for h in COMPETITORS.values())
-              + f" {'GB/s':>7} {'%copy':>6} {'%strm':>6}")
+              + f" {'GB/s':>7} {'%copy':>6} {'%strm':>6} {'%fma':>5}")
     print(header, file=out)
     for nt in threads:
         limiter = set_threads(nt)
@@ -214,7 +217,7 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
                                  np.zeros(third, np.float32), np.ones(third, np.float32))
                     fns["_copy"] = lambda b=copy_bufs: _fastopt.copy(b[0], b[1])
                     fns["_stream"] = lambda b=copy_bufs: _fastopt.stream_add(b[2], b[3])
-                t = time_interleaved(fns, min_time=min_time,
+                t = time_interleaved(fns, min_time=min_time, min_rounds=3 if quick else 7,
                                      settle=max(SETTLE, case.settle) if nt > 1 else 0.0)
                 row = {"family": family, "kernel": kernel, "size": size_label(size),
                        "threads": nt, "dtype": np.dtype(dtype).name,
@@ -226,6 +229,9 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
                     row["copy_gbps"] = case.bytes_moved / t["_copy"] / 1e9
                     row["frac_copy"] = t["_copy"] / fo_t
                     row["frac_stream"] = t["_stream"] / fo_t
+                if case.flops:
+                    row["gflops"] = case.flops / fo_t / 1e9
+                    row["frac_fma_peak"] = row["gflops"] / (peak * nt)
                 rows.append(row)
                 cells = []
                 for k in COMPETITORS:
@@ -233,6 +239,7 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
                 tail = (f" {row['gbps']:>7.1f} {100 * row['frac_copy']:>5.0f}%"
                         f" {100 * row['frac_stream']:>5.0f}%"
                         if case.bytes_moved else f" {'-':>7} {'-':>6} {'-':>6}")
+                tail += (f" {100 * row['frac_fma_peak']:>4.0f}%" if case.flops else f" {'-':>5}")
                 print(f"{kernel:<24} {row['size']:>14} {nt:>3} {_fmt_time(fo_t):>10} "
                       + " ".join(cells) + tail, file=out, flush=True)
                 del case, fns, copy_bufs

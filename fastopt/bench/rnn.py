@@ -243,7 +243,8 @@ def _torch_module(kind, size, dtype, weights, seq):
 
 
 def _gemm_plan(kind, size, dtype, seq, backward):
-    """The GEMM calls of fastopt's driver for this case, on preallocated arrays."""
+    """(run, flops): the GEMM calls of fastopt's driver for this case, on
+    preallocated arrays, and their floating-point operations (2*M*N*K each)."""
     G, H, I, B = GATES[kind], size["H"], size["I"], size["B"]
     T = size["T"] if seq else 1
     GH, TB = G * H, T * B
@@ -276,7 +277,9 @@ def _gemm_plan(kind, size, dtype, seq, backward):
     def run():
         for c, a, b, ta, tb, beta in calls:
             gemm(c, a, b, ta, tb, beta)
-    return run
+    flops = sum(2 * c.shape[0] * c.shape[1] * (a.shape[0] if ta else a.shape[1])
+                for c, a, b, ta, tb, beta in calls)
+    return run, flops
 
 
 # -------------------------------------------------------------------- cases
@@ -304,10 +307,10 @@ def _seq_case(kind, size, dtype, backward):
             if backward:
                 numpy_gru_backward(dout, w_ih, w_hh, cache)
 
+    gemm_run, flops = _gemm_plan(kind, size, dtype, True, backward)
     fns = {"fastopt": fastopt_run,
            "numpy": lambda: textbook_sequence(kind, x, dout, w_ih, w_hh, b_ih, b_hh, backward),
-           "numpy_careful": numpy_run,
-           "gemm_only": _gemm_plan(kind, size, dtype, True, backward)}
+           "numpy_careful": numpy_run, "gemm_only": gemm_run}
     torch, tm = _torch_module(kind, size, dtype, weights, True)
     if tm is not None:
         tx = torch.from_numpy(x).requires_grad_(backward)
@@ -321,7 +324,7 @@ def _seq_case(kind, size, dtype, backward):
                 with torch.no_grad():
                     tm(tx)
         fns["torch"] = torch_run
-    return Case(fns, settle=OPENBLAS_SETTLE)
+    return Case(fns, flops=flops, settle=OPENBLAS_SETTLE)
 
 
 def _cell_case(kind, size, dtype, backward):
@@ -371,8 +374,9 @@ def _cell_case(kind, size, dtype, backward):
             if backward:
                 textbook_gru_step_backward(dh1, w_ih, w_hh, cache, grads)
 
+    gemm_run, flops = _gemm_plan(kind, size, dtype, False, backward)
     fns = {"fastopt": fastopt_run, "numpy": textbook_run, "numpy_careful": numpy_run,
-           "gemm_only": _gemm_plan(kind, size, dtype, False, backward)}
+           "gemm_only": gemm_run}
     torch, tm = _torch_module(kind, size, dtype, weights, False)
     if tm is not None:
         tx = torch.from_numpy(x).requires_grad_(backward)
@@ -390,7 +394,7 @@ def _cell_case(kind, size, dtype, backward):
             else:
                 tm(tx, th0).backward(tdh)
         fns["torch"] = torch_run
-    return Case(fns, settle=OPENBLAS_SETTLE)
+    return Case(fns, flops=flops, settle=OPENBLAS_SETTLE)
 
 
 for _kind in ("lstm", "gru"):
