@@ -47,6 +47,38 @@ def _positive_int(v, name, minimum=1):
     return int(v)
 
 
+def _runs(lengths, T, B):
+    """The runs of time steps (t0, t1, nb) over which the first nb sequences of
+    a batch sorted by decreasing length are the live ones; without lengths one
+    run of all T steps and B sequences."""
+    if lengths is None or len(lengths) == 0:
+        return [(0, T, B)]
+    ends = sorted(set(int(v) for v in lengths))
+    return [(t0, t1, int(np.count_nonzero(lengths >= t1)))
+            for t0, t1 in zip([0] + ends[:-1], ends)]
+
+
+def _batch_order(a, order):
+    """a (., B, .) with its batch axis in `order`, C-contiguous (None: a as is)."""
+    if a is None or order is None:
+        return a
+    return np.ascontiguousarray(np.take(a, order, axis=1))
+
+
+def _flip(a, lengths, out):
+    """out[t, b] = a[len_b - 1 - t, b] for t < len_b, else 0: each sequence in
+    reverse time order (its own inverse); without lengths, a[::-1]."""
+    if lengths is None:
+        np.copyto(out, a[::-1])
+        return out
+    t = np.arange(a.shape[0])[:, None]
+    live = t < lengths[None, :]
+    idx = np.where(live, lengths[None, :] - 1 - t, t)
+    np.copyto(out, np.take_along_axis(a, idx[:, :, None], axis=0))
+    out[~live] = 0
+    return out
+
+
 class _Recurrent(Layer):
     """Parameters (torch names and layout), their gradients, state_dict and the
     train/eval flag shared by the cells and the sequence layers."""
@@ -167,7 +199,7 @@ class _SequenceLayer(_Recurrent):
         # one dropout between each pair of layers, seeded from the same generator
         self._dropouts = ([Dropout(dropout, seed=int(rng.integers(2 ** 63)))
                            for _ in range(L - 1)] if dropout > 0 else [])
-        self._saved = None       # per (layer, direction) _Saved of the last forward
+        self._saved = None       # per (layer, direction): the runs of the last forward
         self._dropped = []       # per layer: whether its output went through dropout
         self._unbatched = False  # the last forward's input was 2-D (T, I)
         self._work = {}          # reused scratch: name -> array
@@ -202,64 +234,126 @@ class _SequenceLayer(_Recurrent):
             return fn(state[0], "h0"), fn(state[1], "c0")
         return fn(state, "h0")
 
-    def forward(self, x, state=None):
-        """out, state = forward(x, state=None). x (T, B, I) ((B, T, I) when
-        batch_first), or unbatched (T, I); state h0 (num_layers*D, B, H) (or
-        (num_layers*D, H) unbatched), LSTM (h0, c0); None = zeros."""
+    def forward(self, x, state=None, lengths=None):
+        """out, state = forward(x, state=None, lengths=None). x (T, B, I)
+        ((B, T, I) when batch_first), or unbatched (T, I); state h0
+        (num_layers*D, B, H) (or (num_layers*D, H) unbatched), LSTM (h0, c0);
+        None = zeros. lengths (B integers in [1, T], any order): sequence b is
+        x[:lengths[b], b], as a torch PackedSequence gives it; out is zero past
+        each length and state holds each sequence's state after its own last
+        step (the reverse direction reads each sequence from its own end)."""
         x = np.asarray(x) if not isinstance(x, np.ndarray) else x
         if x.ndim != 2:
-            result = self._forward(x, state, self.batch_first)
+            result = self._forward(x, state, self.batch_first, lengths)
             self._unbatched = False
             return result
+        if lengths is not None:
+            raise ValueError("lengths needs batched input (T, B, input_size)")
         # unbatched, as torch takes it: a batch of one, time-major whatever batch_first
         S = (self.num_layers * self._D, self.hidden_size)
         x = _input(x, "x", self.dtype, (x.shape[0], self.input_size))[:, None]
         state = self._map_state(state, lambda a, n: _input(a, n, self.dtype, S)[:, None])
-        out, state = self._forward(x, state, False)
+        out, state = self._forward(x, state, False, None)
         self._unbatched = True
         return out[:, 0], self._map_state(state, lambda a, n: a[:, 0])
 
-    def _forward(self, x, state, batch_first):
+    def _check_lengths(self, lengths, T, B):
+        """(sorted lengths, order): lengths as int64 in decreasing order and the
+        batch order that sorts them (stable); (None, None) without lengths."""
+        if lengths is None:
+            return None, None
+        v = np.asarray(lengths.detach().cpu().numpy() if hasattr(lengths, "detach") else lengths)
+        if v.dtype.kind not in "iu":
+            raise TypeError(f"lengths must be integers, got dtype {v.dtype}")
+        if v.shape != (B,):
+            raise ValueError(f"lengths must have shape ({B},) (one per sequence), got {v.shape}")
+        if B and (v.min() < 1 or v.max() > T):
+            raise ValueError(f"lengths must be in [1, {T}] (the time steps of x), "
+                             f"got [{v.min()}, {v.max()}]")
+        order = np.argsort(-v.astype(np.int64), kind="stable")
+        return v.astype(np.int64)[order], order
+
+    def _direction_forward(self, sfx, src, h0, c0, runs):
+        """One layer and direction over src (T, B, I) (sorted by decreasing
+        length), one C call per run: (saved runs, out (T, B, H) zero past each
+        length, h_n, c_n). Each run keeps its own buffers (slices of one
+        scratch per name) and initial state, which its backward reads."""
+        T, B, I = src.shape
+        H, G, lstm = self.hidden_size, _GATES[self.mode], self.mode == "lstm"
+        (w_ih, w_hh, b_ih, b_hh), _ = self._layer_params(sfx)
+        whole = runs == [(0, T, B)]
+        n = sum((t1 - t0) * nb for t0, t1, nb in runs)
+        widths = {"out": H, "gates": G * H, "c": H if lstm else 0, "extra": H if G == 3 else 0}
+        flat = {k: self._scratch(f"{k}{sfx}", (n * w,)) for k, w in widths.items() if w}
+        out = flat["out"].reshape(T, B, H) if whole else self._scratch(f"pad{sfx}", (T, B, H))
+        if not whole:
+            out.fill(0)
+            h = h0.copy() if h0 is not None else np.zeros((B, H), self.dtype)
+            c = (c0.copy() if c0 is not None else np.zeros((B, H), self.dtype)) if lstm else None
+        saved, pos = [], 0
+        for t0, t1, nb in runs:
+            m, shape = (t1 - t0) * nb, (t1 - t0, nb)
+            part = {k: v[pos * widths[k]:(pos + m) * widths[k]].reshape(shape + (widths[k],))
+                    for k, v in flat.items()}
+            if not whole:          # each run its own copy of its initial state
+                h0, c0 = h[:nb].copy(), c[:nb].copy() if lstm else None
+            call = _fastopt.RnnLayerCall(
+                self.mode, t1 - t0, nb, I, H, w_ih, w_hh, b_ih, b_hh,
+                src if whole else np.ascontiguousarray(src[t0:t1, :nb]), h0, c0,
+                part["out"], part.get("c"), part["gates"], part.get("extra"))
+            call.forward()
+            saved.append((t0, t1, nb, call))
+            if not whole:
+                out[t0:t1, :nb] = part["out"]
+                h[:nb] = part["out"][-1]
+                if lstm:
+                    c[:nb] = part["c"][-1]
+            pos += m
+        if whole:
+            c_all = part.get("c")
+            if T:
+                h, c = out[T - 1], c_all[T - 1] if lstm else None
+            else:
+                h = h0 if h0 is not None else np.zeros((B, H), self.dtype)
+                c = (c0 if c0 is not None else np.zeros((B, H), self.dtype)) if lstm else None
+        return saved, out, h, c
+
+    def _forward(self, x, state, batch_first, lengths):
         if x.ndim != 3:
             raise ValueError(f"x must be 3-D ({'B, T' if batch_first else 'T, B'}, "
                              f"input_size) or 2-D (T, input_size), got shape {x.shape}")
         T, B = (x.shape[1], x.shape[0]) if batch_first else x.shape[:2]
         x = _input(x, "x", self.dtype, x.shape[:2] + (self.input_size,))
         h0, c0 = self._check_state(state, B)
+        lengths, order = self._check_lengths(lengths, T, B)
         if batch_first:
             x = np.ascontiguousarray(x.transpose(1, 0, 2))
-        H, G, L, D = self.hidden_size, _GATES[self.mode], self.num_layers, self._D
+        if order is not None:    # the batch in decreasing length: live rows lead
+            x, h0, c0 = (_batch_order(a, order) for a in (x, h0, c0))
+        H, L, D = self.hidden_size, self.num_layers, self._D
+        runs = _runs(lengths, T, B)
         self._saved = None       # the scratch below is about to change
-        saved, dropped = [], []
+        saved, dropped, h_n, c_n = [], [], [], []
         inp = x
         for layer in range(L):
             outs = []
             for d in range(D):
                 sfx = f"_l{layer}" + ("_reverse" if d else "")
-                (w_ih, w_hh, b_ih, b_hh), _ = self._layer_params(sfx)
-                src = inp
-                if d:            # the reverse direction reads the input newest first
-                    src = self._scratch(f"in{sfx}", inp.shape)
-                    np.copyto(src, inp[::-1])
-                out = self._scratch(f"out{sfx}", (T, B, H))
+                # the reverse direction reads each sequence from its own end
+                src = _flip(inp, lengths, self._scratch(f"in{sfx}", inp.shape)) if d else inp
                 k = layer * D + d
-                s = _Saved()
-                s.x, s.out = src, out
-                s.h0 = h0[k] if h0 is not None else None
-                s.c0 = c0[k] if c0 is not None else None
-                s.c_all = self._scratch(f"c{sfx}", (T, B, H)) if self.mode == "lstm" else None
-                s.call = _fastopt.RnnLayerCall(
-                    self.mode, T, B, src.shape[2], H, w_ih, w_hh, b_ih, b_hh, src, s.h0, s.c0,
-                    out, s.c_all, self._scratch(f"gates{sfx}", (T, B, G * H)),
-                    self._scratch(f"extra{sfx}", (T, B, H)) if G == 3 else None)
-                s.call.forward()
-                saved.append(s)
+                runs_k, out, h, c = self._direction_forward(
+                    sfx, src, h0[k] if h0 is not None else None,
+                    c0[k] if c0 is not None else None, runs)
+                saved.append(runs_k)
                 outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
             y = outs[0]
             if D == 2:           # both directions' h at each time step, side by side
                 y = self._scratch(f"cat{layer}", (T, B, 2 * H))
                 y[..., :H] = outs[0]
-                y[..., H:] = outs[1][::-1]
+                _flip(outs[1], lengths, y[..., H:])
             drop = layer < L - 1 and self.training and self.dropout > 0
             if drop:
                 self._dropouts[layer].training = True
@@ -267,54 +361,83 @@ class _SequenceLayer(_Recurrent):
             dropped.append(drop)
             inp = y
         self._saved, self._dropped = saved, dropped
-        out = inp
-        h_n = self._final_state([s.out for s in saved], h0, T, B)
+        self._shape, self._lengths, self._order = (T, B), lengths, order
+        out, h_n = inp, np.stack(h_n)
+        c_n = np.stack(c_n) if self.mode == "lstm" else None
+        if order is not None:    # back to the caller's batch order
+            out, h_n, c_n = (_batch_order(a, np.argsort(order)) for a in (out, h_n, c_n))
         # a copy: backward reads the saved out, which the caller may then change
         result_out = out.transpose(1, 0, 2).copy() if batch_first else out.copy()
-        if self.mode == "lstm":
-            return result_out, (h_n, self._final_state([s.c_all for s in saved], c0, T, B))
-        return result_out, h_n
+        return result_out, ((h_n, c_n) if self.mode == "lstm" else h_n)
 
     __call__ = forward
-
-    def _final_state(self, per_layer, initial, T, B):
-        """h_n (or c_n) of every layer and direction from its (T, B, H) states
-        (in its own order of time): the last step's, or the initial state when
-        T == 0."""
-        if T == 0:
-            return (initial.copy() if initial is not None else
-                    np.zeros((self.num_layers * self._D, B, self.hidden_size), self.dtype))
-        return np.stack([a[T - 1] for a in per_layer])
 
     def backward(self, dout, dstate=None):
         """dx, dstate = backward(dout, dstate=None): the gradients of the input
         and of the initial state from those of out (None = zeros) and of the
         final state (h_n, LSTM (h_n, c_n); None = zeros). Parameter gradients
         are accumulated (+=) into gradients(). Unbatched forward: unbatched
-        shapes here too."""
+        shapes here too. With lengths, dout past each length is not read and
+        dx is zero there."""
         if self._saved is None:
             raise ValueError("backward() needs a matching forward() first")
         if not self._unbatched:
             return self._backward(dout, dstate, self.batch_first)
-        T, S = self._saved[0].x.shape[0], (self.num_layers * self._D, self.hidden_size)
+        T, S = self._shape[0], (self.num_layers * self._D, self.hidden_size)
         if dout is not None:
             dout = _input(dout, "dout", self.dtype, (T, self._D * self.hidden_size))[:, None]
         dstate = self._map_state(dstate, lambda a, n: _input(a, n, self.dtype, S)[:, None])
         dx, dstate = self._backward(dout, dstate, False)
         return dx[:, 0], self._map_state(dstate, lambda a, n: a[:, 0])
 
+    def _direction_backward(self, runs, sfx, d_dir, dh_n, dc_n, dx, dh0, dc0, dgates,
+                            dgates_hh):
+        """Backward of one layer and direction: its runs newest first, each
+        run's initial-state gradient becoming the final-state gradient of the
+        live rows of the run before it."""
+        T, B, I = dx.shape
+        _, (gw_ih, gw_hh, gb_ih, gb_hh) = self._layer_params(sfx)
+        lstm = self.mode == "lstm"
+        if runs[0][:3] == (0, T, B):   # one run: no copies
+            runs[0][3].backward(d_dir, dh_n, dc_n, dx, dh0, dc0, gw_ih, gw_hh, gb_ih, gb_hh,
+                                dgates, dgates_hh)
+            return
+        H = self.hidden_size
+        dh = dh_n.copy() if dh_n is not None else np.zeros((B, H), self.dtype)
+        dc = (dc_n.copy() if dc_n is not None else np.zeros((B, H), self.dtype)) if lstm else None
+        dx.fill(0)
+        for t0, t1, nb, call in reversed(runs):
+            shape = (t1 - t0, nb)
+            view = lambda a: a.reshape(-1)[:(t1 - t0) * nb * a.shape[-1]].reshape(  # noqa: E731
+                shape + (a.shape[-1],))
+            dx_run = np.empty(shape + (I,), self.dtype)
+            dh_run = np.empty((nb, H), self.dtype)
+            dc_run = np.empty((nb, H), self.dtype) if lstm else None
+            call.backward(None if d_dir is None else np.ascontiguousarray(d_dir[t0:t1, :nb]),
+                          dh[:nb].copy(), dc[:nb].copy() if lstm else None, dx_run, dh_run,
+                          dc_run, gw_ih, gw_hh, gb_ih, gb_hh, view(dgates),
+                          view(dgates_hh) if dgates_hh is not None else None)
+            dx[t0:t1, :nb] = dx_run
+            dh[:nb] = dh_run
+            if lstm:
+                dc[:nb] = dc_run
+        dh0[...] = dh
+        if lstm:
+            dc0[...] = dc
+
     def _backward(self, dout, dstate, batch_first):
-        saved = self._saved
-        T, B = saved[0].x.shape[:2]
+        saved, (T, B), lengths, order = self._saved, self._shape, self._lengths, self._order
         H, G, L, D = self.hidden_size, _GATES[self.mode], self.num_layers, self._D
         out_shape = (B, T, D * H) if batch_first else (T, B, D * H)
         if dout is not None:
             dout = _input(dout, "dout", self.dtype, out_shape)
             if batch_first:
                 dout = np.ascontiguousarray(dout.transpose(1, 0, 2))
+            dout = _batch_order(dout, order)
         dh_n = dc_n = None
         if dstate is not None:
             dh_n, dc_n = self._check_state(dstate, B)
+            dh_n, dc_n = _batch_order(dh_n, order), _batch_order(dc_n, order)
         dh0 = np.empty((L * D, B, H), self.dtype)
         dc0 = np.empty((L * D, B, H), self.dtype) if self.mode == "lstm" else None
         dgates = self._scratch("dgates", (T, B, G * H))
@@ -330,26 +453,28 @@ class _SequenceLayer(_Recurrent):
                 if d_above is not None:
                     d_dirs = [self._scratch("dfwd", (T, B, H)), self._scratch("drev", (T, B, H))]
                     np.copyto(d_dirs[0], d_above[..., :H])
-                    np.copyto(d_dirs[1], d_above[::-1, :, H:])
+                    _flip(d_above[..., H:], lengths, d_dirs[1])
             I = self.input_size if layer == 0 else D * H
             dxs = []
             for d in range(D):
                 k, sfx = layer * D + d, f"_l{layer}" + ("_reverse" if d else "")
-                _, (gw_ih, gw_hh, gb_ih, gb_hh) = self._layer_params(sfx)
                 dx = (np.empty((T, B, I), self.dtype) if layer == 0 and D == 1
                       else self._scratch(f"dx{sfx}", (T, B, I)))
-                saved[k].call.backward(
-                    d_dirs[d], dh_n[k] if dh_n is not None else None,
+                self._direction_backward(
+                    saved[k], sfx, d_dirs[d], dh_n[k] if dh_n is not None else None,
                     dc_n[k] if dc_n is not None else None, dx, dh0[k],
-                    dc0[k] if dc0 is not None else None, gw_ih, gw_hh, gb_ih, gb_hh,
-                    dgates, dgates_hh)
+                    dc0[k] if dc0 is not None else None, dgates, dgates_hh)
                 dxs.append(dx)
             d_above = dxs[0]
-            if D == 2:           # the reverse direction saw the input newest first
+            if D == 2:           # the reverse direction saw each sequence from its end
                 d_above = (np.empty((T, B, I), self.dtype) if layer == 0
                            else self._scratch(f"dxsum{layer}", (T, B, I)))
-                np.add(dxs[0], dxs[1][::-1], out=d_above)
-        dx = d_above.transpose(1, 0, 2).copy() if batch_first else d_above
+                np.add(dxs[0], _flip(dxs[1], lengths, self._scratch("dflip", (T, B, I))),
+                       out=d_above)
+        dx = d_above
+        if order is not None:    # back to the caller's batch order
+            dx, dh0, dc0 = (_batch_order(a, np.argsort(order)) for a in (dx, dh0, dc0))
+        dx = dx.transpose(1, 0, 2).copy() if batch_first else dx
         return dx, ((dh0, dc0) if self.mode == "lstm" else dh0)
 
 

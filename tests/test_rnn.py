@@ -683,3 +683,129 @@ def test_repr_names_sizes_and_non_default_options():
         "RNN(3, 4, nonlinearity='relu', dtype=float64)"
     assert repr(fo.GRUCell(3, 4, reset_after=False, bias=False)) == \
         "GRUCell(3, 4, bias=False, reset_after=False)"
+
+
+# ------------------------------------------------------ variable lengths
+
+LENGTHS = [3, 7, 1, 5, 3]    # unsorted, with a tie, one full-length, one of 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "relu"}),
+                                     ("GRU", {"reset_after": False})])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lengths_equal_each_sequence_alone(dtype, kind, kw, num_layers, batch_first,
+                                           bidirectional):
+    """With lengths, sequence b gives what the layer gives for x[:len_b, b]
+    alone (out zero past its length, state after its own last step), and
+    backward the gradients of that sequence alone, summed over the batch for
+    the parameters (no torch needed: the reference is the layer without
+    lengths, tested against torch above)."""
+    T, B, I, H = 7, len(LENGTHS), 4, 5
+    D = 2 if bidirectional else 1
+    rng = np.random.default_rng(1)
+    m = getattr(fo, kind)(I, H, num_layers=num_layers, batch_first=batch_first,
+                          bidirectional=bidirectional, dtype=dtype, seed=2, **kw)
+    lstm = kind == "LSTM"
+    x = rand(rng, (T, B, I), dtype)
+    h0, c0 = rand(rng, (num_layers * D, B, H), dtype), rand(rng, (num_layers * D, B, H), dtype)
+    dout = rand(rng, (T, B, D * H), dtype)
+    dh_n, dc_n = (rand(rng, (num_layers * D, B, H), dtype),
+                  rand(rng, (num_layers * D, B, H), dtype))
+    bf = (lambda a: np.ascontiguousarray(a.transpose(1, 0, 2))) if batch_first else (lambda a: a)
+    st = lambda h, c: (h, c) if lstm else h  # noqa: E731
+
+    m.zero_grad()
+    out, state = m.forward(bf(x), st(h0, c0), lengths=np.array(LENGTHS))
+    dx, dstate = m.backward(bf(dout), st(dh_n, dc_n))
+    grads = [g.copy() for g in m.gradients()]
+    out, dx = bf(out), bf(dx)
+    h_n, dh0 = (state[0], dstate[0]) if lstm else (state, dstate)
+
+    want_grads = [np.zeros_like(g) for g in grads]
+    for b, n in enumerate(LENGTHS):
+        m.zero_grad()
+        sl = lambda a: np.ascontiguousarray(a[:, b:b + 1])  # noqa: E731
+        o, s = m.forward(bf(np.ascontiguousarray(x[:n, b:b + 1])), st(sl(h0), sl(c0)))
+        d, ds = m.backward(bf(np.ascontiguousarray(dout[:n, b:b + 1])), st(sl(dh_n), sl(dc_n)))
+        close(out[:n, b], bf(o)[:, 0], dtype, f"out of sequence {b}")
+        assert not out[n:, b].any(), "out past the length is zero"
+        close(dx[:n, b], bf(d)[:, 0], dtype, f"dx of sequence {b}")
+        assert not dx[n:, b].any(), "dx past the length is zero"
+        if lstm:
+            close(state[1][:, b], s[1][:, 0], dtype, "c_n")
+            close(dstate[1][:, b], ds[1][:, 0], dtype, "dc0")
+            s, ds = s[0], ds[0]
+        close(h_n[:, b], s[:, 0], dtype, f"h_n of sequence {b}")
+        close(dh0[:, b], ds[:, 0], dtype, f"dh0 of sequence {b}")
+        for w, g in zip(want_grads, m.gradients()):
+            w += g
+    for (name, _), g, w in zip(m.named_parameters(), grads, want_grads):
+        close(g, w, dtype, name)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_lengths_match_torch_packed_sequence(torch, kind, bidirectional):
+    """Against torch's PackedSequence (enforce_sorted=False), padded back to T:
+    out, state, dx, the initial-state and parameter gradients."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    T, B, I, H, L = 7, len(LENGTHS), 4, 5, 2
+    D = 2 if bidirectional else 1
+    dtype = np.float64
+    rng = np.random.default_rng(3)
+    torch.manual_seed(0)
+    tm = getattr(torch.nn, kind)(I, H, num_layers=L, bidirectional=bidirectional).double()
+    m = getattr(fo, kind)(I, H, num_layers=L, bidirectional=bidirectional, dtype=dtype)
+    copy_to_fastopt(tm, m)
+    lstm = kind == "LSTM"
+    x = rand(rng, (T, B, I), dtype)
+    h0, c0 = rand(rng, (L * D, B, H), dtype), rand(rng, (L * D, B, H), dtype)
+    dout = rand(rng, (T, B, D * H), dtype)
+    dh_n, dc_n = rand(rng, (L * D, B, H), dtype), rand(rng, (L * D, B, H), dtype)
+
+    tx = torch.from_numpy(x).requires_grad_()
+    th0, tc0 = torch.from_numpy(h0).requires_grad_(), torch.from_numpy(c0).requires_grad_()
+    packed = pack_padded_sequence(tx, torch.tensor(LENGTHS), enforce_sorted=False)
+    tpacked, tstate = tm(packed, (th0, tc0) if lstm else th0)
+    tout, _ = pad_packed_sequence(tpacked, total_length=T)
+    outs = [tout] + (list(tstate) if lstm else [tstate])
+    grads = [torch.from_numpy(dout), torch.from_numpy(dh_n)] + (
+        [torch.from_numpy(dc_n)] if lstm else [])
+    torch.autograd.backward(outs, grads)
+
+    out, state = m.forward(x, (h0, c0) if lstm else h0, lengths=LENGTHS)
+    dx, dstate = m.backward(dout, (dh_n, dc_n) if lstm else dh_n)
+    close(out, tout.detach().numpy(), dtype, "out")
+    close(dx, tx.grad.numpy(), dtype, "dx")
+    if lstm:
+        close(state[1], tstate[1].detach().numpy(), dtype, "c_n")
+        close(dstate[1], tc0.grad.numpy(), dtype, "dc0")
+        state, dstate, tstate = state[0], dstate[0], tstate[0]
+    close(state, tstate.detach().numpy(), dtype, "h_n")
+    close(dstate, th0.grad.numpy(), dtype, "dh0")
+    for (name, p), g in zip(tm.named_parameters(), m.gradients()):
+        close(g, p.grad.numpy(), dtype, name)
+
+
+def test_full_lengths_equal_no_lengths_and_bad_lengths_are_refused():
+    T, B = 4, 3
+    m = fo.LSTM(2, 3, bidirectional=True, seed=0)
+    x = np.random.default_rng(0).standard_normal((T, B, 2)).astype(np.float32)
+    out, (h, c) = m.forward(x)
+    out2, (h2, c2) = m.forward(x, lengths=[T] * B)
+    np.testing.assert_array_equal(out, out2)
+    np.testing.assert_array_equal(h, h2)
+    np.testing.assert_array_equal(c, c2)
+    for bad, err in [([0, 1, 2], ValueError), ([1, 2, 5], ValueError), ([1, 2], ValueError),
+                     ([1.0, 2.0, 3.0], TypeError)]:
+        with pytest.raises(err, match="lengths"):
+            m.forward(x, lengths=bad)
+    with pytest.raises(ValueError, match="lengths"):
+        m.forward(x[:, 0], lengths=[T])
+    out, _ = m.forward(x[:, :0], lengths=np.zeros(0, np.int64))   # an empty batch
+    assert out.shape == (T, 0, 6)
+    dx, _ = m.backward(np.zeros((T, 0, 6), np.float32))
+    assert dx.shape == (T, 0, 2)
