@@ -7,9 +7,10 @@ only the recurrent product, and the weight gradients are a few GEMMs over the
 whole sequence. Weight names, shapes and gate orders are torch's
 (LSTM i, f, g, o; GRU r, z, n), so ``state_dict()`` moves between the two.
 
-Shapes (time-major unless ``batch_first``): x (T, B, I); out (T, B, D*H);
-state h (num_layers*D, B, H), LSTM also c, with D = 2 directions when
-bidirectional, else 1. Cells: x (B, I), h (B, H).
+Shapes (time-major unless ``batch_first``): x (T, B, I); out (T, B, D*S);
+state h (num_layers*D, B, S), LSTM also c (num_layers*D, B, H), with D = 2
+directions when bidirectional, else 1, and S = H (LSTM with proj_size: S = P).
+Cells: x (B, I), h (B, H).
 """
 import math
 from collections import OrderedDict
@@ -84,12 +85,17 @@ class _Recurrent(Layer):
     train/eval flag shared by the cells and the sequence layers."""
 
     def _init_params(self, mode, input_size, hidden_size, num_layers, bias, dtype, seed,
-                     suffixes, directions=1):
+                     suffixes, directions=1, proj_size=0):
         """Parameters of each layer (and direction: '_reverse' names the second),
         in torch's order; returns the generator, for any further seeded draws."""
         self.mode = mode
         self.input_size = _positive_int(input_size, "input_size")
         self.hidden_size = _positive_int(hidden_size, "hidden_size")
+        self.proj_size = _positive_int(proj_size, "proj_size", 0)
+        if self.proj_size and (mode != "lstm" or self.proj_size >= self.hidden_size):
+            raise ValueError(f"proj_size must be 0, or less than hidden_size for an LSTM, "
+                             f"got {proj_size}")
+        S = self.proj_size or self.hidden_size   # the width of h
         self.num_layers = _positive_int(num_layers, "num_layers")
         self.bias = bool(bias)
         if np.dtype(dtype) not in (np.float32, np.float64):
@@ -102,10 +108,12 @@ class _Recurrent(Layer):
         bound = 1.0 / math.sqrt(H)     # torch: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         self._params = OrderedDict()
         for layer, sfx in enumerate(suffixes):
-            fan_in = self.input_size if layer == 0 else directions * H
-            shapes = [("weight_ih", (G * H, fan_in)), ("weight_hh", (G * H, H))]
+            fan_in = self.input_size if layer == 0 else directions * S
+            shapes = [("weight_ih", (G * H, fan_in)), ("weight_hh", (G * H, S))]
             if self.bias:
                 shapes += [("bias_ih", (G * H,)), ("bias_hh", (G * H,))]
+            if self.proj_size:
+                shapes.append(("weight_hr", (S, H)))
             for d in range(directions):
                 for name, shape in shapes:
                     self._params[name + sfx + ("_reverse" if d else "")] = \
@@ -118,7 +126,7 @@ class _Recurrent(Layer):
         opts = []
         for name, default in [("num_layers", 1), ("nonlinearity", "tanh"), ("bias", True),
                               ("batch_first", False), ("dropout", 0.0),
-                              ("bidirectional", False), ("reset_after", True)]:
+                              ("bidirectional", False), ("proj_size", 0), ("reset_after", True)]:
             value = getattr(self, name, default)
             if value != default:
                 opts.append(f"{name}={value!r}")
@@ -128,9 +136,10 @@ class _Recurrent(Layer):
                 + "".join(", " + o for o in opts) + ")")
 
     def _layer_params(self, sfx):
-        """(w_ih, w_hh, b_ih, b_hh) and their grads of one layer (biases None without bias)."""
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) and their grads of one layer (biases None
+        without bias, w_hr None without proj_size)."""
         p, g = self._params, self._grads
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         return ([p.get(n + sfx) for n in names], [g.get(n + sfx) for n in names])
 
     def parameters(self):
@@ -185,7 +194,7 @@ class _SequenceLayer(_Recurrent):
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
-                 seed=None):
+                 seed=None, proj_size=0):
         dropout = _real(dropout, "dropout")
         if not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
@@ -194,7 +203,8 @@ class _SequenceLayer(_Recurrent):
         self._D = 2 if self.bidirectional else 1
         L = _positive_int(num_layers, "num_layers")
         rng = self._init_params(mode, input_size, hidden_size, L, bias, dtype, seed,
-                                [f"_l{k}" for k in range(L)], self._D)
+                                [f"_l{k}" for k in range(L)], self._D, proj_size)
+        self._S = self.proj_size or self.hidden_size   # the width of h (and out)
         self.batch_first = bool(batch_first)
         # one dropout between each pair of layers, seeded from the same generator
         self._dropouts = ([Dropout(dropout, seed=int(rng.integers(2 ** 63)))
@@ -212,17 +222,21 @@ class _SequenceLayer(_Recurrent):
             a = self._work[name] = np.empty(shape, self.dtype)
         return a
 
+    def _state_shape(self, name, *batch):
+        """(num_layers*D, *batch, width) of h (the projection's width with
+        proj_size) or c."""
+        width = self.hidden_size if name.startswith("c") else self._S
+        return (self.num_layers * self._D,) + batch + (width,)
+
     def _check_state(self, state, B):
-        L, H = self.num_layers * self._D, self.hidden_size
-        shape = (L, B, H)
         if state is None:
             return None, None
         if self.mode == "lstm":
             if not isinstance(state, (tuple, list)) or len(state) != 2:
                 raise TypeError("state must be a tuple (h0, c0) for an LSTM")
-            return (_input(state[0], "h0", self.dtype, shape),
-                    _input(state[1], "c0", self.dtype, shape))
-        return _input(state, "h0", self.dtype, shape), None
+            return (_input(state[0], "h0", self.dtype, self._state_shape("h", B)),
+                    _input(state[1], "c0", self.dtype, self._state_shape("c", B)))
+        return _input(state, "h0", self.dtype, self._state_shape("h", B)), None
 
     def _map_state(self, state, fn):
         """fn(array, name) applied to h (and c) of a state; None stays None."""
@@ -250,9 +264,9 @@ class _SequenceLayer(_Recurrent):
         if lengths is not None:
             raise ValueError("lengths needs batched input (T, B, input_size)")
         # unbatched, as torch takes it: a batch of one, time-major whatever batch_first
-        S = (self.num_layers * self._D, self.hidden_size)
         x = _input(x, "x", self.dtype, (x.shape[0], self.input_size))[:, None]
-        state = self._map_state(state, lambda a, n: _input(a, n, self.dtype, S)[:, None])
+        state = self._map_state(
+            state, lambda a, n: _input(a, n, self.dtype, self._state_shape(n))[:, None])
         out, state = self._forward(x, state, False, None)
         self._unbatched = True
         return out[:, 0], self._map_state(state, lambda a, n: a[:, 0])
@@ -279,16 +293,18 @@ class _SequenceLayer(_Recurrent):
         length, h_n, c_n). Each run keeps its own buffers (slices of one
         scratch per name) and initial state, which its backward reads."""
         T, B, I = src.shape
-        H, G, lstm = self.hidden_size, _GATES[self.mode], self.mode == "lstm"
-        (w_ih, w_hh, b_ih, b_hh), _ = self._layer_params(sfx)
+        H, S, G, lstm = self.hidden_size, self._S, _GATES[self.mode], self.mode == "lstm"
+        (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._layer_params(sfx)
         whole = runs == [(0, T, B)]
         n = sum((t1 - t0) * nb for t0, t1, nb in runs)
-        widths = {"out": H, "gates": G * H, "c": H if lstm else 0, "extra": H if G == 3 else 0}
+        # extra: GRU's W_hn h + b_hn or r*h, or o*tanh(c) before the projection
+        widths = {"out": S, "gates": G * H, "c": H if lstm else 0,
+                  "extra": H if G == 3 or self.proj_size else 0}
         flat = {k: self._scratch(f"{k}{sfx}", (n * w,)) for k, w in widths.items() if w}
-        out = flat["out"].reshape(T, B, H) if whole else self._scratch(f"pad{sfx}", (T, B, H))
+        out = flat["out"].reshape(T, B, S) if whole else self._scratch(f"pad{sfx}", (T, B, S))
         if not whole:
             out.fill(0)
-            h = h0.copy() if h0 is not None else np.zeros((B, H), self.dtype)
+            h = h0.copy() if h0 is not None else np.zeros((B, S), self.dtype)
             c = (c0.copy() if c0 is not None else np.zeros((B, H), self.dtype)) if lstm else None
         saved, pos = [], 0
         for t0, t1, nb in runs:
@@ -300,7 +316,8 @@ class _SequenceLayer(_Recurrent):
             call = _fastopt.RnnLayerCall(
                 self.mode, t1 - t0, nb, I, H, w_ih, w_hh, b_ih, b_hh,
                 src if whole else np.ascontiguousarray(src[t0:t1, :nb]), h0, c0,
-                part["out"], part.get("c"), part["gates"], part.get("extra"))
+                part["out"], part.get("c"), part["gates"], part.get("extra"),
+                self.proj_size, w_hr)
             call.forward()
             saved.append((t0, t1, nb, call))
             if not whole:
@@ -314,7 +331,7 @@ class _SequenceLayer(_Recurrent):
             if T:
                 h, c = out[T - 1], c_all[T - 1] if lstm else None
             else:
-                h = h0 if h0 is not None else np.zeros((B, H), self.dtype)
+                h = h0 if h0 is not None else np.zeros((B, S), self.dtype)
                 c = (c0 if c0 is not None else np.zeros((B, H), self.dtype)) if lstm else None
         return saved, out, h, c
 
@@ -330,7 +347,7 @@ class _SequenceLayer(_Recurrent):
             x = np.ascontiguousarray(x.transpose(1, 0, 2))
         if order is not None:    # the batch in decreasing length: live rows lead
             x, h0, c0 = (_batch_order(a, order) for a in (x, h0, c0))
-        H, L, D = self.hidden_size, self.num_layers, self._D
+        S, L, D = self._S, self.num_layers, self._D
         runs = _runs(lengths, T, B)
         self._saved = None       # the scratch below is about to change
         saved, dropped, h_n, c_n = [], [], [], []
@@ -351,9 +368,9 @@ class _SequenceLayer(_Recurrent):
                 c_n.append(c)
             y = outs[0]
             if D == 2:           # both directions' h at each time step, side by side
-                y = self._scratch(f"cat{layer}", (T, B, 2 * H))
-                y[..., :H] = outs[0]
-                _flip(outs[1], lengths, y[..., H:])
+                y = self._scratch(f"cat{layer}", (T, B, 2 * S))
+                y[..., :S] = outs[0]
+                _flip(outs[1], lengths, y[..., S:])
             drop = layer < L - 1 and self.training and self.dropout > 0
             if drop:
                 self._dropouts[layer].training = True
@@ -383,10 +400,11 @@ class _SequenceLayer(_Recurrent):
             raise ValueError("backward() needs a matching forward() first")
         if not self._unbatched:
             return self._backward(dout, dstate, self.batch_first)
-        T, S = self._shape[0], (self.num_layers * self._D, self.hidden_size)
+        T = self._shape[0]
         if dout is not None:
-            dout = _input(dout, "dout", self.dtype, (T, self._D * self.hidden_size))[:, None]
-        dstate = self._map_state(dstate, lambda a, n: _input(a, n, self.dtype, S)[:, None])
+            dout = _input(dout, "dout", self.dtype, (T, self._D * self._S))[:, None]
+        dstate = self._map_state(
+            dstate, lambda a, n: _input(a, n, self.dtype, self._state_shape(n))[:, None])
         dx, dstate = self._backward(dout, dstate, False)
         return dx[:, 0], self._map_state(dstate, lambda a, n: a[:, 0])
 
@@ -396,14 +414,14 @@ class _SequenceLayer(_Recurrent):
         run's initial-state gradient becoming the final-state gradient of the
         live rows of the run before it."""
         T, B, I = dx.shape
-        _, (gw_ih, gw_hh, gb_ih, gb_hh) = self._layer_params(sfx)
+        _, (gw_ih, gw_hh, gb_ih, gb_hh, gw_hr) = self._layer_params(sfx)
         lstm = self.mode == "lstm"
         if runs[0][:3] == (0, T, B):   # one run: no copies
             runs[0][3].backward(d_dir, dh_n, dc_n, dx, dh0, dc0, gw_ih, gw_hh, gb_ih, gb_hh,
-                                dgates, dgates_hh)
+                                dgates, dgates_hh, gw_hr)
             return
-        H = self.hidden_size
-        dh = dh_n.copy() if dh_n is not None else np.zeros((B, H), self.dtype)
+        H, S = self.hidden_size, self._S
+        dh = dh_n.copy() if dh_n is not None else np.zeros((B, S), self.dtype)
         dc = (dc_n.copy() if dc_n is not None else np.zeros((B, H), self.dtype)) if lstm else None
         dx.fill(0)
         for t0, t1, nb, call in reversed(runs):
@@ -411,12 +429,12 @@ class _SequenceLayer(_Recurrent):
             view = lambda a: a.reshape(-1)[:(t1 - t0) * nb * a.shape[-1]].reshape(  # noqa: E731
                 shape + (a.shape[-1],))
             dx_run = np.empty(shape + (I,), self.dtype)
-            dh_run = np.empty((nb, H), self.dtype)
+            dh_run = np.empty((nb, S), self.dtype)
             dc_run = np.empty((nb, H), self.dtype) if lstm else None
             call.backward(None if d_dir is None else np.ascontiguousarray(d_dir[t0:t1, :nb]),
                           dh[:nb].copy(), dc[:nb].copy() if lstm else None, dx_run, dh_run,
                           dc_run, gw_ih, gw_hh, gb_ih, gb_hh, view(dgates),
-                          view(dgates_hh) if dgates_hh is not None else None)
+                          view(dgates_hh) if dgates_hh is not None else None, gw_hr)
             dx[t0:t1, :nb] = dx_run
             dh[:nb] = dh_run
             if lstm:
@@ -427,8 +445,8 @@ class _SequenceLayer(_Recurrent):
 
     def _backward(self, dout, dstate, batch_first):
         saved, (T, B), lengths, order = self._saved, self._shape, self._lengths, self._order
-        H, G, L, D = self.hidden_size, _GATES[self.mode], self.num_layers, self._D
-        out_shape = (B, T, D * H) if batch_first else (T, B, D * H)
+        H, S, G, L, D = self.hidden_size, self._S, _GATES[self.mode], self.num_layers, self._D
+        out_shape = (B, T, D * S) if batch_first else (T, B, D * S)
         if dout is not None:
             dout = _input(dout, "dout", self.dtype, out_shape)
             if batch_first:
@@ -438,7 +456,7 @@ class _SequenceLayer(_Recurrent):
         if dstate is not None:
             dh_n, dc_n = self._check_state(dstate, B)
             dh_n, dc_n = _batch_order(dh_n, order), _batch_order(dc_n, order)
-        dh0 = np.empty((L * D, B, H), self.dtype)
+        dh0 = np.empty((L * D, B, S), self.dtype)
         dc0 = np.empty((L * D, B, H), self.dtype) if self.mode == "lstm" else None
         dgates = self._scratch("dgates", (T, B, G * H))
         dgates_hh = self._scratch("dgates_hh", (T, B, G * H)) if self.mode == "gru" else None
@@ -451,10 +469,10 @@ class _SequenceLayer(_Recurrent):
             if D == 2:           # each direction's share of d_above, in its own time order
                 d_dirs = [None, None]
                 if d_above is not None:
-                    d_dirs = [self._scratch("dfwd", (T, B, H)), self._scratch("drev", (T, B, H))]
-                    np.copyto(d_dirs[0], d_above[..., :H])
-                    _flip(d_above[..., H:], lengths, d_dirs[1])
-            I = self.input_size if layer == 0 else D * H
+                    d_dirs = [self._scratch("dfwd", (T, B, S)), self._scratch("drev", (T, B, S))]
+                    np.copyto(d_dirs[0], d_above[..., :S])
+                    _flip(d_above[..., S:], lengths, d_dirs[1])
+            I = self.input_size if layer == 0 else D * S
             dxs = []
             for d in range(D):
                 k, sfx = layer * D + d, f"_l{layer}" + ("_reverse" if d else "")
@@ -492,12 +510,14 @@ class RNN(_SequenceLayer):
 
 
 class LSTM(_SequenceLayer):
-    """LSTM, gates i, f, g, o: c_t = f*c_{t-1} + i*g, h_t = o*tanh(c_t)."""
+    """LSTM, gates i, f, g, o: c_t = f*c_{t-1} + i*g, h_t = o*tanh(c_t); with
+    proj_size P > 0 (as torch), h_t = W_hr (o*tanh(c_t)) of width P: out and h
+    are P wide, c stays hidden_size wide."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, dtype=np.float32, seed=None):
+                 dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None):
         super().__init__("lstm", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, dtype, seed)
+                         dropout, bidirectional, dtype, seed, proj_size)
 
 
 class GRU(_SequenceLayer):
@@ -538,7 +558,7 @@ class _Cell(_Recurrent):
         h1 = np.empty((B, H), self.dtype)
         c1 = np.empty((B, H), self.dtype) if self.mode == "lstm" else None
         extra = np.empty((B, H), self.dtype) if G == 3 else None
-        (w_ih, w_hh, b_ih, b_hh), _ = self._layer_params("")
+        (w_ih, w_hh, b_ih, b_hh, _), _ = self._layer_params("")
         s = _Saved()
         s.x, s.h0, s.c0, s.out, s.c_all = x, h0, c0, h1, c1
         s.gates = gates
@@ -558,7 +578,7 @@ class _Cell(_Recurrent):
         dh1 = _input(dh1, "dh1", self.dtype, (B, H))
         if dc1 is not None:
             dc1 = _input(dc1, "dc1", self.dtype, (B, H))
-        _, (gw_ih, gw_hh, gb_ih, gb_hh) = self._layer_params("")
+        _, (gw_ih, gw_hh, gb_ih, gb_hh, _) = self._layer_params("")
         dx = np.empty((B, self.input_size), self.dtype)
         dh0 = np.empty((B, H), self.dtype)
         dc0 = np.empty((B, H), self.dtype) if self.mode == "lstm" else None

@@ -24,6 +24,8 @@ cdef extern from "fastopt.h" nogil:
         const void *w_hh
         const void *b_ih
         const void *b_hh
+        int64_t proj_size
+        const void *w_hr
     ctypedef struct fo_rnn_forward_io:
         const void *x
         const void *h0
@@ -45,6 +47,7 @@ cdef extern from "fastopt.h" nogil:
         void *db_hh
         void *dgates
         void *dgates_hh
+        void *dw_hr
     int fo_rnn_forward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *io,
                            fo_gemm_f32_fn gemm)
     int fo_rnn_forward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *io,
@@ -360,14 +363,19 @@ cdef class RnnLayerCall:
 
     def __cinit__(self, str mode, int64_t seq_len, int64_t batch, int64_t input_size,
                   int64_t hidden_size, w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all,
-                  gates, extra):
+                  gates, extra, int64_t proj_size=0, w_hr=None):
         if mode not in RNN_MODES:
             raise ValueError(f"mode must be one of {sorted(RNN_MODES)}, got {mode!r}")
         if seq_len < 0 or batch < 0 or input_size < 1 or hidden_size < 1:
             raise ValueError("need seq_len >= 0, batch >= 0, input_size >= 1, hidden_size >= 1")
         cdef int m = RNN_MODES[mode]
+        if proj_size and (m != 2 or not 0 < proj_size < hidden_size):
+            raise ValueError(f"proj_size must be 0, or in [1, hidden_size) for an LSTM, "
+                             f"got {proj_size}")
         cdef int64_t G = fo_rnn_num_gates(m), H = hidden_size, I = input_size
-        cdef int64_t TB = seq_len * batch, BH = batch * H
+        # S: the width of h (the projection's with proj_size)
+        cdef int64_t S = proj_size if proj_size else H
+        cdef int64_t TB = seq_len * batch, BH = batch * H, BS = batch * S
         # the BLAS takes 32-bit sizes: every dimension and leading dimension must fit
         if max(TB, G * H, I) >= 2 ** 31:
             raise ValueError("a dimension of this layer exceeds the BLAS's 2^31-1 limit")
@@ -382,20 +390,23 @@ cdef class RnnLayerCall:
         self.layer.input_size = I
         self.layer.hidden_size = H
         self.layer.w_ih = _ptr(w_ih, "w_ih", dtype, G * H * I, False, False)
-        self.layer.w_hh = _ptr(w_hh, "w_hh", dtype, G * H * H, False, False)
+        self.layer.w_hh = _ptr(w_hh, "w_hh", dtype, G * H * S, False, False)
+        self.layer.proj_size = proj_size
+        self.layer.w_hr = _ptr(w_hr, "w_hr", dtype, S * H, not proj_size, False)
         self.layer.b_ih = _ptr(b_ih, "b_ih", dtype, G * H, True, False)
         self.layer.b_hh = _ptr(b_hh, "b_hh", dtype, G * H, True, False)
         if (self.layer.b_ih == NULL) != (self.layer.b_hh == NULL):
             raise ValueError("b_ih and b_hh must both be given or both be None")
         is_lstm, is_gru = m == 2, m >= 3
         self.fwd.x = _ptr(x, "x", dtype, TB * I, False, False)
-        self.fwd.h0 = _ptr(h0, "h0", dtype, BH, True, False)
+        self.fwd.h0 = _ptr(h0, "h0", dtype, BS, True, False)
         self.fwd.c0 = _ptr(c0, "c0", dtype, BH, True, False) if is_lstm else NULL
-        self.fwd.out = <void *>_ptr(out, "out", dtype, TB * H, False, True)
+        self.fwd.out = <void *>_ptr(out, "out", dtype, TB * S, False, True)
         self.fwd.c_all = <void *>_ptr(c_all, "c_all", dtype, TB * H, not is_lstm, True)
         self.fwd.gates = <void *>_ptr(gates, "gates", dtype, TB * G * H, False, True)
-        self.fwd.extra = <void *>_ptr(extra, "extra", dtype, TB * H, not is_gru, True)
-        self.keep = (w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all, gates, extra)
+        self.fwd.extra = <void *>_ptr(extra, "extra", dtype, TB * H,
+                                      not (is_gru or proj_size), True)
+        self.keep = (w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all, gates, extra, w_hr)
 
     def forward(self):
         """Run the layer forward over the sequence, filling out and the saved buffers."""
@@ -412,7 +423,7 @@ cdef class RnnLayerCall:
             raise MemoryError("fastopt recurrent forward: out of memory")
 
     def backward(self, dout, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
-                 dgates, dgates_hh):
+                 dgates, dgates_hh, dw_hr=None):
         """Backpropagate through the sequence that forward() ran: dx, dh0, dc0
         are written (each may be None: not computed), dw_*/db_* accumulated."""
         cdef fo_rnn_backward_io io
@@ -420,15 +431,18 @@ cdef class RnnLayerCall:
         cdef int m = self.layer.mode
         cdef int64_t G = fo_rnn_num_gates(m), H = self.layer.hidden_size
         cdef int64_t I = self.layer.input_size
+        cdef int64_t P = self.layer.proj_size, S = P if P else H
         cdef int64_t TB = self.layer.seq_len * self.layer.batch, BH = self.layer.batch * H
-        io.dout = _ptr(dout, "dout", dt, TB * H, True, False)
-        io.dh_n = _ptr(dh_n, "dh_n", dt, BH, True, False)
+        cdef int64_t BS = self.layer.batch * S
+        io.dout = _ptr(dout, "dout", dt, TB * S, True, False)
+        io.dh_n = _ptr(dh_n, "dh_n", dt, BS, True, False)
         io.dc_n = _ptr(dc_n, "dc_n", dt, BH, True, False) if m == 2 else NULL
         io.dx = <void *>_ptr(dx, "dx", dt, TB * I, True, True)
-        io.dh0 = <void *>_ptr(dh0, "dh0", dt, BH, True, True)
+        io.dh0 = <void *>_ptr(dh0, "dh0", dt, BS, True, True)
         io.dc0 = <void *>_ptr(dc0, "dc0", dt, BH, True, True) if m == 2 else NULL
         io.dw_ih = <void *>_ptr(dw_ih, "dw_ih", dt, G * H * I, False, True)
-        io.dw_hh = <void *>_ptr(dw_hh, "dw_hh", dt, G * H * H, False, True)
+        io.dw_hh = <void *>_ptr(dw_hh, "dw_hh", dt, G * H * S, False, True)
+        io.dw_hr = <void *>_ptr(dw_hr, "dw_hr", dt, S * H, not P, True)
         io.db_ih = <void *>_ptr(db_ih, "db_ih", dt, G * H, self.layer.b_ih == NULL, True)
         io.db_hh = <void *>_ptr(db_hh, "db_hh", dt, G * H, self.layer.b_ih == NULL, True)
         io.dgates = <void *>_ptr(dgates, "dgates", dt, TB * G * H, False, True)

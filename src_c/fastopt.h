@@ -243,30 +243,38 @@ typedef void (*fo_gemm_f64_fn)(int trans_a, int trans_b, int64_t m, int64_t n, i
 typedef struct {
     int mode;                        /* fo_rnn_mode */
     int64_t seq_len, batch, input_size, hidden_size;   /* T, B, I, H (I, H >= 1) */
-    const void *w_ih, *w_hh;         /* (G*H, I), (G*H, H) */
+    const void *w_ih, *w_hh;         /* (G*H, I), (G*H, S) with S the state width below */
     const void *b_ih, *b_hh;         /* (G*H) each, or both NULL (bias=False) */
+    /* LSTM with projections (torch's proj_size): 0 < P < H, h_t = W_hr (o*tanh(c_t))
+     * of width P, and the state width S = P; 0 = none (S = H, w_hr unused). Last,
+     * so that initializers written before them leave them 0. */
+    int64_t proj_size;
+    const void *w_hr;                /* (P, H) */
 } fo_rnn_layer;
 
 /* What forward reads and writes; backward reads it back (the saved tensors). */
 typedef struct {
     const void *x;                   /* (T, B, I) */
-    const void *h0, *c0;             /* (B, H) initial state, NULL = zeros; c0: LSTM only */
-    void *out;                       /* (T, B, H) OUT: h_t of every step */
+    const void *h0, *c0;             /* (B, S), (B, H) initial state, NULL = zeros; c0: LSTM only */
+    void *out;                       /* (T, B, S) OUT: h_t of every step */
     void *c_all;                     /* (T, B, H) OUT, LSTM: c_t of every step; else NULL */
     void *gates;                     /* (T, B, G*H) OUT: activated gates (RNN: scratch) */
     void *extra;                     /* (T, B, H) OUT, GRU: W_hn h + b_hn (reset_after),
-                                        r*h (reset before); else NULL */
+                                        r*h (reset before); LSTM with proj_size: o*tanh(c_t)
+                                        before the projection; else NULL */
 } fo_rnn_forward_io;
 
 typedef struct {
-    const void *dout;                /* (T, B, H) gradient of out, or NULL = zeros */
-    const void *dh_n, *dc_n;         /* (B, H) gradient of the final state, or NULL = zeros */
+    const void *dout;                /* (T, B, S) gradient of out, or NULL = zeros */
+    const void *dh_n, *dc_n;         /* (B, S), (B, H) gradient of the final state, or NULL = zeros */
     void *dx;                        /* (T, B, I) OUT, or NULL: not computed */
-    void *dh0, *dc0;                 /* (B, H) OUT, or NULL: not stored */
+    void *dh0, *dc0;                 /* (B, S), (B, H) OUT, or NULL: not stored */
     void *dw_ih, *dw_hh;             /* accumulated: += */
     void *db_ih, *db_hh;             /* accumulated: +=; NULL without bias */
     void *dgates;                    /* (T, B, G*H) scratch: gate pre-activation grads */
     void *dgates_hh;                 /* (T, B, G*H) scratch for FO_GRU, else NULL */
+    void *dw_hr;                     /* accumulated: +=; with proj_size only (last, so that
+                                        initializers written before it stay valid) */
 } fo_rnn_backward_io;
 
 /* Forward over the whole sequence. Returns 0, or -1 when scratch memory

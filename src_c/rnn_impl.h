@@ -352,14 +352,15 @@ static void SFX(transpose)(T *restrict dst, const T *restrict src, int64_t rows,
         }
 }
 
-/* C (B x nr) = beta*C + h W_hh[r0:r0+nr]^T: with w_hh_t (H, G*H), the
- * transpose of w_hh, as the product "NN", which the BLASes measured here run
- * 7-27% faster than "NT" at these shapes (B rows); else from w_hh directly. */
+/* C (B x nr) = beta*C + h W_hh[r0:r0+nr]^T, h of width S: with w_hh_t
+ * (S, G*H), the transpose of w_hh, as the product "NN", which the BLASes
+ * measured here run 7-27% faster than "NT" at these shapes (B rows); else
+ * from w_hh directly. */
 INLINE void SFX(recurrent_product)(GEMM_FN gemm, const T *h, const T *w_hh, const T *w_hh_t,
-                                   int64_t B, int64_t H, int64_t GH, int64_t r0, int64_t nr,
+                                   int64_t B, int64_t S, int64_t GH, int64_t r0, int64_t nr,
                                    T beta, T *c, int64_t ldc) {
-    if (w_hh_t) gemm(0, 0, B, nr, H, h, H, w_hh_t + r0, GH, beta, c, ldc);
-    else gemm(0, 1, B, nr, H, h, H, w_hh + r0 * H, H, beta, c, ldc);
+    if (w_hh_t) gemm(0, 0, B, nr, S, h, S, w_hh_t + r0, GH, beta, c, ldc);
+    else gemm(0, 1, B, nr, S, h, S, w_hh + r0 * S, S, beta, c, ldc);
 }
 
 /* Below this many steps, transposing W_hh once costs more than it saves. */
@@ -369,8 +370,10 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     const int mode = L->mode;
     const int64_t Tn = L->seq_len, B = L->batch, I = L->input_size, H = L->hidden_size;
     const int64_t G = fo_rnn_num_gates(mode), GH = G * H, BH = B * H;
+    /* state width: the projection's (LSTM with proj_size), else H */
+    const int64_t P = L->proj_size, S = P ? P : H, BS = B * S;
     const T *x = (const T *)io->x, *h0 = (const T *)io->h0, *c0 = (const T *)io->c0;
-    const T *w_ih = (const T *)L->w_ih, *w_hh = (const T *)L->w_hh;
+    const T *w_ih = (const T *)L->w_ih, *w_hh = (const T *)L->w_hh, *w_hr = (const T *)L->w_hr;
     const T *b_ih = (const T *)L->b_ih, *b_hh = (const T *)L->b_hh;
     T *out = (T *)io->out, *c_all = (T *)io->c_all, *gates = (T *)io->gates;
     T *extra = (T *)io->extra;
@@ -392,9 +395,9 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
 
     T *w_hh_t = NULL;
     if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS) {
-        w_hh_t = (T *)malloc((size_t)(GH * H) * sizeof(T));
+        w_hh_t = (T *)malloc((size_t)(GH * S) * sizeof(T));
         if (!w_hh_t) { free(bias); return -1; }
-        SFX(transpose)(w_hh_t, w_hh, GH, H);
+        SFX(transpose)(w_hh_t, w_hh, GH, S);
     }
 
     /* input projection of every step in one GEMM: gates = x W_ih^T */
@@ -406,19 +409,21 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     c.relu = mode == FO_RNN_RELU;
     for (int64_t t = 0; t < Tn; t++) {
         /* hp = NULL: the state is zero, its recurrent product is skipped */
-        const T *hp = t ? out + (t - 1) * BH : h0;
+        const T *hp = t ? out + (t - 1) * BS : h0;
         T *g = gates + t * B * GH;
-        c.gates = g; c.out = out + t * BH; c.h_prev = hp ? hp : zeros;
+        c.gates = g; c.out = out + t * BS; c.h_prev = hp ? hp : zeros;
         switch (mode) {
         case FO_RNN_TANH: case FO_RNN_RELU:
             if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 1, g, GH);
             SFX(run_step)(SFX(rnn_fwd_chunk), &c, B);
             break;
         case FO_LSTM:
-            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 1, g, GH);
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, S, GH, 0, GH, 1, g, GH);
             c.c = c_all + t * BH;
             c.c_prev = t ? c_all + (t - 1) * BH : c0 ? c0 : zeros;
+            if (P) c.out = extra + t * BH;   /* o*tanh(c), then h = it W_hr^T */
             SFX(run_step)(SFX(lstm_fwd_chunk), &c, B);
+            if (P) gemm(0, 1, B, P, H, c.out, H, w_hr, H, 0, out + t * BS, P);
             break;
         case FO_GRU:
             if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 0, hh, GH);
@@ -448,10 +453,11 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     const int mode = L->mode;
     const int64_t Tn = L->seq_len, B = L->batch, I = L->input_size, H = L->hidden_size;
     const int64_t G = fo_rnn_num_gates(mode), GH = G * H, BH = B * H, TB = Tn * B;
+    const int64_t P = L->proj_size, S = P ? P : H, BS = B * S;   /* state width */
     const T *x = (const T *)sv->x, *h0 = (const T *)sv->h0, *c0 = (const T *)sv->c0;
     const T *out = (const T *)sv->out, *c_all = (const T *)sv->c_all;
     const T *gates = (const T *)sv->gates, *extra = (const T *)sv->extra;
-    const T *w_ih = (const T *)L->w_ih, *w_hh = (const T *)L->w_hh;
+    const T *w_ih = (const T *)L->w_ih, *w_hh = (const T *)L->w_hh, *w_hr = (const T *)L->w_hr;
     const T *dout = (const T *)io->dout, *dh_n = (const T *)io->dh_n, *dc_n = (const T *)io->dc_n;
     T *dgates = (T *)io->dgates;
     /* gradients w.r.t. the recurrent-side pre-activations: GRU's n row differs */
@@ -459,14 +465,15 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     if (B == 0) return 0;
 
     /* scratch: dh carried to the previous step, dc likewise, GRU-RB's d(r*h),
-     * a zero row standing for an absent h0/c0/dout, and the column sums of
-     * the gate gradients (the bias gradients), taken step by step while each
-     * step's rows are still in cache */
-    T *dh = (T *)calloc((size_t)(4 * BH + 2 * GH), sizeof(T));
+     * a zero row standing for an absent h0/c0/dout, the column sums of the
+     * gate gradients (the bias gradients), taken step by step while each
+     * step's rows are still in cache; with a projection, the gradient of
+     * o*tanh(c) of a step and that of every step's h (for dW_hr) */
+    T *dh = (T *)calloc((size_t)(5 * BH + 2 * GH + (P ? TB * P : 0)), sizeof(T));
     if (!dh) return -1;
-    T *dc = dh + BH, *drh = dc + BH, *zeros = drh + BH;
-    T *db_i = zeros + BH, *db_h = db_i + GH;
-    if (dh_n) memcpy(dh, dh_n, (size_t)BH * sizeof(T));
+    T *dc = dh + BH, *drh = dc + BH, *zeros = drh + BH, *dhf = zeros + BH;
+    T *db_i = dhf + BH, *db_h = db_i + GH, *dh_all = db_h + GH;
+    if (dh_n) memcpy(dh, dh_n, (size_t)BS * sizeof(T));
     if (dc_n) memcpy(dc, dc_n, (size_t)BH * sizeof(T));
 
     SFX(step_ctx) c;
@@ -474,12 +481,13 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     c.H = H; c.dh = dh; c.dc = dc; c.drh = drh;
     c.relu = mode == FO_RNN_RELU;
     for (int64_t t = Tn - 1; t >= 0; t--) {
-        const T *hp = t ? out + (t - 1) * BH : h0;
+        const T *hp = t ? out + (t - 1) * BS : h0;
         const int carry = t > 0 || io->dh0;   /* is dh of step t-1 wanted at all */
-        c.gates = (T *)gates + t * B * GH; c.out = (T *)out + t * BH;
+        c.gates = (T *)gates + t * B * GH; c.out = (T *)out + t * BS;
         c.h_prev = hp ? hp : zeros;
         c.dgates = dgates + t * B * GH; c.dgates_hh = dgh + t * B * GH;
-        c.dout = dout ? dout + t * BH : zeros;
+        c.dout = dout ? dout + t * BS : zeros;
+        c.dh = dh;
         switch (mode) {
         case FO_RNN_TANH: case FO_RNN_RELU:
             SFX(run_step)(SFX(rnn_bwd_chunk), &c, B);
@@ -488,8 +496,15 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
         case FO_LSTM:
             c.c = (T *)c_all + t * BH;
             c.c_prev = t ? c_all + (t - 1) * BH : c0 ? c0 : zeros;
+            if (P) {   /* dh of h = W_hr (o*tanh(c)), kept for dW_hr; then through W_hr */
+                T *dht = dh_all + t * BS;
+                for (int64_t i = 0; i < BS; i++) dht[i] = c.dout[i] + dh[i];
+                gemm(0, 0, B, H, P, dht, P, w_hr, H, 0, dhf, H);
+                c.dout = dhf;
+                c.dh = zeros;
+            }
             SFX(run_step)(SFX(lstm_bwd_chunk), &c, B);
-            if (carry) gemm(0, 0, B, H, GH, c.dgates, GH, w_hh, H, 0, dh, H);
+            if (carry) gemm(0, 0, B, S, GH, c.dgates, GH, w_hh, S, 0, dh, S);
             break;
         case FO_GRU:
             c.extra = (T *)extra + t * BH;
@@ -515,8 +530,10 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
             ((T *)io->db_hh)[j] += sum_h[j];
         }
     }
-    if (io->dh0) memcpy(io->dh0, dh, (size_t)BH * sizeof(T));
+    if (io->dh0) memcpy(io->dh0, dh, (size_t)BS * sizeof(T));
     if (io->dc0) memcpy(io->dc0, dc, (size_t)BH * sizeof(T));
+    /* dW_hr += dh_all^T (o*tanh(c)) over all T*B rows */
+    if (P && Tn) gemm(1, 0, P, H, TB, dh_all, P, extra, H, 1, (T *)io->dw_hr, H);
     free(dh);
     if (Tn == 0) return 0;
 
@@ -526,8 +543,8 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     /* dW_hh += dgh^T [h0; out[0:T-1]], split at h0 (a separate buffer) */
     T *dw_hh = (T *)io->dw_hh;
     const int64_t rows_h = mode == FO_GRU_RESET_BEFORE ? 2 * H : GH;  /* rows that see h_prev */
-    if (Tn > 1) gemm(1, 0, rows_h, H, TB - B, dgh + B * GH, GH, out, H, 1, dw_hh, H);
-    if (h0) gemm(1, 0, rows_h, H, B, dgh, GH, h0, H, 1, dw_hh, H);
+    if (Tn > 1) gemm(1, 0, rows_h, S, TB - B, dgh + B * GH, GH, out, S, 1, dw_hh, S);
+    if (h0) gemm(1, 0, rows_h, S, B, dgh, GH, h0, S, 1, dw_hh, S);
     if (mode == FO_GRU_RESET_BEFORE)   /* W_hn sees r*h_prev */
         gemm(1, 0, H, H, TB, dgates + 2 * H, GH, extra, H, 1, dw_hh + 2 * H * H, H);
     return 0;

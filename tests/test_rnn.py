@@ -809,3 +809,92 @@ def test_full_lengths_equal_no_lengths_and_bad_lengths_are_refused():
     assert out.shape == (T, 0, 6)
     dx, _ = m.backward(np.zeros((T, 0, 6), np.float32))
     assert dx.shape == (T, 0, 2)
+
+
+# ------------------------------------------------------- LSTM projections
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("lengths", [None, LENGTHS])
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
+def test_lstm_proj_size_matches_torch(torch, dtype, num_layers, batch_first, bidirectional,
+                                      lengths):
+    """LSTM(proj_size=P): h = W_hr (o*tanh(c)), out and h of width P, c of
+    width H; every output and gradient (weight_hr's included) against torch,
+    also with sequences of different lengths (a PackedSequence in torch)."""
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    T, B, I, H, P = 7, len(LENGTHS), 4, 6, 3
+    D, L = (2 if bidirectional else 1), num_layers
+    rng = np.random.default_rng(6)
+    torch.manual_seed(1)
+    tm = torch.nn.LSTM(I, H, num_layers=L, batch_first=batch_first, bidirectional=bidirectional,
+                       proj_size=P).to(torch_dtype(torch, dtype))
+    m = fo.LSTM(I, H, num_layers=L, batch_first=batch_first, bidirectional=bidirectional,
+                proj_size=P, dtype=dtype)
+    assert [(k, p.shape) for k, p in m.named_parameters()] == \
+        [(k, tuple(p.shape)) for k, p in tm.named_parameters()]
+    copy_to_fastopt(tm, m)
+    x = rand(rng, (B, T, I) if batch_first else (T, B, I), dtype)
+    h0, c0 = rand(rng, (L * D, B, P), dtype), rand(rng, (L * D, B, H), dtype)
+    dout = rand(rng, x.shape[:2] + (D * P,), dtype)
+    dh_n, dc_n = rand(rng, (L * D, B, P), dtype), rand(rng, (L * D, B, H), dtype)
+
+    tx = torch.from_numpy(x).requires_grad_()
+    th0, tc0 = torch.from_numpy(h0).requires_grad_(), torch.from_numpy(c0).requires_grad_()
+    if lengths is None:
+        tout, (th_n, tc_n) = tm(tx, (th0, tc0))
+    else:
+        packed = pack_padded_sequence(tx, torch.tensor(lengths), batch_first=batch_first,
+                                      enforce_sorted=False)
+        tpacked, (th_n, tc_n) = tm(packed, (th0, tc0))
+        tout, _ = pad_packed_sequence(tpacked, batch_first=batch_first, total_length=T)
+    torch.autograd.backward([tout, th_n, tc_n], [torch.from_numpy(a) for a in (dout, dh_n, dc_n)])
+
+    out, (h_n, c_n) = m.forward(x, (h0, c0), lengths=lengths)
+    dx, (dh0, dc0) = m.backward(dout, (dh_n, dc_n))
+    close(out, tout.detach().numpy(), dtype, "out")
+    close(h_n, th_n.detach().numpy(), dtype, "h_n")
+    close(c_n, tc_n.detach().numpy(), dtype, "c_n")
+    close(dx, tx.grad.numpy(), dtype, "dx")
+    close(dh0, th0.grad.numpy(), dtype, "dh0")
+    close(dc0, tc0.grad.numpy(), dtype, "dc0")
+    for (name, p), g in zip(tm.named_parameters(), m.gradients()):
+        close(g, p.grad.numpy(), dtype, name)
+
+
+def test_lstm_proj_size_gradients_match_finite_differences():
+    T, B, I, H, P, L = 3, 2, 3, 4, 2, 2
+    rng = np.random.default_rng(7)
+    m = fo.LSTM(I, H, num_layers=L, bidirectional=True, proj_size=P, dtype=np.float64, seed=8)
+    x = rng.standard_normal((T, B, I))
+    h0, c0 = rng.standard_normal((2 * L, B, P)), rng.standard_normal((2 * L, B, H))
+    dout, dh_n, dc_n = (rng.standard_normal(s)
+                        for s in [(T, B, 2 * P), (2 * L, B, P), (2 * L, B, H)])
+
+    def loss():
+        out, (h, c) = m.forward(x, (h0, c0))
+        return np.sum(out * dout) + np.sum(h * dh_n) + np.sum(c * dc_n)
+
+    loss()
+    m.zero_grad()
+    dx, (dh0, dc0) = m.backward(dout, (dh_n, dc_n))
+    checks = [(x, dx, "x"), (h0, dh0, "h0"), (c0, dc0, "c0")]
+    checks += [(p, g, name) for (name, p), g in zip(m.named_parameters(), m.gradients())]
+    for arr, grad, name in checks:
+        np.testing.assert_allclose(grad, central_differences(loss, arr), rtol=1e-6, atol=1e-8,
+                                   err_msg=name)
+
+
+def test_bad_proj_size_is_refused():
+    for bad in (4, 5, -1):
+        with pytest.raises(ValueError, match="proj_size"):
+            fo.LSTM(3, 4, proj_size=bad)
+    with pytest.raises(TypeError):
+        fo.GRU(3, 4, proj_size=2)
+    m = fo.LSTM(3, 4, proj_size=2)
+    assert "proj_size=2" in repr(m)
+    x = np.zeros((2, 1, 3), np.float32)
+    with pytest.raises(ValueError, match="h0"):
+        m.forward(x, (np.zeros((1, 1, 4), np.float32), np.zeros((1, 1, 4), np.float32)))
