@@ -1,6 +1,6 @@
 /* test_rnn.c -- the recurrent-layer C ABI used with no Python: every mode
- * (RNN tanh/relu, LSTM, GRU with the reset gate after and before W_hn),
- * float64 and float32, with a naive GEMM as the BLAS callback. Forward is
+ * (RNN tanh/relu, LSTM, GRU with the reset gate after and before W_hn) and
+ * the LSTM with a projection (proj_size), float64 and float32, with a naive GEMM as the BLAS callback. Forward is
  * checked against a scalar reference written here from the formulas; backward
  * against central finite differences of that reference. Build and run:
  *   cc -std=c99 -O2 -fopenmp -fno-math-errno -Isrc_c tests/c/test_rnn.c \
@@ -15,6 +15,8 @@
 
 enum { T = 3, B = 2, I = 3, H = 4, GMAX = 4 };
 static int failures = 0;
+static int P = 0;   /* the LSTM's proj_size in the test at hand (0: none); h is S wide */
+#define S (P ? P : H)
 
 static void check(const char *what, int mode, double got, double want, double rtol) {
     if (!(fabs(got - want) <= rtol * (1.0 + fabs(want)))) {
@@ -45,11 +47,13 @@ static double sig(double v) { return 1 / (1 + exp(-v)); }
 typedef struct {
     double x[T * B * I], h0[B * H], c0[B * H];
     double w_ih[GMAX * H * I], w_hh[GMAX * H * H], b_ih[GMAX * H], b_hh[GMAX * H];
+    double w_hr[H * H];   /* (P, H) */
     double dout[T * B * H], dhn[B * H], dcn[B * H];
 } layer_data;
 
 /* The reference forward from the formulas; returns the loss
- * sum(out*dout) + sum(h_T*dhn) (+ sum(c_T*dcn) for the LSTM). */
+ * sum(out*dout) + sum(h_T*dhn) (+ sum(c_T*dcn) for the LSTM). With P, the
+ * state h = W_hr (o*tanh(c)) is S = P wide (out too). */
 static double ref_forward(int mode, const layer_data *d, double *out) {
     double h[B * H], c[B * H], hn[B * H];
     memcpy(h, d->h0, sizeof h);
@@ -67,9 +71,9 @@ static double ref_forward(int mode, const layer_data *d, double *out) {
                     px[g] = d->b_ih[row];
                     ph[g] = d->b_hh[row];
                     for (int p = 0; p < I; p++) px[g] += d->w_ih[row * I + p] * d->x[(t * B + b) * I + p];
-                    for (int p = 0; p < H; p++) ph[g] += d->w_hh[row * H + p] * h[b * H + p];
+                    for (int p = 0; p < S; p++) ph[g] += d->w_hh[row * S + p] * h[b * S + p];
                 }
-                double hp = h[b * H + j], v;
+                double hp = h[b * S + j], v;
                 if (mode == FO_RNN_TANH) v = tanh(px[0] + ph[0]);
                 else if (mode == FO_RNN_RELU) v = fmax(px[0] + ph[0], 0);
                 else if (mode == FO_LSTM) {
@@ -94,16 +98,22 @@ static double ref_forward(int mode, const layer_data *d, double *out) {
                 }
                 hn[b * H + j] = v;
             }
-        memcpy(h, hn, sizeof h);
-        for (int k = 0; k < B * H; k++) {
-            out[t * B * H + k] = h[k];
-            loss += h[k] * d->dout[t * B * H + k];
+        if (P)   /* h = W_hr hn */
+            for (int b = 0; b < B; b++)
+                for (int q = 0; q < P; q++) {
+                    h[b * P + q] = 0;
+                    for (int j = 0; j < H; j++) h[b * P + q] += d->w_hr[q * H + j] * hn[b * H + j];
+                }
+        else
+            memcpy(h, hn, sizeof h);
+        for (int k = 0; k < B * S; k++) {
+            out[t * B * S + k] = h[k];
+            loss += h[k] * d->dout[t * B * S + k];
         }
     }
-    for (int k = 0; k < B * H; k++) {
-        loss += h[k] * d->dhn[k];
-        if (mode == FO_LSTM) loss += c[k] * d->dcn[k];
-    }
+    for (int k = 0; k < B * S; k++) loss += h[k] * d->dhn[k];
+    if (mode == FO_LSTM)
+        for (int k = 0; k < B * H; k++) loss += c[k] * d->dcn[k];
     return loss;
 }
 
@@ -116,33 +126,34 @@ static void test_mode(int mode) {
     layer_data d;
     memset(&d, 0, sizeof d);
     fill(d.x, T * B * I, 0.1); fill(d.h0, B * H, 0.2); fill(d.c0, B * H, 0.3);
-    fill(d.w_ih, G * H * I, 0.4); fill(d.w_hh, G * H * H, 0.5);
-    fill(d.b_ih, G * H, 0.6); fill(d.b_hh, G * H, 0.7);
+    fill(d.w_ih, G * H * I, 0.4); fill(d.w_hh, G * H * S, 0.5);
+    fill(d.b_ih, G * H, 0.6); fill(d.b_hh, G * H, 0.7); fill(d.w_hr, P * H, 1.1);
     fill(d.dout, T * B * H, 0.8); fill(d.dhn, B * H, 0.9); fill(d.dcn, B * H, 1.0);
     double ref_out[T * B * H];
     ref_forward(mode, &d, ref_out);
 
     /* float64 forward and backward through the C ABI */
     double out[T * B * H], c_all[T * B * H], gates[T * B * GMAX * H], extra[T * B * H];
-    fo_rnn_layer L = {mode, T, B, I, H, d.w_ih, d.w_hh, d.b_ih, d.b_hh};
+    fo_rnn_layer L = {mode, T, B, I, H, d.w_ih, d.w_hh, d.b_ih, d.b_hh, P, d.w_hr};
     fo_rnn_forward_io io = {d.x, d.h0, mode == FO_LSTM ? d.c0 : NULL, out,
-                            mode == FO_LSTM ? c_all : NULL, gates, G == 3 ? extra : NULL};
+                            mode == FO_LSTM ? c_all : NULL, gates, G == 3 || P ? extra : NULL};
     if (fo_rnn_forward_f64(&L, &io, gemm_f64)) { printf("FAIL forward rc\n"); failures++; }
-    for (int k = 0; k < T * B * H; k++) check("out f64", mode, out[k], ref_out[k], 1e-12);
+    for (int k = 0; k < T * B * S; k++) check("out f64", mode, out[k], ref_out[k], 1e-12);
 
     double dx[T * B * I], dh0[B * H], dc0[B * H], dgates[T * B * GMAX * H], dgh[T * B * GMAX * H];
     double dw_ih[GMAX * H * I] = {0}, dw_hh[GMAX * H * H] = {0}, db_ih[GMAX * H] = {0},
-           db_hh[GMAX * H] = {0};
+           db_hh[GMAX * H] = {0}, dw_hr[H * H] = {0};
     fo_rnn_backward_io bw = {d.dout, d.dhn, mode == FO_LSTM ? d.dcn : NULL, dx, dh0,
                              mode == FO_LSTM ? dc0 : NULL, dw_ih, dw_hh, db_ih, db_hh, dgates,
-                             mode == FO_GRU ? dgh : NULL};
+                             mode == FO_GRU ? dgh : NULL, P ? dw_hr : NULL};
     if (fo_rnn_backward_f64(&L, &io, &bw, gemm_f64)) { printf("FAIL backward rc\n"); failures++; }
 
     /* central differences of the reference loss */
     struct { double *arr, *grad; int n; const char *name; } wrt[] = {
-        {d.x, dx, T * B * I, "dx"}, {d.h0, dh0, B * H, "dh0"}, {d.c0, dc0, B * H, "dc0"},
-        {d.w_ih, dw_ih, G * H * I, "dw_ih"}, {d.w_hh, dw_hh, G * H * H, "dw_hh"},
-        {d.b_ih, db_ih, G * H, "db_ih"}, {d.b_hh, db_hh, G * H, "db_hh"}};
+        {d.x, dx, T * B * I, "dx"}, {d.h0, dh0, B * S, "dh0"}, {d.c0, dc0, B * H, "dc0"},
+        {d.w_ih, dw_ih, G * H * I, "dw_ih"}, {d.w_hh, dw_hh, G * H * S, "dw_hh"},
+        {d.b_ih, db_ih, G * H, "db_ih"}, {d.b_hh, db_hh, G * H, "db_hh"},
+        {d.w_hr, dw_hr, P * H, "dw_hr"}};
     double scratch[T * B * H];
     for (size_t w = 0; w < sizeof wrt / sizeof wrt[0]; w++) {
         if (wrt[w].grad == dc0 && mode != FO_LSTM) continue;
@@ -159,23 +170,26 @@ static void test_mode(int mode) {
 
     /* float32 forward: the same layer, rounded inputs */
     float fx[T * B * I], fh0[B * H], fc0[B * H], fw_ih[GMAX * H * I], fw_hh[GMAX * H * H],
-          fb_ih[GMAX * H], fb_hh[GMAX * H], fout[T * B * H], fc_all[T * B * H],
+          fb_ih[GMAX * H], fb_hh[GMAX * H], fw_hr[H * H], fout[T * B * H], fc_all[T * B * H],
           fgates[T * B * GMAX * H], fextra[T * B * H];
 #define TO_F32(dst, src, n) for (int k = 0; k < (n); k++) (dst)[k] = (float)(src)[k]
-    TO_F32(fx, d.x, T * B * I); TO_F32(fh0, d.h0, B * H); TO_F32(fc0, d.c0, B * H);
-    TO_F32(fw_ih, d.w_ih, G * H * I); TO_F32(fw_hh, d.w_hh, G * H * H);
-    TO_F32(fb_ih, d.b_ih, G * H); TO_F32(fb_hh, d.b_hh, G * H);
-    fo_rnn_layer Lf = {mode, T, B, I, H, fw_ih, fw_hh, fb_ih, fb_hh};
+    TO_F32(fx, d.x, T * B * I); TO_F32(fh0, d.h0, B * S); TO_F32(fc0, d.c0, B * H);
+    TO_F32(fw_ih, d.w_ih, G * H * I); TO_F32(fw_hh, d.w_hh, G * H * S);
+    TO_F32(fb_ih, d.b_ih, G * H); TO_F32(fb_hh, d.b_hh, G * H); TO_F32(fw_hr, d.w_hr, P * H);
+    fo_rnn_layer Lf = {mode, T, B, I, H, fw_ih, fw_hh, fb_ih, fb_hh, P, fw_hr};
     fo_rnn_forward_io iof = {fx, fh0, mode == FO_LSTM ? fc0 : NULL, fout,
-                             mode == FO_LSTM ? fc_all : NULL, fgates, G == 3 ? fextra : NULL};
+                             mode == FO_LSTM ? fc_all : NULL, fgates, G == 3 || P ? fextra : NULL};
     if (fo_rnn_forward_f32(&Lf, &iof, gemm_f32)) { printf("FAIL forward f32 rc\n"); failures++; }
-    for (int k = 0; k < T * B * H; k++) check("out f32", mode, fout[k], ref_out[k], 2e-6);
+    for (int k = 0; k < T * B * S; k++) check("out f32", mode, fout[k], ref_out[k], 2e-6);
 }
 
 int main(void) {
     for (int nt = 1; nt <= 2; nt++) {
         fo_set_num_threads(nt);
         for (int mode = FO_RNN_TANH; mode <= FO_GRU_RESET_BEFORE; mode++) test_mode(mode);
+        P = 2;   /* an LSTM with a projection to 2 of its 4 units */
+        test_mode(FO_LSTM);
+        P = 0;
     }
     printf("%s: C recurrent-layer tests (OpenMP %s)\n", failures ? "FAILED" : "ok",
            fo_has_openmp() ? "on" : "off");
