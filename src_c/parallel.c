@@ -53,11 +53,16 @@ static void run_range(const int64_t *numel, int64_t ntensors, fo_chunk_fn body,
 
 void fo_parallel_foreach(const int64_t *numel, int64_t ntensors,
                          fo_chunk_fn body, void *ctx) {
+    fo_parallel_foreach_grain(numel, ntensors, body, ctx, FO_MIN_PER_THREAD);
+}
+
+void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensors,
+                               fo_chunk_fn body, void *ctx, int64_t grain) {
     int64_t total = 0;
     for (int64_t k = 0; k < ntensors; k++) total += numel[k];
     if (total == 0) return;
     int64_t nt = fo_get_num_threads();
-    if (nt > total / FO_MIN_PER_THREAD) nt = total / FO_MIN_PER_THREAD;
+    if (nt > total / grain) nt = total / grain;
     if (nt <= 1) {
         run_range(numel, ntensors, body, ctx, 0, total);
         return;

@@ -14,6 +14,10 @@ typedef void (*fo_chunk_fn)(void *ctx, int64_t tensor, int64_t begin, int64_t en
  * region costs microseconds, more than a 10^4-element update. */
 void fo_parallel_foreach(const int64_t *numel, int64_t ntensors,
                          fo_chunk_fn body, void *ctx);
+/* The same with `grain` elements per thread at least, for kernels that spend
+ * much more than a memory pass on an element (the recurrent gate math). */
+void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensors,
+                               fo_chunk_fn body, void *ctx, int64_t grain);
 
 /* Compile a function for baseline x86-64, AVX2+FMA and AVX-512, picked at
  * load time by the CPU (GCC ifunc), so one build is fast on every x86-64 and

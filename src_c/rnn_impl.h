@@ -329,9 +329,12 @@ FO_DISPATCH static void SFX(grurb_bwd2_chunk)(void *vc, int64_t unused, int64_t 
 
 /* ------------------------------------------------------------- sequence */
 
+#ifndef FO_RNN_GRAIN
+#define FO_RNN_GRAIN 4096
+#endif
 INLINE void SFX(run_step)(fo_chunk_fn body, SFX(step_ctx) *c, int64_t batch) {
     int64_t n = batch * c->H;
-    fo_parallel_foreach(&n, 1, body, c);
+    fo_parallel_foreach_grain(&n, 1, body, c, FO_RNN_GRAIN);
 }
 
 /* acc[j] += sum over rows of a[row*lda + j], j < cols: bias gradients. */
