@@ -251,8 +251,8 @@ class _SequenceLayer(_Recurrent):
     def forward(self, x, state=None, lengths=None):
         """out, state = forward(x, state=None, lengths=None). x (T, B, I)
         ((B, T, I) when batch_first), or unbatched (T, I); state h0
-        (num_layers*D, B, H) (or (num_layers*D, H) unbatched), LSTM (h0, c0);
-        None = zeros. lengths (B integers in [1, T], any order): sequence b is
+        (num_layers*D, B, S) (or (num_layers*D, S) unbatched; S = proj_size or
+        H), LSTM (h0, c0) with c0 H wide; None = zeros. lengths (B integers in [1, T], any order): sequence b is
         x[:lengths[b], b], as a torch PackedSequence gives it; out is zero past
         each length and state holds each sequence's state after its own last
         step (the reverse direction reads each sequence from its own end)."""
