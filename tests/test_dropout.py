@@ -304,12 +304,15 @@ def test_backward_bad_input():
 
 
 @pytest.mark.parametrize("dtype,n", [(np.float32, 2**22 + 37), (np.float64, 2**21 + 5)])
-@pytest.mark.parametrize("align", [64, 16, 4])
-def test_large_outputs_streaming_stores(dtype, n, align):
-    """Outputs over 16 MB take the streaming-store path (64- or 16-byte
-    aligned; a 4-byte aligned output falls back to ordinary stores): values
+@pytest.mark.parametrize("align", [64, 16, 32, 48, 4])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_large_outputs_streaming_stores(threads, dtype, n, align, nthreads):
+    """Outputs over 16 MB take the streaming-store path (64-byte stores when
+    64-byte aligned, 16-byte ones when 16-, 32- or 48-byte aligned; a 4-byte
+    aligned output falls back to ordinary stores), on 1 and 2 threads: values
     against the mask, and bitwise equal to the portable code."""
     from fastopt import _fastopt
+    fo.set_num_threads(nthreads)   # the fixture restores the count
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n).astype(dtype)
     raw = np.empty(n * x.itemsize + 128, np.uint8)
