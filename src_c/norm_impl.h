@@ -312,6 +312,16 @@ FO_DISPATCH static void SFX(reduce_unit)(const SFX(norm_job) *j, int64_t unit) {
     else SFX(reduce_unit_impl)(j, unit, 0);
 }
 
+/* a1 += s1, a2 += s2 over n entries (restrict: vectorized; as one loop with
+ * the general case's index arithmetic it was 1.4 us of a (2, 1024) call). */
+INLINE void SFX(add_pairs)(double *restrict a1, double *restrict a2,
+                           const double *restrict s1, const double *restrict s2, int64_t n) {
+    for (int64_t c = 0; c < n; c++) {
+        a1[c] += s1[c];
+        a2[c] += s2[c];
+    }
+}
+
 /* Runs every unit (threads take contiguous ranges; each unit writes only its
  * own partial slot), then adds the partials per channel in unit order. */
 static void SFX(reduce)(const SFX(norm_job) *j, double *sum1, double *sum2) {
@@ -329,11 +339,14 @@ static void SFX(reduce)(const SFX(norm_job) *j, double *sum1, double *sum2) {
     if (p->row_mode) {
         for (int64_t u = 0; u < nunits; u++) {
             const double *s1 = j->partial + u * 2 * p->W, *s2 = s1 + p->W;
-            for (int64_t c = 0; c < p->C; c++)
-                for (int64_t q = 0; q < p->inner; q++) {
-                    sum1[c] += s1[c * p->inner + q];
-                    sum2[c] += s2[c * p->inner + q];
-                }
+            if (p->inner == 1)   /* (N, C) and channels-last: a vectorized loop */
+                SFX(add_pairs)(sum1, sum2, s1, s2, p->C);
+            else
+                for (int64_t c = 0; c < p->C; c++)
+                    for (int64_t q = 0; q < p->inner; q++) {
+                        sum1[c] += s1[c * p->inner + q];
+                        sum2[c] += s2[c * p->inner + q];
+                    }
         }
     } else {
         for (int64_t b = 0; b < p->nblocks; b++)
