@@ -66,6 +66,14 @@ def _batch_order(a, order):
     return np.ascontiguousarray(np.take(a, order, axis=1))
 
 
+def _lead(a, shape):
+    """The leading shape + (width,) entries of scratch a (T, B, width), as one
+    contiguous array (None stays None)."""
+    if a is None:
+        return None
+    return a.reshape(-1)[:int(np.prod(shape)) * a.shape[-1]].reshape(shape + (a.shape[-1],))
+
+
 def _flip(a, lengths, out):
     """out[t, b] = a[len_b - 1 - t, b] for t < len_b, else 0: each sequence in
     reverse time order (its own inverse); without lengths, a[::-1]."""
@@ -426,15 +434,13 @@ class _SequenceLayer(_Recurrent):
         dx.fill(0)
         for t0, t1, nb, call in reversed(runs):
             shape = (t1 - t0, nb)
-            view = lambda a: a.reshape(-1)[:(t1 - t0) * nb * a.shape[-1]].reshape(  # noqa: E731
-                shape + (a.shape[-1],))
             dx_run = np.empty(shape + (I,), self.dtype)
             dh_run = np.empty((nb, S), self.dtype)
             dc_run = np.empty((nb, H), self.dtype) if lstm else None
             call.backward(None if d_dir is None else np.ascontiguousarray(d_dir[t0:t1, :nb]),
                           dh[:nb].copy(), dc[:nb].copy() if lstm else None, dx_run, dh_run,
-                          dc_run, gw_ih, gw_hh, gb_ih, gb_hh, view(dgates),
-                          view(dgates_hh) if dgates_hh is not None else None, gw_hr)
+                          dc_run, gw_ih, gw_hh, gb_ih, gb_hh, _lead(dgates, shape),
+                          _lead(dgates_hh, shape), gw_hr)
             dx[t0:t1, :nb] = dx_run
             dh[:nb] = dh_run
             if lstm:

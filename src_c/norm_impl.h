@@ -169,23 +169,22 @@ INLINE void SFX(reduce_span)(const T *restrict x, const T *restrict dy,
 INLINE void SFX(reduce_block)(const T *restrict x, const T *restrict dy,
                               const T *restrict cen, double *restrict s1,
                               double *restrict s2, int64_t L, const int R, const int has_dy) {
-    enum { NV = (int)(FO_NORM_COLS * (int64_t)sizeof(T) / 64) };
-    const int64_t vl = 64 / (int64_t)sizeof(T);
+    enum { NV = (int)(FO_NORM_COLS / FO_VL) };
     SFX(vec) c[NV], p1[NV], p2[NV];
     for (int v = 0; v < NV; v++) {
-        c[v] = *(const SFX(vec) *)(cen + v * vl);
+        c[v] = *(const SFX(vec) *)(cen + v * FO_VL);
         p1[v] = p2[v] = (SFX(vec)){0};
     }
     for (int k = 0; k < R; k++)
         for (int v = 0; v < NV; v++) {
-            SFX(vec) u = *(const SFX(vec) *)(x + k * L + v * vl) - c[v];
-            SFX(vec) a = has_dy ? *(const SFX(vec) *)(dy + k * L + v * vl) : u;
+            SFX(vec) u = *(const SFX(vec) *)(x + k * L + v * FO_VL) - c[v];
+            SFX(vec) a = has_dy ? *(const SFX(vec) *)(dy + k * L + v * FO_VL) : u;
             p1[v] += a;
             p2[v] += a * u;
         }
     for (int v = 0; v < NV; v++) {
-        SFX(add_lanes)(s1 + v * vl, p1[v]);
-        SFX(add_lanes)(s2 + v * vl, p2[v]);
+        SFX(add_lanes)(s1 + v * FO_VL, p1[v]);
+        SFX(add_lanes)(s2 + v * FO_VL, p2[v]);
     }
 }
 
@@ -212,7 +211,7 @@ INLINE void SFX(reduce_rows)(const T *restrict x, const T *restrict dy,
         SFX(reduce_wide)(x, dy, cen, s1, s2, L, R, has_dy);
         return;
     }
-    T buf[2 * FO_NORM_COLS];   /* a whole block's partials: in registers */
+    T buf[2 * FO_NORM_COLS];   /* the partials of a last, partial block */
     for (int64_t jb = 0; jb < L; jb += FO_NORM_COLS) {
         const T *xb = x + jb, *dyb = has_dy ? dy + jb : 0;
         int64_t n = L - jb < FO_NORM_COLS ? L - jb : FO_NORM_COLS;

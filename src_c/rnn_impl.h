@@ -481,7 +481,7 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
 
     SFX(step_ctx) c;
     memset(&c, 0, sizeof c);
-    c.H = H; c.dh = dh; c.dc = dc; c.drh = drh;
+    c.H = H; c.dc = dc; c.drh = drh;   /* c.dh: per step (a projection swaps it) */
     c.relu = mode == FO_RNN_RELU;
     for (int64_t t = Tn - 1; t >= 0; t--) {
         const T *hp = t ? out + (t - 1) * BS : h0;

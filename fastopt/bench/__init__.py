@@ -10,10 +10,9 @@ Timing: every callable of a case is timed in the same rounds, interleaved,
 so that the machine's noise hits all of them alike; with more threads the
 runner pauses between libraries so that an idle thread pool does not steal
 the next library's core (see time_interleaved); the figure is the median over
-rounds of the per-call time. The copy baseline
-(``fastopt.copy`` over the same number of bytes moved, same thread count) is
-timed in the same rounds as fastopt, so the fraction of copy bandwidth is
-measured, not assumed.
+rounds of the per-call time. The copy baseline (``fastopt.copy`` over the
+same number of bytes moved, same thread count) is timed in the same rounds as
+fastopt, so the fraction of copy bandwidth is measured, not assumed.
 """
 import dataclasses
 import importlib
