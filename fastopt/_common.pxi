@@ -11,11 +11,13 @@ cdef extern from "fastopt.h" nogil:
     float fo_fma_peak_f32(int64_t rounds)
 
 
-def set_num_threads(int n):
-    """Use n threads (n >= 1) in every fastopt kernel from now on."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    fo_set_num_threads(n)
+def set_num_threads(n):
+    """Use n threads (an int, 1 <= n < 2**31) in every fastopt kernel from now on."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if not 1 <= n <= 2147483647:
+        raise ValueError(f"n must be in [1, 2**31), got {n}")
+    fo_set_num_threads(<int>n)
 
 
 def get_num_threads():

@@ -87,51 +87,154 @@ cdef void **_null_or(TensorTable t):
     return NULL if t is None else t.ptr
 
 
+cdef class ParamIndex:
+    """The byte ranges of all the params of an optimizer, sorted by address
+    (params never overlap each other): whether a gradient overlaps any param
+    (which the step would change while reading the gradient) in O(log n)."""
+    cdef Py_ssize_t n
+    cdef char **lo
+    cdef char **hi
+
+    def __cinit__(self, tables):
+        ranges = []
+        cdef cnp.ndarray a
+        for t in tables:
+            for a in (<TensorTable?>t).arrays:
+                if cnp.PyArray_NBYTES(a):
+                    ranges.append((<size_t>cnp.PyArray_DATA(a), cnp.PyArray_NBYTES(a)))
+        ranges.sort()
+        self.n = len(ranges)
+        self.lo = <char **>malloc(max(self.n, 1) * sizeof(char *))
+        self.hi = <char **>malloc(max(self.n, 1) * sizeof(char *))
+        if self.lo == NULL or self.hi == NULL:
+            raise MemoryError()
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            self.lo[i] = <char *><size_t>ranges[i][0]
+            self.hi[i] = self.lo[i] + <Py_ssize_t>ranges[i][1]
+
+    def __dealloc__(self):
+        free(self.lo)
+        free(self.hi)
+
+    cdef bint hits(self, cnp.ndarray g):
+        """True when g's bytes intersect a param's."""
+        cdef char *s = <char *>cnp.PyArray_DATA(g)
+        cdef char *e = s + cnp.PyArray_NBYTES(g)
+        if s == e:
+            return False
+        # the last range starting before e is the only candidate (ranges are disjoint)
+        cdef Py_ssize_t a = 0, b = self.n, m
+        while a < b:
+            m = (a + b) // 2
+            if self.lo[m] < e:
+                a = m + 1
+            else:
+                b = m
+        return a > 0 and self.hi[a - 1] > s
+
+
 cdef class GradTable:
-    """The checked pointer table of one step's gradients (freed with the object)."""
+    """The checked pointer table of one step's gradients for one params table
+    (freed with the object). Holds the gradient arrays, so that a gradient
+    converted from a list or a buffer lives as long as its pointer."""
     cdef void **ptr
+    cdef readonly TensorTable params
+    cdef readonly tuple arrays
 
     def __dealloc__(self):
         free(self.ptr)
 
 
-def check_grads(TensorTable params, object grads):
-    """Check grads against params (length, dtype, shape, contiguity, no overlap
-    with its param); raises before anything is written."""
-    if not isinstance(grads, (list, tuple)):
-        grads = list(grads)
+def check_grads(TensorTable params not None, object grads, ParamIndex index=None,
+                Py_ssize_t first=0):
+    """Check grads against params (length, dtype, shape, contiguity; no overlap
+    with any param of `index`, or with its own param without one) and that
+    every param is still writeable; raises before anything is written.
+    Messages number the grads from `first` (the group's place in a step)."""
+    if isinstance(grads, (str, bytes, np.ndarray)) or not hasattr(grads, "__len__"):
+        raise TypeError(f"grads must be a sequence of arrays, got {type(grads).__name__}")
     cdef Py_ssize_t n = len(grads), i
     if n != params.n:
         raise ValueError(f"grads has {n} arrays, expected {params.n} (one per param)")
     cdef GradTable t = GradTable()
+    t.params = params
     t.ptr = <void **>malloc(max(n, 1) * sizeof(void *))
     if t.ptr == NULL:
         raise MemoryError()
     cdef cnp.ndarray g, p
+    cdef list held = None     # grads converted to arrays here, kept alive by the table
     for i in range(n):
         obj = grads[i]
         if not isinstance(obj, cnp.ndarray):
-            obj = np.asarray(obj)      # any buffer: a read-only view, not written
+            try:      # any buffer or sequence: read, never written
+                obj = np.asarray(obj)
+            except Exception as e:   # ragged lists, torch tensors that require grad
+                raise TypeError(f"grads[{first + i}] cannot be read as an array: {e}") from None
+            if held is None:
+                held = list(grads)
+            held[i] = obj
         g = <cnp.ndarray>obj
         p = <cnp.ndarray>params.arrays[i]
         if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p):
-            raise TypeError(f"grads[{i}] has dtype {(<object>g).dtype}, expected {(<object>p).dtype} "
+            raise TypeError(f"grads[{first + i}] has dtype {(<object>g).dtype}, expected {(<object>p).dtype} "
                             "(no implicit casts)")
         if not _same_shape(g, p):
-            raise ValueError(f"grads[{i}] has shape {(<object>g).shape}, expected "
+            raise ValueError(f"grads[{first + i}] has shape {(<object>g).shape}, expected "
                              f"{(<object>p).shape}")
         if not cnp.PyArray_IS_C_CONTIGUOUS(g):
-            raise ValueError(f"grads[{i}] must be C-contiguous")
-        if _overlap(g, p):
-            raise ValueError(f"grads[{i}] shares memory with its param")
+            raise ValueError(f"grads[{first + i}] must be C-contiguous")
+        if (index.hits(g) if index is not None else _overlap(g, p)):
+            raise ValueError(f"grads[{first + i}] shares memory with a param, which the step "
+                             "would change while reading it")
+        if not cnp.PyArray_ISWRITEABLE(p):
+            raise ValueError(f"params[{first + i}] has become read-only but is updated in place")
         t.ptr[i] = cnp.PyArray_DATA(g)
+    t.arrays = tuple(held if held is not None else grads)
     return t
+
+
+def same_items(list a, tuple b):
+    """True when list a holds exactly the objects of b, in order (identity)."""
+    if a is None or len(a) != len(b):
+        return False
+    cdef Py_ssize_t i
+    for i in range(len(b)):
+        if a[i] is not b[i]:
+            return False
+    return True
+
+
+cdef int _check_tables(TensorTable params, GradTable g, tables) except -1:
+    """Before a step call: g was checked for params, and each (table, name,
+    required) state table is present when required and matches params in
+    count, dtype and sizes (the C kernel trusts all of them)."""
+    if params is None:
+        raise TypeError("params must be a TensorTable")
+    if g is None or g.params is not params:
+        raise ValueError("g must be check_grads(params, ...) for these params")
+    cdef TensorTable t
+    cdef Py_ssize_t i
+    for obj, name, required in tables:
+        if obj is None:
+            if required:
+                raise ValueError(f"{name} is required with these options")
+            continue
+        t = <TensorTable?>obj
+        if t.n != params.n or (t.n and t.dtype != params.dtype):
+            raise ValueError(f"{name} must match the params in length and dtype")
+        for i in range(t.n):
+            if t.numel[i] != params.numel[i]:
+                raise ValueError(f"{name}[{i}] has {t.numel[i]} elements, expected "
+                                 f"{params.numel[i]}")
+    return 0
 
 
 def sgd_step(TensorTable params, GradTable g, TensorTable momentum_buffer,
              double lr, double momentum, double dampening, double weight_decay,
              double l1, bint nesterov, bint maximize, bint first_step):
     """One SGD step over a whole group (momentum_buffer None when momentum == 0)."""
+    _check_tables(params, g, ((momentum_buffer, "momentum_buffer", momentum != 0),))
     cdef fo_sgd_args a
     a.lr = lr; a.momentum = momentum; a.dampening = dampening
     a.weight_decay = weight_decay; a.l1 = l1
@@ -150,6 +253,7 @@ def adagrad_step(TensorTable params, GradTable g, TensorTable state_sum,
                  double lr, double lr_decay, double weight_decay, double eps,
                  double l1, bint maximize, int64_t step):
     """One Adagrad step over a whole group."""
+    _check_tables(params, g, ((state_sum, "state_sum", True),))
     cdef fo_adagrad_args a
     a.lr = lr; a.lr_decay = lr_decay; a.weight_decay = weight_decay; a.eps = eps
     a.l1 = l1; a.maximize = maximize; a.step = step
@@ -169,6 +273,9 @@ def rmsprop_step(TensorTable params, GradTable g, TensorTable square_avg,
                  bint maximize):
     """One RMSprop step over a whole group (grad_avg None unless centered,
     momentum_buffer None unless momentum > 0)."""
+    _check_tables(params, g, ((square_avg, "square_avg", True),
+                              (grad_avg, "grad_avg", centered),
+                              (momentum_buffer, "momentum_buffer", momentum > 0)))
     cdef fo_rmsprop_args a
     a.lr = lr; a.alpha = alpha; a.eps = eps; a.weight_decay = weight_decay
     a.momentum = momentum; a.l1 = l1; a.centered = centered; a.nesterov = nesterov
@@ -192,6 +299,8 @@ def adam_step(TensorTable params, GradTable g, TensorTable exp_avg, TensorTable 
               bint maximize, bint decoupled, int64_t step):
     """One Adam (decoupled=False) or AdamW (decoupled=True) step over a whole
     group (max_exp_avg_sq None unless amsgrad)."""
+    _check_tables(params, g, ((exp_avg, "exp_avg", True), (exp_avg_sq, "exp_avg_sq", True),
+                              (max_exp_avg_sq, "max_exp_avg_sq", amsgrad)))
     cdef fo_adam_args a
     a.lr = lr; a.beta1 = beta1; a.beta2 = beta2; a.eps = eps
     a.weight_decay = weight_decay; a.l1 = l1; a.amsgrad = amsgrad

@@ -26,7 +26,10 @@ def as_inplace_array(x, name):
         a = np.asarray(x)
     except Exception as e:  # e.g. torch: "Can't call numpy() on Tensor that requires grad"
         raise TypeError(f"{name} cannot be viewed as an array without a copy: {e}") from None
-    if a.base is None and a.flags.owndata:
+    root = a        # memory NumPy allocated itself is a copy, however it is viewed
+    while isinstance(root, np.ndarray) and root.base is not None:
+        root = root.base
+    if isinstance(root, np.ndarray):
         raise TypeError(f"{name} ({type(x).__name__}) would be copied, so it could not "
                         "be updated in place; pass an ndarray or a buffer")
     return a
@@ -77,6 +80,36 @@ def _state_arrays(like, fill=0.0, data=None):
     return out
 
 
+def _check_flag(group, key):
+    """group[key] must be a bool (or numpy.bool_, or the int 0 or 1): stored as bool."""
+    v = group[key]
+    if not isinstance(v, (bool, np.bool_)) and not (
+            isinstance(v, (int, np.integer)) and v in (0, 1)):
+        raise TypeError(f"{key} must be a bool, got {type(v).__name__} {v!r}")
+    group[key] = bool(v)
+
+
+def _unchanged(values, validated):
+    """True when the values equal those validated at the last step. Validation
+    lets only immutable values through (numbers, bools, betas made a tuple), so
+    an in-place edit cannot change a validated value behind this check."""
+    try:
+        return validated is not None and bool(values == validated)
+    except (TypeError, ValueError):    # e.g. an array edited in
+        return False
+
+
+def _check_step(v, pid):
+    """A state's 'step': a whole number in [0, 2**62] (float, int or 0-d array)."""
+    try:
+        f = float(np.asarray(v))
+    except (TypeError, ValueError):
+        raise TypeError(f"step of param {pid} must be a number, got {v!r}") from None
+    if not (0 <= f <= 2.0 ** 62) or f != math.floor(f):
+        raise ValueError(f"step of param {pid} must be a whole number in [0, 2**62], got {v!r}")
+    return int(f)
+
+
 class Optimizer:
     """Base class: param groups, state arrays, state_dict, the checked step.
 
@@ -97,6 +130,9 @@ class Optimizer:
         self.defaults.update(kwargs)
         self.param_groups = []
         self._groups = []   # per group: {'params': TensorTable, 'state': {name: TensorTable}, 'step': int}
+        if isinstance(params, np.ndarray) or not hasattr(params, "__iter__"):
+            raise TypeError("params must be an iterable of arrays or of param-group "
+                            f"dicts, got {type(params).__name__}")
         params = list(params)
         if not params:
             raise ValueError("params is an empty list")
@@ -133,6 +169,7 @@ class Optimizer:
             internal["state"][name] = self._new_state(name, table, group)
         self.param_groups.append(group)
         self._groups.append(internal)
+        self._index = _fastopt.ParamIndex([g["params"] for g in self._groups])
 
     def _eager_state_names(self, group):
         return ()
@@ -148,20 +185,27 @@ class Optimizer:
     def step(self, grads):
         """Update every param in place from grads: a sequence aligned with the
         params of all groups, in order. Checks everything before writing."""
+        if isinstance(grads, (str, bytes, np.ndarray)) or not hasattr(grads, "__iter__"):
+            raise TypeError(f"grads must be a sequence of arrays, got {type(grads).__name__}")
         grads = list(grads)
         total = sum(g["params"].n for g in self._groups)
         if len(grads) != total:
             raise ValueError(f"grads has {len(grads)} arrays, expected {total} "
                              "(one per param, all groups in order)")
         checked, start = [], 0
-        for group, g in zip(self.param_groups, self._groups):
+        for gi, (group, g) in enumerate(zip(self.param_groups, self._groups)):
+            ps = group.get("params")
+            if not isinstance(ps, list) or not _fastopt.same_items(ps, g["params"].arrays):
+                raise ValueError(f"param_groups[{gi}]['params'] was changed; params are "
+                                 "fixed when added (use add_param_group or a new optimizer)")
             # re-check hyperparameters only when one was edited since the last step
             values = [v for k, v in group.items() if k != "params"]
-            if values != g.get("validated"):
+            if not _unchanged(values, g.get("validated")):
                 self._validate(group)
                 g["validated"] = [v for k, v in group.items() if k != "params"]
             n = g["params"].n
-            checked.append(_fastopt.check_grads(g["params"], grads[start:start + n]))
+            checked.append(_fastopt.check_grads(g["params"], grads[start:start + n],
+                                                self._index, start))
             start += n
         for group, g, gt in zip(self.param_groups, self._groups, checked):
             fresh = set()
@@ -197,6 +241,10 @@ class Optimizer:
             sd_groups, sd_state = state_dict["param_groups"], state_dict["state"]
         except (TypeError, KeyError):
             raise ValueError("state_dict must have 'state' and 'param_groups'") from None
+        if not isinstance(sd_state, dict) or not isinstance(sd_groups, (list, tuple)) or \
+                not all(isinstance(sg, dict) for sg in sd_groups):
+            raise ValueError("state_dict['state'] must be a dict and "
+                             "state_dict['param_groups'] a list of dicts")
         if len(sd_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(sd_groups)} param groups, "
                              f"expected {len(self.param_groups)}")
@@ -216,7 +264,10 @@ class Optimizer:
                 if s is None:
                     steps.add(0)
                     continue
-                steps.add(int(float(np.asarray(s.get("step", 0)))))
+                if not isinstance(s, dict):
+                    raise ValueError(f"state of param {pid} must be a dict, "
+                                     f"got {type(s).__name__}")
+                steps.add(_check_step(s.get("step", 0), pid))
                 p = g["params"].arrays[i]
                 for n in names:
                     a = s.get(n)
@@ -262,7 +313,7 @@ class Optimizer:
         _check_scalar(group, "lr", 0)
         _check_scalar(group, "weight_decay", 0)
         _check_scalar(group, "l1", 0)
-        group["maximize"] = bool(group["maximize"])
+        _check_flag(group, "maximize")
 
 
 def _state(g, name):
@@ -286,6 +337,7 @@ class SGD(Optimizer):
         self._common_checks(group)
         m = _check_scalar(group, "momentum", 0)
         d = _check_scalar(group, "dampening", 0, 1)
+        _check_flag(group, "nesterov")
         if group["nesterov"] and (m <= 0 or d != 0):
             raise ValueError("nesterov requires momentum > 0 and dampening = 0")
 
@@ -349,6 +401,8 @@ class RMSprop(Optimizer):
         _check_scalar(group, "alpha", 0, 1)
         _check_scalar(group, "eps", 0, lo_open=True)
         m = _check_scalar(group, "momentum", 0)
+        _check_flag(group, "centered")
+        _check_flag(group, "nesterov")
         if group["nesterov"] and m <= 0:
             raise ValueError("nesterov requires momentum > 0")
 
@@ -392,6 +446,8 @@ class Adam(Optimizer):
             raise TypeError("betas must be a pair (beta1, beta2)") from None
         _check_scalar({"betas[0]": b1}, "betas[0]", 0, 1, hi_open=True)
         _check_scalar({"betas[1]": b2}, "betas[1]", 0, 1, hi_open=True)
+        group["betas"] = (float(b1), float(b2))   # a tuple: not edited behind our back
+        _check_flag(group, "amsgrad")
 
     def _state_names(self, group):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ())

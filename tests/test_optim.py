@@ -358,7 +358,7 @@ def test_openmp_present_in_ci():
     import os
     if os.environ.get("FASTOPT_REQUIRE_OPENMP") == "1":
         assert fo.has_openmp()
-    with pytest.raises(ValueError, match="n must be >= 1"):
+    with pytest.raises(ValueError, match=r"n must be in \[1, "):
         fo.set_num_threads(0)
 
 
@@ -402,8 +402,11 @@ BAD_GRADS = {
     "length": (lambda p: p[:2], ValueError, "expected 3"),
     "contiguity": (lambda p: [p[0], np.ones((3, 2), np.float32).T, p[2]], ValueError,
                    "C-contiguous"),
-    "last-group": (lambda p: [p[0], p[1], np.ones(4, np.float32)], ValueError, r"grads\[0\]"),
+    # numbered as in the step's list, not within the group
+    "last-group": (lambda p: [p[0], p[1], np.ones(4, np.float32)], ValueError, r"grads\[2\]"),
     "aliases-param": ("alias", ValueError, "shares memory"),
+    "ragged-list": (lambda p: [p[0], p[1], [1.0, [2.0]]], TypeError, r"grads\[2\]"),
+    "none": (lambda p: None, TypeError, "grads must be a sequence"),
 }
 
 
@@ -447,6 +450,114 @@ def test_bad_hyperparameters_at_construction(cls, kw, msg):
         cls([np.zeros(3, np.float32)], **kw)
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_grad_aliasing_another_groups_param_is_refused(name):
+    # group 0 updates a before group 1 would read it as b's gradient
+    a, b = init_params([(4,), (4,)], np.float32)
+    opt = getattr(fo, name)([{"params": [a]}, {"params": [b], "lr": 0.5}])
+    opt.step([np.ones(4, np.float32), np.ones(4, np.float32)])
+    snap = _snapshot(opt, [a, b])
+    with pytest.raises(ValueError, match=r"grads\[1\] shares memory with a param"):
+        opt.step([np.ones(4, np.float32), a])
+    _assert_unchanged(snap)
+
+
+def test_list_grads_are_read_while_alive():
+    # converted grads must outlive the C call (they were once freed before it)
+    ps = [np.zeros(64), np.zeros(64), np.zeros(64)]
+    fo.SGD(ps, lr=1.0).step([[1.0] * 64, [2.0] * 64, [3.0] * 64])
+    for k, p in enumerate(ps):
+        np.testing.assert_array_equal(p, -(k + 1.0))
+
+
+def test_param_made_read_only_later_is_refused():
+    opt, p = _two_group_opt("SGD")
+    p[2].setflags(write=False)
+    snap = _snapshot(opt, p)
+    with pytest.raises(ValueError, match=r"params\[2\] has become read-only"):
+        opt.step([np.ones_like(x) for x in p])
+    _assert_unchanged(snap)
+
+
+@pytest.mark.parametrize("edit", ["replace", "append", "item"])
+def test_editing_a_groups_params_is_refused(edit):
+    opt, p = _two_group_opt("SGD")
+    q = np.ones(4, np.float32)
+    if edit == "replace":
+        opt.param_groups[0]["params"] = [q, p[1]]
+    elif edit == "append":
+        opt.param_groups[0]["params"].append(q)
+    else:
+        opt.param_groups[0]["params"][0] = q
+    snap = _snapshot(opt, p + [q])
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\] was changed"):
+        opt.step([np.ones_like(x) for x in p])
+    _assert_unchanged(snap)
+
+
+def test_betas_are_a_tuple_checked_when_replaced():
+    opt, p = _two_group_opt("Adam")
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+    with pytest.raises(TypeError):      # a tuple: no in-place edit behind the check
+        opt.param_groups[0]["betas"][1] = float("nan")
+    opt.param_groups[0]["betas"] = [0.9, float("nan")]
+    snap = _snapshot(opt, p)
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        opt.step([np.ones_like(x) for x in p])
+    _assert_unchanged(snap)
+
+
+@pytest.mark.parametrize("cls,key", [(fo.SGD, "maximize"), (fo.SGD, "nesterov"),
+                                     (fo.RMSprop, "centered"), (fo.Adam, "amsgrad")])
+def test_flags_must_be_bools(cls, key):
+    with pytest.raises(TypeError, match=f"{key} must be a bool"):
+        cls([np.zeros(3, np.float32)], momentum=0.9, **{key: "False"}) if cls is fo.SGD \
+            else cls([np.zeros(3, np.float32)], **{key: "False"})
+    opt = cls([np.zeros(3, np.float32)], **{key: np.bool_(False)})
+    assert opt.param_groups[0][key] is False
+
+
+def test_params_and_threads_types():
+    with pytest.raises(TypeError, match="params must be an iterable"):
+        fo.SGD(np.zeros((3, 4), np.float32))     # not split into rows
+    with pytest.raises(TypeError, match="params must be an iterable"):
+        fo.SGD(None)
+
+    class View:    # __array__ gives a view of a fresh copy: not the caller's memory
+        data = np.ones(6, np.float32)
+
+        def __array__(self, dtype=None, copy=None):
+            return (self.data * 1).reshape(2, 3)
+    with pytest.raises(TypeError, match="copied"):
+        fo.SGD([View()])
+    n = fo.get_num_threads()
+    for bad, exc in ((2.5, TypeError), (True, TypeError), (0, ValueError), (2**40, ValueError)):
+        with pytest.raises(exc, match="n must"):
+            fo.set_num_threads(bad)
+    assert fo.get_num_threads() == n
+
+
+def test_binding_refuses_missing_or_mismatched_tables():
+    # the raw binding trusts nothing that would make C read or write out of bounds
+    from fastopt import _fastopt as F
+    p = F.TensorTable([np.ones(100, np.float32)], "params")
+    g = F.check_grads(p, [np.ones(100, np.float32)])
+    small = F.TensorTable([np.ones(4, np.float32)], "sum")
+    other = F.check_grads(F.TensorTable([np.ones(4, np.float32)], "params"),
+                          [np.ones(4, np.float32)])
+    with pytest.raises(ValueError, match=r"state_sum\[0\] has 4 elements"):
+        F.adagrad_step(p, g, small, 0.1, 0, 0, 1e-10, 0, False, 1)
+    with pytest.raises(ValueError, match="exp_avg is required"):
+        F.adam_step(p, g, None, None, None, 0.1, 0.9, 0.999, 1e-8, 0, 0, False, False, False, 1)
+    with pytest.raises(ValueError, match="momentum_buffer is required"):
+        F.sgd_step(p, g, None, 0.1, 0.9, 0, 0, 0, False, False, True)
+    with pytest.raises(ValueError, match="check_grads"):
+        F.sgd_step(p, None, None, 0.1, 0, 0, 0, 0, False, False, False)
+    with pytest.raises(ValueError, match="check_grads"):
+        F.sgd_step(p, other, None, 0.1, 0, 0, 0, 0, False, False, False)
+    np.testing.assert_array_equal(p.arrays[0], 1.0)
+
+
 def test_bad_params():
     ro = np.zeros(3, np.float32)
     ro.setflags(write=False)
@@ -483,7 +594,13 @@ def test_requires_grad_tensor_is_refused(torch):
     (lambda sd: sd["param_groups"].pop(), "param groups"),
     (lambda sd: sd["param_groups"][0]["params"].pop(), "params"),
     (lambda sd: sd["param_groups"][0].__setitem__("lr", -1.0), "lr"),
-    (lambda sd: sd["state"][0].__setitem__("step", 7.0), "different steps")])
+    (lambda sd: sd["state"][0].__setitem__("step", 7.0), "different steps"),
+    (lambda sd: [s.__setitem__("step", 2.0 ** 70) for s in sd["state"].values()], "step"),
+    (lambda sd: [s.__setitem__("step", -1.0) for s in sd["state"].values()], "step"),
+    (lambda sd: [s.__setitem__("step", 1.5) for s in sd["state"].values()], "step"),
+    (lambda sd: [s.__setitem__("step", float("nan")) for s in sd["state"].values()], "step"),
+    (lambda sd: sd["state"].__setitem__(0, [1, 2]), "must be a dict"),
+    (lambda sd: sd["param_groups"].__setitem__(0, "x"), "list of dicts")])
 def test_bad_state_dict_is_refused_whole(mutate, msg):
     opt, p = _two_group_opt("Adam")
     sd = opt.state_dict()
