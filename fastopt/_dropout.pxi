@@ -23,8 +23,10 @@ cdef extern from "fastopt.h" nogil:
     void fo_gaussian_noise_f64(double *y, const double *x, int64_t n, const fo_noise_args *a)
 
 
-cdef int _check_out_like(cnp.ndarray out, cnp.ndarray x, str name, str xname) except -1:
-    """out: writable, x's dtype and shape; either x itself or disjoint from it."""
+cdef int _check_out_like(object out, cnp.ndarray x, str name, str xname) except -1:
+    """out: an ndarray, writable, x's dtype and shape; either x itself or
+    disjoint from it. (out is untyped in the bindings so that a non-array is a
+    TypeError naming it, not Cython's "Argument 'y' has incorrect type".)"""
     _check_array(out, name, x.dtype, True)
     if not _same_shape(out, x):
         raise ValueError(f"{name} must have {xname}'s shape {_shp(x)}, got {_shp(out)}")
@@ -49,7 +51,7 @@ cdef int _check_p(double p) except -1:
     return 0
 
 
-def dropout_forward(cnp.ndarray x, cnp.ndarray y, mask, double p, uint64_t seed,
+def dropout_forward(cnp.ndarray x, y, mask, double p, uint64_t seed,
                     uint64_t offset):
     """y = x * (kept ? 1/(1-p) : 0); the keep bits go to mask (None: not stored)."""
     _check_array(x, "x", None, False)
@@ -61,7 +63,7 @@ def dropout_forward(cnp.ndarray x, cnp.ndarray y, mask, double p, uint64_t seed,
     _check_p(p)
     cdef fo_dropout_args a
     a.p = p; a.seed = seed; a.offset = offset
-    cdef void *py = cnp.PyArray_DATA(y)
+    cdef void *py = cnp.PyArray_DATA(<cnp.ndarray>y)
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef uint8_t *pm = <uint8_t *>_data_or_null(mask)
     cdef bint f64 = x.dtype == np.float64
@@ -72,7 +74,7 @@ def dropout_forward(cnp.ndarray x, cnp.ndarray y, mask, double p, uint64_t seed,
             fo_dropout_forward_f32(<float *>py, pm, <const float *>px, n, &a)
 
 
-def dropout_backward(cnp.ndarray dy, cnp.ndarray dx, mask, double p, uint64_t seed,
+def dropout_backward(cnp.ndarray dy, dx, mask, double p, uint64_t seed,
                      uint64_t offset):
     """dx = dy * (kept ? 1/(1-p) : 0), kept from mask, or (mask None) from (seed, offset)."""
     _check_array(dy, "dy", None, False)
@@ -84,7 +86,7 @@ def dropout_backward(cnp.ndarray dy, cnp.ndarray dx, mask, double p, uint64_t se
     _check_p(p)
     cdef fo_dropout_args a
     a.p = p; a.seed = seed; a.offset = offset
-    cdef void *pdx = cnp.PyArray_DATA(dx)
+    cdef void *pdx = cnp.PyArray_DATA(<cnp.ndarray>dx)
     cdef const void *pdy = cnp.PyArray_DATA(dy)
     cdef const uint8_t *pm = <const uint8_t *>_data_or_null(mask)
     cdef bint f64 = dy.dtype == np.float64
@@ -95,7 +97,7 @@ def dropout_backward(cnp.ndarray dy, cnp.ndarray dx, mask, double p, uint64_t se
             fo_dropout_backward_f32(<float *>pdx, pm, <const float *>pdy, n, &a)
 
 
-def gaussian_noise(cnp.ndarray x, cnp.ndarray y, double std, uint64_t seed, uint64_t offset):
+def gaussian_noise(cnp.ndarray x, y, double std, uint64_t seed, uint64_t offset):
     """y = x + std * N(0, 1) (y may be x)."""
     _check_array(x, "x", None, False)
     _check_out_like(y, x, "out", "x")
@@ -104,7 +106,7 @@ def gaussian_noise(cnp.ndarray x, cnp.ndarray y, double std, uint64_t seed, uint
     cdef fo_noise_args a
     a.std = std; a.seed = seed; a.offset = offset
     cdef int64_t n = x.size
-    cdef void *py = cnp.PyArray_DATA(y)
+    cdef void *py = cnp.PyArray_DATA(<cnp.ndarray>y)
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef bint f64 = x.dtype == np.float64
     with nogil:

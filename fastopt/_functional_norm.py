@@ -36,6 +36,21 @@ def _real(v, name):
     return float(v)
 
 
+def _bool(v, name):
+    # a real bool, not bool(v): the string "no" is truthy and would train
+    if not isinstance(v, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return bool(v)
+
+
+def _unit(v, name):
+    """A real number in [0, 1] (dropout's p, batch norm's momentum)."""
+    v = _real(v, name)
+    if not 0 <= v <= 1:
+        raise ValueError(f"{name} must be in [0, 1], got {v}")
+    return v
+
+
 def _u64(v, name):
     if isinstance(v, bool) or not isinstance(v, (Integral, np.integer)):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
@@ -58,6 +73,7 @@ def batch_norm_forward(x, running_mean=None, running_var=None, weight=None, bias
     and 1/sqrt(var + eps) that were used, for batch_norm_backward.
     """
     x = _as_array(x, "x")
+    training, channels_last = _bool(training, "training"), _bool(channels_last, "channels_last")
     C = _channels(x, channels_last)
     momentum = _real(momentum, "momentum")
     eps = _real(eps, "eps")
@@ -66,8 +82,8 @@ def batch_norm_forward(x, running_mean=None, running_var=None, weight=None, bias
     sm = np.empty(C, dt) if save_mean is None else save_mean
     si = np.empty(C, dt) if save_invstd is None else save_invstd
     _fastopt.batchnorm_forward(x, y, sm, si, running_mean, running_var, weight, bias,
-                               training=bool(training), momentum=momentum, eps=eps,
-                               channels_last=bool(channels_last))
+                               training=training, momentum=momentum, eps=eps,
+                               channels_last=channels_last)
     return y, sm, si
 
 
@@ -84,6 +100,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     """
     x = _as_array(x, "x")
     dy = _as_array(dy, "dy")
+    training, channels_last = _bool(training, "training"), _bool(channels_last, "channels_last")
+    accumulate, input_grad = _bool(accumulate, "accumulate"), _bool(input_grad, "input_grad")
     C = _channels(x, channels_last)
     dt = x.dtype
     if dweight is None and weight is not None:
@@ -94,8 +112,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     if input_grad:
         dx = np.empty_like(x) if out is None else out
     _fastopt.batchnorm_backward(dy, x, save_mean, save_invstd, weight, dx, dweight, dbias,
-                                training=bool(training), accumulate=bool(accumulate),
-                                channels_last=bool(channels_last))
+                                training=training, accumulate=accumulate,
+                                channels_last=channels_last)
     return dx, dweight, dbias
 
 
@@ -105,17 +123,19 @@ def dropout(x, p=0.5, seed=0, out=None, mask=None, *, offset=0, store_mask=True)
 
     Returns (y, mask): mask is bit-packed, ceil(x.size/8) uint8 (1 = kept,
     ``np.unpackbits(mask, count=x.size, bitorder='little')``), or None with
-    store_mask=False (backward can regenerate it from (seed, offset)).
+    store_mask=False (backward can regenerate it from (seed, offset); a mask
+    buffer is then refused, as it would not be written).
     out may be x itself (in place).
     """
     x = _as_array(x, "x")
     p = _real(p, "p")
     seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
+    if not _bool(store_mask, "store_mask") and mask is not None:
+        # the caller expects the buffer written; it would be left as it was
+        raise ValueError("mask must be None with store_mask=False (no mask is stored)")
     y = np.empty_like(x) if out is None else out
     if store_mask and mask is None:
         mask = np.empty((x.size + 7) // 8, np.uint8)
-    elif not store_mask:
-        mask = None
     _fastopt.dropout_forward(x, y, mask, p, seed, offset)
     return y, mask
 

@@ -3,7 +3,10 @@
 Shaped like torch.nn.BatchNorm1d/2d/3d and torch.nn.Dropout, with an explicit
 backward: ``y = layer.forward(x)``, ``dx = layer.backward(dy)``. backward uses
 the last forward's saved context (x itself, not a copy, as torch saves it: do
-not modify x in between) and accumulates parameter gradients (+=).
+not modify x in between) and accumulates parameter gradients (+=). Each
+forward is backpropagated once (torch without retain_graph): a second
+backward is refused. A failed call (bad input, bad edited attribute) leaves
+the layer's state and every array as they were.
 """
 import os
 
@@ -11,7 +14,7 @@ import numpy as np
 
 from . import _fastopt
 from ._layer import Layer
-from ._functional_norm import _real, _u64
+from ._functional_norm import _bool, _real, _u64, _unit
 
 __all__ = ["BatchNorm", "Dropout"]
 
@@ -23,9 +26,17 @@ def _check_dtype(dtype):
     return dtype
 
 
+_NO_FORWARD = ("backward called without a matching forward: call forward first "
+               "(each forward is backpropagated once, as torch without retain_graph)")
+
+
 class _Layer(Layer):
     def __call__(self, x, out=None):
         return self.forward(x, out=out)
+
+    def train(self, mode=True):
+        # as torch's Module.train: a non-bool mode ("no" is truthy) is refused
+        return super().train(_bool(mode, "mode"))
 
     def _check_input(self, x, name):
         if not isinstance(x, np.ndarray):
@@ -33,6 +44,18 @@ class _Layer(Layer):
         if x.dtype != self.dtype:
             raise TypeError(f"{name} must have the layer's dtype {self.dtype}, got {x.dtype} "
                             "(no implicit casts)")
+
+
+def _eps(v):
+    v = _real(v, "eps")
+    if not v > 0:
+        raise ValueError(f"eps must be > 0, got {v}")
+    return v
+
+
+def _momentum(v):
+    """BatchNorm.momentum: None (the cumulative average) or a real in [0, 1]."""
+    return None if v is None else _unit(v, "momentum")
 
 
 class BatchNorm(_Layer):
@@ -50,22 +73,21 @@ class BatchNorm(_Layer):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype=np.float32, *, channels_last=False):
+        self.dtype = _check_dtype(dtype)
         if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        # past this NumPy cannot even describe the (C,) arrays ("array is too big")
+        if num_features > np.iinfo(np.intp).max // self.dtype.itemsize:
+            raise ValueError(f"num_features is too large for a {self.dtype} array, "
+                             f"got {num_features}")
         self.num_features = C = int(num_features)
-        self.eps = _real(eps, "eps")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if momentum is not None:
-            m = _real(momentum, "momentum")
-            if not 0 <= m <= 1:
-                raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
+        self.eps = _eps(eps)
+        _momentum(momentum)
         self.momentum = momentum
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.channels_last = bool(channels_last)
-        self.dtype = _check_dtype(dtype)
+        self.affine = _bool(affine, "affine")
+        self.track_running_stats = _bool(track_running_stats, "track_running_stats")
+        self.channels_last = _bool(channels_last, "channels_last")
         self.weight = np.ones(C, self.dtype) if self.affine else None
         self.bias = np.zeros(C, self.dtype) if self.affine else None
         self.grad_weight = np.zeros(C, self.dtype) if self.affine else None
@@ -100,13 +122,15 @@ class BatchNorm(_Layer):
         if x.ndim < 2 or x.shape[axis] != self.num_features:
             raise ValueError(f"x must have {self.num_features} channels on axis {axis} "
                              f"(num_features), got shape {x.shape}")
-        batch_stats = self.training or not self.track_running_stats
-        update = self.training and self.track_running_stats
-        momentum = 0.0
-        if update:
-            momentum = self.momentum
-            if momentum is None:          # cumulative moving average
-                momentum = 1.0 / (self.num_batches_tracked + 1)
+        # the attributes may have been edited since __init__: check them again
+        training = _bool(self.training, "training")
+        eps, momentum = _eps(self.eps), _momentum(self.momentum)
+        batch_stats = training or not self.track_running_stats
+        update = training and self.track_running_stats
+        if not update:
+            momentum = 0.0
+        elif momentum is None:            # cumulative moving average
+            momentum = 1.0 / (self.num_batches_tracked + 1)
         if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
             raise ValueError("out shares memory with x, which backward needs; "
                              "use fastopt.functional.batch_norm_forward for in-place inference")
@@ -115,8 +139,8 @@ class BatchNorm(_Layer):
             x, y, self._save_mean, self._save_invstd,
             self.running_mean if (update or not batch_stats) else None,
             self.running_var if (update or not batch_stats) else None,
-            self.weight, self.bias, training=batch_stats, momentum=float(momentum),
-            eps=self.eps, channels_last=self.channels_last)
+            self.weight, self.bias, training=batch_stats, momentum=momentum,
+            eps=eps, channels_last=self.channels_last)
         if update:
             self.num_batches_tracked += 1
         self._ctx = (x, batch_stats)
@@ -125,7 +149,7 @@ class BatchNorm(_Layer):
     def backward(self, dy, out=None):
         """dx for the last forward; grad_weight += sum(dy*xhat), grad_bias += sum(dy)."""
         if self._ctx is None:
-            raise ValueError("backward called without a matching forward")
+            raise ValueError(_NO_FORWARD)
         x, batch_stats = self._ctx
         self._check_input(dy, "dy")
         if dy.shape != x.shape:
@@ -135,6 +159,7 @@ class BatchNorm(_Layer):
             dy, x, self._save_mean, self._save_invstd, self.weight, dx,
             self.grad_weight, self.grad_bias, training=batch_stats, accumulate=True,
             channels_last=self.channels_last)
+        self._ctx = None      # consumed: a second backward would add the grads again
         return dx
 
     def __repr__(self):
@@ -155,44 +180,48 @@ class Dropout(_Layer):
     """
 
     def __init__(self, p=0.5, seed=None, *, store_mask=True):
-        p = _real(p, "p")
-        if not 0 <= p <= 1:
-            raise ValueError(f"p must be in [0, 1], got {p}")
-        self.p = p
+        self.p = _unit(p, "p")
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
         self.seed = _u64(seed, "seed")
         self.offset = 0
-        self.store_mask = bool(store_mask)
-        self._mask = None
-        self._ctx = None      # (shape, dtype, offset, training)
+        self.store_mask = _bool(store_mask, "store_mask")
+        self._mask = None     # the mask buffer, reused while the size fits
+        self._ctx = None      # (shape, dtype, training, p, seed, offset, mask)
 
     def forward(self, x, out=None):
         """y = dropout(x) in training (float32 or float64 x), x itself in eval."""
         if not isinstance(x, np.ndarray):
             raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
-        if not self.training:
-            self._ctx = (x.shape, x.dtype, None, False)
-            if out is None:
-                return x
-            _fastopt.dropout_forward(x, out, None, 0.0, 0, 0)   # checked copy
-            return out
+        # the attributes may have been edited since __init__: check them again
+        training = _bool(self.training, "training")
+        p, seed = _unit(self.p, "p"), _u64(self.seed, "seed")
+        offset = _u64(self.offset, "offset")
+        # state (mask buffer, context, offset) changes only after the checked
+        # call succeeded: a failed forward leaves the last one's backward intact
+        if not training:
+            if out is not None:
+                _fastopt.dropout_forward(x, out, None, 0.0, 0, 0)   # checked copy
+            self._ctx = (x.shape, x.dtype, False, p, seed, offset, None)
+            return x if out is None else out
         y = np.empty_like(x) if out is None else out
         mask = None
         if self.store_mask:
-            nbytes = (x.size + 7) // 8
-            if self._mask is None or self._mask.size != nbytes:
-                self._mask = np.empty(nbytes, np.uint8)
             mask = self._mask
-        _fastopt.dropout_forward(x, y, mask, self.p, self.seed, self.offset)
-        self._ctx = (x.shape, x.dtype, self.offset, True)
-        self.offset += 1
+            if mask is None or mask.size != (x.size + 7) // 8:
+                mask = np.empty((x.size + 7) // 8, np.uint8)
+        _fastopt.dropout_forward(x, y, mask, p, seed, offset)
+        if mask is not None:
+            self._mask = mask
+        self._ctx = (x.shape, x.dtype, True, p, seed, offset, mask)
+        self.offset = offset + 1
         return y
 
     def backward(self, dy, out=None):
+        """dx for the last forward (its p, seed and mask)."""
         if self._ctx is None:
-            raise ValueError("backward called without a matching forward")
-        shape, dtype, offset, training = self._ctx
+            raise ValueError(_NO_FORWARD)
+        shape, dtype, training, p, seed, offset, mask = self._ctx
         if not isinstance(dy, np.ndarray):
             raise TypeError(f"dy must be a numpy.ndarray, got {type(dy).__name__}")
         if dy.dtype != dtype:
@@ -200,13 +229,14 @@ class Dropout(_Layer):
         if dy.shape != shape:
             raise ValueError(f"dy must have the forward input's shape {shape}, got {dy.shape}")
         if not training:
-            if out is None:
-                return dy
-            _fastopt.dropout_forward(dy, out, None, 0.0, 0, 0)
-            return out
-        dx = np.empty_like(dy) if out is None else out
-        _fastopt.dropout_backward(dy, dx, self._mask if self.store_mask else None,
-                                  self.p, self.seed, offset)
+            dx = dy
+            if out is not None:
+                dx = out
+                _fastopt.dropout_forward(dy, out, None, 0.0, 0, 0)
+        else:
+            dx = np.empty_like(dy) if out is None else out
+            _fastopt.dropout_backward(dy, dx, mask, p, seed, offset)
+        self._ctx = None      # consumed: one backward per forward, as torch (no retain_graph)
         return dx
 
     def __repr__(self):

@@ -91,20 +91,23 @@ cdef int _check_unit_real(double v, str name, bint open_low) except -1:
     return 0
 
 
-def batchnorm_forward(cnp.ndarray x, cnp.ndarray y, save_mean, save_invstd,
+def batchnorm_forward(cnp.ndarray x, y, save_mean, save_invstd,
                       running_mean, running_var, weight, bias, *, bint training,
                       double momentum, double eps, bint channels_last):
     """Batch-norm forward (see fastopt.h) into y. training: save_mean and
     save_invstd are required, running_mean/var optional (both or neither);
-    eval: running_mean/var are required, save_* optional. y may be x itself."""
+    eval: running_mean/var are required (only read: they may be read-only),
+    save_* optional. y may be x itself (untyped: a non-array is a TypeError
+    naming out)."""
     _check_array(x, "x", None, False)
     dt = x.dtype
     cdef _NormShape s = _norm_shape(x, "x", channels_last)
     _check_array(y, "out", dt, True)
-    if not _same_shape(y, x):
+    if not _same_shape(<cnp.ndarray>y, x):
         raise ValueError(f"out must have x's shape {_shp(x)}, got {_shp(y)}")
     for name, arr, w in (("save_mean", save_mean, True), ("save_invstd", save_invstd, True),
-                       ("running_mean", running_mean, True), ("running_var", running_var, True),
+                       ("running_mean", running_mean, training),
+                       ("running_var", running_var, training),
                        ("weight", weight, False), ("bias", bias, False)):
         if arr is not None:
             _check_channel_array(arr, name, dt, s.C, w)
@@ -121,16 +124,18 @@ def batchnorm_forward(cnp.ndarray x, cnp.ndarray y, save_mean, save_invstd,
                              f"got shape {_shp(x)}")
     elif running_mean is None:
         raise ValueError("eval (training=False) needs running_mean and running_var")
+    # training updates the running statistics; eval only reads them
+    running = [("running_mean", running_mean), ("running_var", running_var)]
     written = [("out", y if y is not x else None), ("save_mean", save_mean),
-               ("save_invstd", save_invstd), ("running_mean", running_mean),
-               ("running_var", running_var)]
-    _check_no_overlap(written, [("x", x), ("weight", weight), ("bias", bias)])
+               ("save_invstd", save_invstd)] + (running if training else [])
+    _check_no_overlap(written, [("x", x), ("weight", weight), ("bias", bias)]
+                      + ([] if training else running))
     if y is x:
         _check_no_overlap([("out", y)], [("weight", weight), ("bias", bias)])
 
     cdef fo_batchnorm_args a
     a.eps = eps; a.momentum = momentum; a.training = training
-    cdef void *py = cnp.PyArray_DATA(y)
+    cdef void *py = cnp.PyArray_DATA(<cnp.ndarray>y)
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef void *sm = _data_or_null(save_mean)
     cdef void *si = _data_or_null(save_invstd)

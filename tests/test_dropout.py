@@ -303,6 +303,148 @@ def test_backward_bad_input():
         F.gaussian_noise(dy, -1.0)
 
 
+def _drop_state(layer):
+    """What a failed call must leave as it was: offset, saved context, mask bytes."""
+    mask = None if layer._mask is None else layer._mask.copy()
+    return layer.offset, layer._ctx, mask
+
+
+def _assert_drop_unchanged(layer, state):
+    offset, ctx, mask = state
+    assert layer.offset == offset and layer._ctx is ctx
+    if mask is not None:
+        np.testing.assert_array_equal(layer._mask, mask)
+
+
+@pytest.mark.parametrize("bad", ["out_size", "out_dtype", "out_list", "x_int", "eval_out"])
+def test_failed_forward_keeps_the_last_forward(bad):
+    """A failed forward replaced the saved mask before the binding refused
+    `out`, so the last good forward's backward then failed."""
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    layer = fo.Dropout(0.5, seed=1)
+    y = layer.forward(x)
+    state = _drop_state(layer)
+    big = np.ones((100, 8), np.float32)
+    out = np.full((3,), 7.0, np.float32)
+    with pytest.raises((TypeError, ValueError), match="out|x"):
+        if bad == "out_size":
+            layer.forward(big, out=out)
+        elif bad == "out_dtype":
+            layer.forward(big, out=(out := np.full(big.shape, 7.0)))
+        elif bad == "out_list":
+            layer.forward(big, out=[0])
+        elif bad == "x_int":
+            layer.forward(np.ones((100, 8), np.int32))
+        else:
+            layer.eval().forward(big, out=out)
+    assert (out == 7.0).all()
+    _assert_drop_unchanged(layer, state)
+    dx = layer.train().backward(np.ones_like(x))
+    np.testing.assert_array_equal(dx, np.where(y != 0, 2.0, 0.0).astype(np.float32))
+
+
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_bool_options_must_be_bools(value):
+    """store_mask / training are real bools (bool or numpy.bool_): a string is
+    truthy and was taken as True."""
+    x = np.ones(100, np.float32)
+    out, mask = np.full_like(x, 7.0), np.full(13, 0xAA, np.uint8)
+    with pytest.raises(TypeError, match="^store_mask must be a bool"):
+        F.dropout(x, 0.5, 1, out=out, mask=mask, store_mask=value)
+    assert (out == 7.0).all() and (mask == 0xAA).all()
+    with pytest.raises(TypeError, match="^store_mask must be a bool"):
+        fo.Dropout(0.5, seed=1, store_mask=value)
+    layer = fo.Dropout(0.5, seed=1, store_mask=np.bool_(True))
+    layer.forward(x)
+    state = _drop_state(layer)
+    with pytest.raises(TypeError, match="^mode must be a bool"):
+        layer.train(value)
+    assert layer.training is True
+    layer.training = value
+    with pytest.raises(TypeError, match="^training must be a bool"):
+        layer.forward(x, out=out)
+    assert (out == 7.0).all()
+    _assert_drop_unchanged(layer, state)
+
+
+def test_mask_buffer_with_store_mask_false_is_refused():
+    """mask=buf with store_mask=False returned None and left buf unwritten."""
+    x = np.ones(16, np.float32)
+    out, buf = np.full_like(x, 7.0), np.full(2, 7, np.uint8)
+    with pytest.raises(ValueError, match="^mask must be None with store_mask=False"):
+        F.dropout(x, 0.5, 1, out=out, mask=buf, store_mask=False)
+    assert (out == 7.0).all() and (buf == 7).all()
+
+
+@pytest.mark.parametrize("attr,value,exc", [("seed", -1, ValueError), ("seed", 2**64, ValueError),
+                                            ("seed", 1.5, TypeError), ("offset", -1, ValueError),
+                                            ("p", "a", TypeError), ("p", 1.5, ValueError),
+                                            ("p", float("nan"), ValueError)])
+def test_edited_attributes_are_checked_and_named(attr, value, exc):
+    """Dropout.seed = -1 then forward gave OverflowError; Dropout.p = "a" gave
+    "could not convert string to float"."""
+    x = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    layer = fo.Dropout(0.5, seed=1)
+    y = layer.forward(x)
+    setattr(layer, attr, value)
+    state = _drop_state(layer)
+    out = np.full_like(x, 7.0)
+    with pytest.raises(exc, match=f"^{attr} must be"):
+        layer.forward(x, out=out)
+    assert (out == 7.0).all()
+    _assert_drop_unchanged(layer, state)
+    # backward uses the forward's own p and seed, not the edited ones
+    np.testing.assert_array_equal(layer.backward(np.ones_like(x)),
+                                  np.where(y != 0, 2.0, 0.0).astype(np.float32))
+
+
+@pytest.mark.parametrize("call", ["dropout", "gaussian_noise", "dropout_backward", "layer",
+                                  "layer_backward"])
+def test_out_not_an_array_names_out(call):
+    """out=[0] gave Cython's "Argument 'y' has incorrect type"."""
+    x = np.ones(100, np.float32)
+    mask = np.full(13, 0xAA, np.uint8)
+    layer = fo.Dropout(0.5, seed=1, store_mask=False)
+    with pytest.raises(TypeError, match="^out must be a numpy.ndarray"):
+        if call == "dropout":
+            F.dropout(x, 0.5, 1, out=[0], mask=mask)
+        elif call == "gaussian_noise":
+            F.gaussian_noise(x, 1.0, out=[0])
+        elif call == "dropout_backward":
+            F.dropout_backward(x, mask, 0.5, out=[0])
+        elif call == "layer":
+            layer.forward(x, out=[0])
+        else:
+            layer.forward(x)
+            state = _drop_state(layer)
+            layer.backward(x, out=[0])
+    assert (mask == 0xAA).all() and (x == 1).all()
+    if call == "layer":
+        assert layer.offset == 0 and layer._ctx is None
+    if call == "layer_backward":
+        _assert_drop_unchanged(layer, state)   # the failed backward used nothing up
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("store_mask", [True, False])
+def test_backward_once_per_forward(training, store_mask):
+    """A second backward for one forward was accepted; now refused, as torch
+    without retain_graph (the recurrent cells already refuse it)."""
+    x = np.random.default_rng(0).standard_normal(100).astype(np.float32)
+    layer = fo.Dropout(0.5, seed=1, store_mask=store_mask).train(training)
+    layer.forward(x)
+    dy = np.ones_like(x)
+    with pytest.raises(ValueError, match="shape"):
+        layer.backward(dy[:50].copy())
+    dx = layer.backward(dy).copy()
+    out = np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="forward first"):
+        layer.backward(dy, out=out)
+    assert (out == 7.0).all()
+    layer.forward(x)
+    assert layer.backward(dy).shape == dx.shape
+
+
 @pytest.mark.parametrize("dtype,n", [(np.float32, 2**22 + 37), (np.float64, 2**21 + 5)])
 @pytest.mark.parametrize("align", [64, 16, 32, 48, 4])
 @pytest.mark.parametrize("nthreads", [1, 2])

@@ -402,6 +402,158 @@ def test_backward_bad_input_and_layer_checks():
         fo.BatchNorm(3, dtype=np.int32)
 
 
+def _assert_unchanged(arrays, before):
+    for a, s in zip(arrays, before):
+        np.testing.assert_array_equal(a, s)
+
+
+def _bn_state(bn):
+    """The layer's arrays (copied) and step count, to check a failed call left them."""
+    arrays = [a for a in (bn.weight, bn.bias, bn.grad_weight, bn.grad_bias, bn.running_mean,
+                          bn.running_var, bn._save_mean, bn._save_invstd) if a is not None]
+    return arrays, _snapshot(*arrays), bn.num_batches_tracked
+
+
+def _assert_bn_unchanged(bn, state):
+    arrays, before, tracked = state
+    _assert_unchanged(arrays, before)
+    assert bn.num_batches_tracked == tracked
+
+
+@pytest.mark.parametrize("name", ["training", "channels_last", "b:training", "b:channels_last",
+                                  "b:accumulate", "b:input_grad"])
+@pytest.mark.parametrize("value", ["no", 1, None])
+def test_functional_bool_options_must_be_bools(name, value):
+    """training="no" was bool()-coerced (and trained): boolean options must be
+    bool or numpy.bool_, else a TypeError naming them, nothing written."""
+    x = make((4, 3, 5), np.float32, 0)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    out = np.full_like(x, 7.0)
+    _, sm, si = F.batch_norm_forward(x, None, None, training=True)
+    dy, dw, db = make(x.shape, np.float32, 1), np.full(3, 5.0, np.float32), np.ones(3, np.float32)
+    arrays = (x, rm, rv, out, sm, si, dy, dw, db)
+    before = _snapshot(*arrays)
+    backward, name = name.startswith("b:"), name.removeprefix("b:")
+    with pytest.raises(TypeError, match=f"^{name} must be a bool"):
+        if backward:
+            F.batch_norm_backward(dy, x, sm, si, out=out, dweight=dw, dbias=db, **{name: value})
+        else:
+            F.batch_norm_forward(x, rm, rv, out=out, **{name: value})
+    _assert_unchanged(arrays, before)
+    F.batch_norm_forward(x, rm, rv, training=np.bool_(True), channels_last=np.False_)
+    assert rm.any()                      # numpy.bool_ True trains
+
+
+@pytest.mark.parametrize("case", ["affine", "track_running_stats", "channels_last", "train",
+                                  "training_attr"])
+def test_layer_bool_options_must_be_bools(case):
+    if case in ("affine", "track_running_stats", "channels_last"):
+        with pytest.raises(TypeError, match=f"^{case} must be a bool"):
+            fo.BatchNorm(3, **{case: "no"})
+        assert fo.BatchNorm(3, **{case: np.bool_(False)}).__dict__[case] is False
+        return
+    bn = fo.BatchNorm(3)
+    x = make((4, 3), np.float32, 0)
+    bn.forward(x)
+    state = _bn_state(bn)
+    if case == "train":
+        with pytest.raises(TypeError, match="^mode must be a bool"):
+            bn.train("no")
+        assert bn.training is True
+    else:
+        bn.training = "no"               # truthy: would have trained
+        with pytest.raises(TypeError, match="^training must be a bool"):
+            bn.forward(x)
+    _assert_bn_unchanged(bn, state)
+
+
+def test_out_not_an_array_names_out():
+    """out=[0] gave Cython's "Argument 'y' has incorrect type"."""
+    x = make((4, 3), np.float32, 0)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    before = _snapshot(x, rm, rv)
+    with pytest.raises(TypeError, match="^out must be a numpy.ndarray"):
+        F.batch_norm_forward(x, rm, rv, training=True, out=[0])
+    bn = fo.BatchNorm(3)
+    state = _bn_state(bn)
+    with pytest.raises(TypeError, match="^out must be a numpy.ndarray"):
+        bn.forward(x, out=[0])
+    _assert_unchanged((x, rm, rv), before)
+    _assert_bn_unchanged(bn, state)
+
+
+@pytest.mark.parametrize("attr,value,exc", [("momentum", "a", TypeError),
+                                            ("momentum", 1.5, ValueError),
+                                            ("momentum", float("nan"), ValueError),
+                                            ("eps", "a", TypeError), ("eps", 0.0, ValueError)])
+def test_edited_hyperparameters_are_named(attr, value, exc):
+    """bn.momentum = "a" gave "could not convert string to float"."""
+    bn = fo.BatchNorm(3)
+    x = make((4, 3), np.float32, 0)
+    setattr(bn, attr, value)
+    state = _bn_state(bn)
+    with pytest.raises(exc, match=f"^{attr} must be"):
+        bn.forward(x)
+    _assert_bn_unchanged(bn, state)
+    assert bn._ctx is None
+
+
+@pytest.mark.parametrize("n,dtype", [(2**62, np.float32), (2**61, np.float64),
+                                     (2**63, np.float32)])
+def test_huge_num_features_names_it(n, dtype):
+    """BatchNorm(2**62) gave NumPy's "array is too big"."""
+    with pytest.raises(ValueError, match="num_features"):
+        fo.BatchNorm(n, dtype=dtype)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_once_per_forward(training):
+    """A second backward for one forward added the parameter grads again;
+    now refused (as torch without retain_graph), and a failed backward does
+    not use up its forward."""
+    bn = fo.BatchNorm(3).train(training)
+    x, dy = make((4, 3, 5), np.float32, 0), make((4, 3, 5), np.float32, 1)
+    bn.forward(x)
+    with pytest.raises(ValueError, match="shape"):
+        bn.backward(dy[:, :, :4].copy())
+    with pytest.raises(TypeError, match="^out must be"):
+        bn.backward(dy, out=[0])
+    dx = bn.backward(dy)
+    state = _bn_state(bn)
+    out = np.full_like(dx, 7.0)
+    with pytest.raises(ValueError, match="forward first"):
+        bn.backward(dy, out=out)
+    _assert_bn_unchanged(bn, state)
+    assert (out == 7.0).all()
+    bn.forward(x)                         # a new forward: one more backward
+    np.testing.assert_array_equal(bn.backward(dy), dx)
+    np.testing.assert_array_equal(bn.grad_weight, 2 * state[1][2])
+
+
+def test_eval_reads_read_only_running_stats():
+    """Eval only reads running_mean/var: read-only ones are fine there (they
+    were refused); training writes them, so there they are still refused."""
+    x = make((4, 3, 5), np.float32, 0)
+    rm, rv = make((3,), np.float32, 1), np.abs(make((3,), np.float32, 2)) + 0.5
+    rm.setflags(write=False)
+    rv.setflags(write=False)
+    y, sm, si = F.batch_norm_forward(x, rm, rv, training=False)
+    yr = ref_forward(x, None, None, rm, rv, False, 0.1, 1e-5, False)[0]
+    close(y, yr, np.float32, scale=3)
+    bn = fo.BatchNorm(3).eval()
+    bn.running_mean, bn.running_var = rm, rv
+    close(bn.forward(x), yr, np.float32, scale=3)
+    out = np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="running_mean is read-only"):
+        F.batch_norm_forward(x, rm, rv, training=True, out=out)
+    assert (out == 7.0).all()
+    rm2, rv2 = rm.copy(), rv.copy()      # read in eval, but never written over
+    before = _snapshot(rm2, rv2, out)
+    with pytest.raises(ValueError, match="save_mean shares memory with running_mean"):
+        F.batch_norm_forward(x, rm2, rv2, training=False, out=out, save_mean=rm2)
+    _assert_unchanged((rm2, rv2, out), before)
+
+
 @pytest.mark.parametrize("shape,cl", [((6, 3, 4, 5), False), ((40, 3), False), ((6, 4, 5, 3), True)])
 def test_nan_propagates_to_its_channel(shape, cl):
     x = make(shape, np.float32, 0)
