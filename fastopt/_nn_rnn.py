@@ -14,6 +14,7 @@ Cells: x (B, I), h (B, H).
 """
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -28,10 +29,21 @@ __all__ = ["RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU"]
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3, "gru_reset_before": 3}
 
 
+def _asarray(a, name):
+    """a as an ndarray (a torch tensor through its own buffer). A tensor that
+    requires grad is refused by name: torch's .numpy() would raise
+    RuntimeError, and detaching it here would hide that autograd is cut."""
+    if isinstance(a, np.ndarray):
+        return a
+    if getattr(a, "requires_grad", False) is True:
+        raise TypeError(f"{name} is a torch tensor that requires grad: pass {name}.detach()")
+    return np.asarray(a)
+
+
 def _input(a, name, dtype, shape):
     """a as an ndarray of exactly `dtype` and `shape`, C-contiguous (no casts,
     no copies), else TypeError/ValueError naming it."""
-    a = np.asarray(a) if not isinstance(a, np.ndarray) else a
+    a = _asarray(a, name)
     if a.dtype != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype} "
                         "(no implicit casts)")
@@ -43,8 +55,11 @@ def _input(a, name, dtype, shape):
 
 
 def _positive_int(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    # the BLAS takes 32-bit sizes: the binding refuses more, so refuse it here
+    if not minimum <= v < 2 ** 31:
+        raise ValueError(f"{name} must be an integer in [{minimum}, 2^31-1], got {v!r}")
     return int(v)
 
 
@@ -112,6 +127,9 @@ class _Recurrent(Layer):
         self.training = True
         ensure_configured()
         G, H = _GATES[mode], self.hidden_size
+        if G * H >= 2 ** 31:
+            raise ValueError(f"hidden_size {H} is too large: the weights' {G}*hidden_size "
+                             "rows exceed the BLAS's 2^31-1 limit")
         rng = np.random.default_rng(seed)
         bound = 1.0 / math.sqrt(H)     # torch: every parameter ~ U(-1/sqrt(H), 1/sqrt(H))
         self._params = OrderedDict()
@@ -124,8 +142,13 @@ class _Recurrent(Layer):
                 shapes.append(("weight_hr", (S, H)))
             for d in range(directions):
                 for name, shape in shapes:
-                    self._params[name + sfx + ("_reverse" if d else "")] = \
-                        rng.uniform(-bound, bound, shape).astype(self.dtype)
+                    try:
+                        w = rng.uniform(-bound, bound, shape).astype(self.dtype)
+                    except (MemoryError, ValueError):   # numpy: "array is too big"
+                        raise ValueError(f"input_size {self.input_size} and hidden_size {H} "
+                                         f"are too large: cannot allocate {name} of shape "
+                                         f"{shape}") from None
+                    self._params[name + sfx + ("_reverse" if d else "")] = w
         self._grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
         return rng
 
@@ -168,7 +191,12 @@ class _Recurrent(Layer):
     def load_state_dict(self, state_dict):
         """Copy arrays by torch name into the parameters (in place, so optimizers
         holding them see the new values). Refused whole, before anything is
-        written, when a name is missing or unexpected or a shape differs."""
+        written, when a name is missing or unexpected or a shape or dtype
+        differs (no casts: a float32 layer takes float32 values, as a torch
+        module's state_dict() gives them)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of name -> array, "
+                            f"got {type(state_dict).__name__}")
         missing = [k for k in self._params if k not in state_dict]
         unexpected = [k for k in state_dict if k not in self._params]
         if missing or unexpected:
@@ -179,11 +207,15 @@ class _Recurrent(Layer):
             v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
             if v.shape != p.shape:
                 raise ValueError(f"state_dict[{k!r}] has shape {v.shape}, expected {p.shape}")
-            if not np.issubdtype(v.dtype, np.floating):
-                raise TypeError(f"state_dict[{k!r}] has dtype {v.dtype}, expected a float array")
+            if v.dtype != p.dtype:
+                raise TypeError(f"state_dict[{k!r}] has dtype {v.dtype}, expected {p.dtype} "
+                                "(no implicit casts)")
             arrays[k] = v
+        # copies of every value before the first write: a value may be (a view
+        # of) one of our own params, e.g. two same-shaped weights swapped
+        arrays = {k: v.copy() for k, v in arrays.items()}
         for k, v in arrays.items():
-            np.copyto(self._params[k], v, casting="same_kind")
+            np.copyto(self._params[k], v)
 
 
 class _Saved:
@@ -230,31 +262,35 @@ class _SequenceLayer(_Recurrent):
             a = self._work[name] = np.empty(shape, self.dtype)
         return a
 
-    def _state_shape(self, name, *batch):
-        """(num_layers*D, *batch, width) of h (the projection's width with
-        proj_size) or c."""
-        width = self.hidden_size if name.startswith("c") else self._S
+    # the names of a state's parts in messages: forward's state, backward's dstate
+    _STATE_NAMES = {"state": ("h0", "c0"), "dstate": ("dh_n", "dc_n")}
+
+    def _state_shape(self, part, *batch):
+        """(num_layers*D, *batch, width) of h (part 0: the projection's width
+        with proj_size) or c (part 1)."""
+        width = self.hidden_size if part else self._S
         return (self.num_layers * self._D,) + batch + (width,)
 
-    def _check_state(self, state, B):
-        if state is None:
-            return None, None
-        if self.mode == "lstm":
-            if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise TypeError("state must be a tuple (h0, c0) for an LSTM")
-            return (_input(state[0], "h0", self.dtype, self._state_shape("h", B)),
-                    _input(state[1], "c0", self.dtype, self._state_shape("c", B)))
-        return _input(state, "h0", self.dtype, self._state_shape("h", B)), None
-
-    def _map_state(self, state, fn):
-        """fn(array, name) applied to h (and c) of a state; None stays None."""
+    def _map_state(self, state, fn, arg="state"):
+        """fn(array, name, part) applied to h (part 0) and, LSTM, c (part 1) of
+        `arg` (forward's state or backward's dstate); None stays None."""
         if state is None:
             return None
+        h, c = self._STATE_NAMES[arg]
         if self.mode == "lstm":
             if not isinstance(state, (tuple, list)) or len(state) != 2:
-                raise TypeError("state must be a tuple (h0, c0) for an LSTM")
-            return fn(state[0], "h0"), fn(state[1], "c0")
-        return fn(state, "h0")
+                raise TypeError(f"{arg} must be a tuple ({h}, {c}) for an LSTM, "
+                                f"got {type(state).__name__}")
+            return fn(state[0], h, 0), fn(state[1], c, 1)
+        return fn(state, h, 0)
+
+    def _check_state(self, state, B, arg="state"):
+        """(h, c) of `arg` checked for batch B (c None but for an LSTM)."""
+        state = self._map_state(
+            state, lambda a, n, part: _input(a, n, self.dtype, self._state_shape(part, B)), arg)
+        if state is None or self.mode != "lstm":
+            return state, None
+        return state
 
     def forward(self, x, state=None, lengths=None):
         """out, state = forward(x, state=None, lengths=None). x (T, B, I)
@@ -264,7 +300,7 @@ class _SequenceLayer(_Recurrent):
         x[:lengths[b], b], as a torch PackedSequence gives it; out is zero past
         each length and state holds each sequence's state after its own last
         step (the reverse direction reads each sequence from its own end)."""
-        x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+        x = _asarray(x, "x")
         if x.ndim != 2:
             result = self._forward(x, state, self.batch_first, lengths)
             self._unbatched = False
@@ -274,10 +310,10 @@ class _SequenceLayer(_Recurrent):
         # unbatched, as torch takes it: a batch of one, time-major whatever batch_first
         x = _input(x, "x", self.dtype, (x.shape[0], self.input_size))[:, None]
         state = self._map_state(
-            state, lambda a, n: _input(a, n, self.dtype, self._state_shape(n))[:, None])
+            state, lambda a, n, part: _input(a, n, self.dtype, self._state_shape(part))[:, None])
         out, state = self._forward(x, state, False, None)
         self._unbatched = True
-        return out[:, 0], self._map_state(state, lambda a, n: a[:, 0])
+        return out[:, 0], self._map_state(state, lambda a, n, part: a[:, 0])
 
     def _check_lengths(self, lengths, T, B):
         """(sorted lengths, order): lengths as int64 in decreasing order and the
@@ -400,21 +436,23 @@ class _SequenceLayer(_Recurrent):
     def backward(self, dout, dstate=None):
         """dx, dstate = backward(dout, dstate=None): the gradients of the input
         and of the initial state from those of out (None = zeros) and of the
-        final state (h_n, LSTM (h_n, c_n); None = zeros). Parameter gradients
-        are accumulated (+=) into gradients(). Unbatched forward: unbatched
-        shapes here too. With lengths, dout past each length is not read and
-        dx is zero there."""
+        final state (dstate: dh_n, LSTM (dh_n, dc_n); None = zeros). Parameter
+        gradients are accumulated (+=) into gradients(); each forward is
+        backpropagated once. Unbatched forward: unbatched shapes here too.
+        With lengths, dout past each length is not read and dx is zero there."""
         if self._saved is None:
-            raise ValueError("backward() needs a matching forward() first")
+            raise ValueError("backward() needs a matching forward() first (each forward "
+                             "is backpropagated once)")
         if not self._unbatched:
             return self._backward(dout, dstate, self.batch_first)
         T = self._shape[0]
         if dout is not None:
             dout = _input(dout, "dout", self.dtype, (T, self._D * self._S))[:, None]
         dstate = self._map_state(
-            dstate, lambda a, n: _input(a, n, self.dtype, self._state_shape(n))[:, None])
+            dstate, lambda a, n, part: _input(a, n, self.dtype, self._state_shape(part))[:, None],
+            "dstate")
         dx, dstate = self._backward(dout, dstate, False)
-        return dx[:, 0], self._map_state(dstate, lambda a, n: a[:, 0])
+        return dx[:, 0], self._map_state(dstate, lambda a, n, part: a[:, 0])
 
     def _direction_backward(self, runs, sfx, d_dir, dh_n, dc_n, dx, dh0, dc0, dgates,
                             dgates_hh):
@@ -460,8 +498,11 @@ class _SequenceLayer(_Recurrent):
             dout = _batch_order(dout, order)
         dh_n = dc_n = None
         if dstate is not None:
-            dh_n, dc_n = self._check_state(dstate, B)
+            dh_n, dc_n = self._check_state(dstate, B, "dstate")
             dh_n, dc_n = _batch_order(dh_n, order), _batch_order(dc_n, order)
+        # every argument is checked: this forward is now consumed, so that a second
+        # backward cannot add the parameter gradients again (torch without retain_graph)
+        self._saved = None
         dh0 = np.empty((L * D, B, S), self.dtype)
         dc0 = np.empty((L * D, B, H), self.dtype) if self.mode == "lstm" else None
         dgates = self._scratch("dgates", (T, B, G * H))
@@ -550,7 +591,7 @@ class _Cell(_Recurrent):
         self._free = []         # gate buffers of popped steps, reused
 
     def _step(self, x, h0, c0):
-        x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+        x = _asarray(x, "x")
         if x.ndim != 2:
             raise ValueError(f"x must be 2-D (batch, input_size), got shape {x.shape}")
         x = _input(x, "x", self.dtype, (x.shape[0], self.input_size))

@@ -352,6 +352,17 @@ cdef const void *_ptr(object a, str name, object dtype, int64_t size, bint optio
     return cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+cdef int64_t _dim(object v, str name, int64_t minimum) except -1:
+    """A size argument as int64: an integer in [minimum, 2^31) (the BLAS takes
+    32-bit sizes), else TypeError/ValueError naming it."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    if not minimum <= v < 2 ** 31:
+        raise ValueError(f"{name} must be in [{minimum}, 2^31-1] (the BLAS's 32-bit sizes), "
+                         f"got {v}")
+    return <int64_t>v
+
+
 cdef class RnnLayerCall:
     """The checked arguments of one layer over one sequence: weights, dims and
     the buffers of forward (kept, so that backward reads what forward saved)."""
@@ -359,40 +370,47 @@ cdef class RnnLayerCall:
     cdef fo_rnn_forward_io fwd
     cdef readonly object dtype
     cdef bint is_f64
+    cdef bint forwarded           # forward() has filled the saved buffers
     cdef readonly tuple keep      # references that keep every pointer valid
 
-    def __cinit__(self, str mode, int64_t seq_len, int64_t batch, int64_t input_size,
-                  int64_t hidden_size, w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all,
-                  gates, extra, int64_t proj_size=0, w_hr=None):
+    def __cinit__(self, str mode, seq_len, batch, input_size, hidden_size, w_ih, w_hh,
+                  b_ih, b_hh, x, h0, c0, out, c_all, gates, extra, proj_size=0, w_hr=None):
         if mode not in RNN_MODES:
             raise ValueError(f"mode must be one of {sorted(RNN_MODES)}, got {mode!r}")
-        if seq_len < 0 or batch < 0 or input_size < 1 or hidden_size < 1:
-            raise ValueError("need seq_len >= 0, batch >= 0, input_size >= 1, hidden_size >= 1")
         cdef int m = RNN_MODES[mode]
-        if proj_size and (m != 2 or not 0 < proj_size < hidden_size):
+        # each size on its own first, so that no product below can wrap around
+        # int64 (2^32 * 2^32 would be 0, and empty buffers would pass)
+        cdef int64_t T = _dim(seq_len, "seq_len", 0), B = _dim(batch, "batch", 0)
+        cdef int64_t I = _dim(input_size, "input_size", 1)
+        cdef int64_t H = _dim(hidden_size, "hidden_size", 1)
+        cdef int64_t P = _dim(proj_size, "proj_size", 0)
+        if P and (m != 2 or not P < H):
             raise ValueError(f"proj_size must be 0, or in [1, hidden_size) for an LSTM, "
-                             f"got {proj_size}")
-        cdef int64_t G = fo_rnn_num_gates(m), H = hidden_size, I = input_size
+                             f"got {P}")
+        cdef int64_t G = fo_rnn_num_gates(m)
         # S: the width of h (the projection's with proj_size)
-        cdef int64_t S = proj_size if proj_size else H
-        cdef int64_t TB = seq_len * batch, BH = batch * H, BS = batch * S
-        # the BLAS takes 32-bit sizes: every dimension and leading dimension must fit
-        if max(TB, G * H, I) >= 2 ** 31:
-            raise ValueError("a dimension of this layer exceeds the BLAS's 2^31-1 limit")
+        cdef int64_t S = P if P else H
+        # the GEMMs' row counts (T*B) and widths (G*H) are 32-bit too; with every
+        # factor below 2^31, every element count below is below 2^62
+        if T * B >= 2 ** 31:
+            raise ValueError(f"seq_len * batch = {T * B} exceeds the BLAS's 2^31-1 limit")
+        if G * H >= 2 ** 31:
+            raise ValueError(f"hidden_size: {G} gates * {H} exceeds the BLAS's 2^31-1 limit")
+        cdef int64_t TB = T * B, BH = B * H, BS = B * S
         dtype = w_ih.dtype if isinstance(w_ih, np.ndarray) else None
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"w_ih must be a float32 or float64 ndarray")
         self.dtype = dtype
         self.is_f64 = dtype == np.float64
         self.layer.mode = m
-        self.layer.seq_len = seq_len
-        self.layer.batch = batch
+        self.layer.seq_len = T
+        self.layer.batch = B
         self.layer.input_size = I
         self.layer.hidden_size = H
         self.layer.w_ih = _ptr(w_ih, "w_ih", dtype, G * H * I, False, False)
         self.layer.w_hh = _ptr(w_hh, "w_hh", dtype, G * H * S, False, False)
-        self.layer.proj_size = proj_size
-        self.layer.w_hr = _ptr(w_hr, "w_hr", dtype, S * H, not proj_size, False)
+        self.layer.proj_size = P
+        self.layer.w_hr = _ptr(w_hr, "w_hr", dtype, S * H, not P, False)
         self.layer.b_ih = _ptr(b_ih, "b_ih", dtype, G * H, True, False)
         self.layer.b_hh = _ptr(b_hh, "b_hh", dtype, G * H, True, False)
         if (self.layer.b_ih == NULL) != (self.layer.b_hh == NULL):
@@ -405,8 +423,14 @@ cdef class RnnLayerCall:
         self.fwd.c_all = <void *>_ptr(c_all, "c_all", dtype, TB * H, not is_lstm, True)
         self.fwd.gates = <void *>_ptr(gates, "gates", dtype, TB * G * H, False, True)
         self.fwd.extra = <void *>_ptr(extra, "extra", dtype, TB * H,
-                                      not (is_gru or proj_size), True)
+                                      not (is_gru or P), True)
+        # the kernel reads x, h0, c0 and the weights while writing the rest
+        _check_no_overlap(
+            [("out", out), ("c_all", c_all), ("gates", gates), ("extra", extra)],
+            [("x", x), ("h0", h0), ("c0", c0 if is_lstm else None), ("w_ih", w_ih),
+             ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr)])
         self.keep = (w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all, gates, extra, w_hr)
+        self.forwarded = False
 
     def forward(self):
         """Run the layer forward over the sequence, filling out and the saved buffers."""
@@ -421,6 +445,7 @@ cdef class RnnLayerCall:
             _blas_threads_restore(saved)
         if rc != 0:
             raise MemoryError("fastopt recurrent forward: out of memory")
+        self.forwarded = True
 
     def backward(self, dout, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
                  dgates, dgates_hh, dw_hr=None):
@@ -428,6 +453,8 @@ cdef class RnnLayerCall:
         are written (each may be None: not computed), dw_*/db_* accumulated."""
         cdef fo_rnn_backward_io io
         cdef object dt = self.dtype
+        if not self.forwarded:   # the saved buffers would be uninitialised memory
+            raise ValueError("backward() needs a matching forward() first")
         cdef int m = self.layer.mode
         cdef int64_t G = fo_rnn_num_gates(m), H = self.layer.hidden_size
         cdef int64_t I = self.layer.input_size
@@ -447,6 +474,16 @@ cdef class RnnLayerCall:
         io.db_hh = <void *>_ptr(db_hh, "db_hh", dt, G * H, self.layer.b_ih == NULL, True)
         io.dgates = <void *>_ptr(dgates, "dgates", dt, TB * G * H, False, True)
         io.dgates_hh = <void *>_ptr(dgates_hh, "dgates_hh", dt, TB * G * H, m != 3, True)
+        # backward reads dout, dh_n, dc_n and everything forward read or saved
+        w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all, gates, extra, w_hr = self.keep
+        _check_no_overlap(
+            [("dx", dx), ("dh0", dh0), ("dc0", dc0 if m == 2 else None), ("dw_ih", dw_ih),
+             ("dw_hh", dw_hh), ("dw_hr", dw_hr), ("db_ih", db_ih), ("db_hh", db_hh),
+             ("dgates", dgates), ("dgates_hh", dgates_hh)],
+            [("dout", dout), ("dh_n", dh_n), ("dc_n", dc_n if m == 2 else None),
+             ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr),
+             ("x", x), ("h0", h0), ("c0", c0 if m == 2 else None), ("out", out),
+             ("c_all", c_all), ("gates", gates), ("extra", extra)])
         cdef int rc
         cdef int saved
         with nogil:

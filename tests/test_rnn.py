@@ -422,7 +422,8 @@ def test_gradients_accumulate_and_zero_grad():
     out, _ = m.forward(x)
     m.backward(np.ones_like(out))
     once = [g.copy() for g in m.gradients()]
-    m.backward(np.ones_like(out))          # the saved forward is backpropagated again
+    m.forward(x)                           # each forward is backpropagated once
+    m.backward(np.ones_like(out))
     for g, g1 in zip(m.gradients(), once):
         np.testing.assert_allclose(g, 2 * g1, rtol=1e-14)
     grads = m.gradients()
@@ -491,7 +492,7 @@ def test_bad_input_raises_and_writes_nothing():
         m.backward(out.astype(np.float64))
     with pytest.raises(ValueError, match="dout has shape"):
         m.backward(out[:, :1])
-    with pytest.raises(ValueError, match="h0 has shape"):
+    with pytest.raises(ValueError, match="dh_n has shape"):
         m.backward(out, (np.zeros((2, 1, 4), np.float32), np.zeros((2, 2, 4), np.float32)))
     for g, g0 in zip(m.gradients(), before):
         np.testing.assert_array_equal(g, g0)
@@ -561,6 +562,7 @@ def test_unbatched_input_matches_torch(torch, kind, bidirectional):
         close(dst[1], tc0.grad.numpy(), np.float64, "dc0")
     for (name, p), g in zip(tm.named_parameters(), m.gradients()):
         close(g, p.grad.numpy(), np.float64, name)
+    m.forward(x)          # the backward above consumed the first forward
     with pytest.raises(ValueError, match="h0 has shape"):   # a failed call keeps the forward
         m.forward(x, (h0[:, None], c0[:, None]) if lstm else h0[:, None])
     m.backward(dout)
@@ -898,3 +900,224 @@ def test_bad_proj_size_is_refused():
     x = np.zeros((2, 1, 3), np.float32)
     with pytest.raises(ValueError, match="h0"):
         m.forward(x, (np.zeros((1, 1, 4), np.float32), np.zeros((1, 1, 4), np.float32)))
+
+
+# ---------------------------------------------- bad input: the audit's defects
+
+def _binding_buffers(T, B, I, H, dtype=np.float32):
+    """Weights and forward buffers of a one-gate (rnn_tanh) RnnLayerCall."""
+    rng = np.random.default_rng(0)
+    return dict(w_ih=rand(rng, (H, I), dtype), w_hh=rand(rng, (H, H), dtype),
+                x=rand(rng, (T, B, I), dtype), out=np.zeros((T, B, H), dtype),
+                gates=np.zeros((T, B, H), dtype))
+
+
+def _call(T, B, I, H, b):
+    return fo._fastopt.RnnLayerCall("rnn_tanh", T, B, I, H, b["w_ih"], b["w_hh"], None, None,
+                                    b["x"], None, None, b["out"], None, b["gates"], None)
+
+
+def test_binding_refuses_negative_and_overflowing_sizes():
+    """seq_len*batch = 2^32*2^32 wraps to 0 in int64: empty buffers passed the
+    size checks and forward wrote out of bounds (a segfault)."""
+    z = lambda n: np.zeros(n, np.float32)
+    cases = [((2 ** 32, 2 ** 32, 1, 1), ValueError, "seq_len"),
+             ((1, -1, 1, 1), ValueError, "batch"),
+             ((-1, 1, 1, 1), ValueError, "seq_len"),
+             ((2 ** 16, 2 ** 16, 1, 1), ValueError, r"seq_len \* batch"),
+             ((1, 1, 2 ** 31, 1), ValueError, "input_size"),
+             ((1, 1, 1, 2 ** 63), ValueError, "hidden_size"),
+             ((1.0, 1, 1, 1), TypeError, "seq_len")]
+    for (T, B, I, H), exc, name in cases:
+        with pytest.raises(exc, match=name):
+            fo._fastopt.RnnLayerCall("rnn_tanh", T, B, I, H, z(1), z(1), None, None, z(0),
+                                     None, None, z(0), None, z(0), None)
+    with pytest.raises(ValueError, match="hidden_size"):   # 4 gates * 2^30 rows
+        fo._fastopt.RnnLayerCall("lstm", 1, 1, 1, 2 ** 30, z(1), z(1), None, None, z(0),
+                                 None, None, z(0), z(0), z(0), None)
+
+
+def test_binding_refuses_overlaps_and_backward_before_forward():
+    T, B, I, H = 3, 2, 4, 4
+    b = _binding_buffers(T, B, I, H)
+    x0 = b["x"].copy()
+    with pytest.raises(ValueError, match="out shares memory with x"):
+        _call(T, B, I, H, dict(b, out=b["x"]))
+    with pytest.raises(ValueError, match="out and gates share memory"):
+        _call(T, B, I, H, dict(b, gates=b["out"]))
+    buf = np.zeros(H * H + T * B * H, np.float32)   # gates' first element is w_hh's last
+    w_hh, gates = buf[:H * H].reshape(H, H), buf[H * H - 1:-1].reshape(T, B, H)
+    w_hh[...] = b["w_hh"]
+    with pytest.raises(ValueError, match="gates shares memory with w_hh"):
+        _call(T, B, I, H, dict(b, w_hh=w_hh, gates=gates))
+    np.testing.assert_array_equal(w_hh, b["w_hh"])
+    grads = [np.zeros((H, I), np.float32), np.zeros((H, H), np.float32)]
+    dgates = np.zeros((T, B, H), np.float32)
+    call = _call(T, B, I, H, b)
+    dout = np.ones((T, B, H), np.float32)
+    with pytest.raises(ValueError, match="forward"):   # the saved buffers are not filled yet
+        call.backward(dout, None, None, None, None, None, *grads, None, None, dgates, None)
+    assert all((g == 0).all() for g in grads)
+    call.forward()
+    with pytest.raises(ValueError, match="dx shares memory with x"):
+        call.backward(dout, None, None, b["x"], None, None, *grads, None, None, dgates, None)
+    with pytest.raises(ValueError, match="dgates shares memory with gates"):
+        call.backward(dout, None, None, None, None, None, *grads, None, None, b["gates"], None)
+    with pytest.raises(ValueError, match="dw_ih shares memory with dout"):
+        call.backward(dout, None, None, None, None, None, dout.reshape(-1)[:H * I].reshape(H, I),
+                      grads[1], None, None, dgates, None)
+    np.testing.assert_array_equal(b["x"], x0)
+    assert all((g == 0).all() for g in grads)
+    call.backward(dout, None, None, None, None, None, *grads, None, None, dgates, None)
+    assert any((g != 0).any() for g in grads)
+
+
+@pytest.mark.parametrize("make", [lambda: fo.GRU(4, 4, num_layers=2, seed=0),
+                                  lambda: fo.LSTM(4, 4, seed=0), lambda: fo.GRUCell(4, 4, seed=0),
+                                  lambda: fo.LSTMCell(4, 4, seed=0)])
+def test_load_state_dict_takes_values_that_alias_the_params(make):
+    """Values that are the layer's own params, swapped: each must land whole
+    (a one-by-one copy overwrote weight_ih before it was read into weight_hh)."""
+    m = make()
+    params = dict(m.named_parameters())
+    before = {k: v.copy() for k, v in params.items()}
+    ih, hh = [k for k in params if k.startswith("weight_ih")][0], \
+        [k for k in params if k.startswith("weight_hh")][0]
+    bi, bh = [k for k in params if k.startswith("bias_ih")][0], \
+        [k for k in params if k.startswith("bias_hh")][0]
+    sd = dict(params)
+    sd[ih], sd[hh] = params[hh], params[ih]
+    sd[bi], sd[bh] = params[bh][::-1], params[bi]     # a reversed view, too
+    m.load_state_dict(sd)
+    np.testing.assert_array_equal(params[ih], before[hh])
+    np.testing.assert_array_equal(params[hh], before[ih])
+    np.testing.assert_array_equal(params[bi], before[bh][::-1])
+    np.testing.assert_array_equal(params[bh], before[bi])
+    assert all(a is b for a, b in zip(params.values(), m.parameters()))   # in place
+
+
+@pytest.mark.parametrize("make", [lambda d: fo.GRU(2, 3, dtype=d, seed=0),
+                                  lambda d: fo.LSTMCell(2, 3, dtype=d, seed=0)])
+def test_load_state_dict_refuses_another_dtype_whole(make):
+    """No silent casts: float64 values into a float32 layer (and the reverse)
+    are refused by key, before anything is written."""
+    for dtype, other in [(np.float32, np.float64), (np.float64, np.float32)]:
+        m = make(dtype)
+        before = m.state_dict()
+        sd = {k: np.ones_like(v) for k, v in before.items()}
+        last = list(sd)[-1]
+        sd[last] = sd[last].astype(other)        # only the last entry is wrong
+        with pytest.raises(TypeError, match=f"{last}.*{np.dtype(other).name}"):
+            m.load_state_dict(sd)
+        for k, v in m.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
+        m.load_state_dict({k: np.ones_like(v) for k, v in before.items()})
+        assert all((p == 1).all() for p in m.parameters())
+
+
+def test_load_state_dict_takes_a_float32_torch_state_dict(torch):
+    tm = torch.nn.LSTM(3, 4)                     # torch's default dtype: float32
+    m = fo.LSTM(3, 4)
+    m.load_state_dict(tm.state_dict())
+    for (k, p), (tk, tp) in zip(m.named_parameters(), tm.named_parameters()):
+        assert k == tk
+        np.testing.assert_array_equal(p, tp.detach().numpy())
+
+
+def test_torch_tensor_requiring_grad_is_refused_by_name(torch):
+    """torch's .numpy() raises RuntimeError for such a tensor: a TypeError
+    naming the argument instead (detaching silently would hide the cut)."""
+    t = lambda *shape: torch.zeros(*shape, requires_grad=True)
+    m = fo.LSTM(3, 4, seed=0)
+    before = [p.copy() for p in m.parameters()]
+    with pytest.raises(TypeError, match=r"x .*x\.detach\(\)"):
+        m.forward(t(2, 1, 3))
+    with pytest.raises(TypeError, match=r"x .*x\.detach\(\)"):
+        m.forward(t(2, 3))                       # unbatched
+    with pytest.raises(TypeError, match=r"h0 .*h0\.detach\(\)"):
+        m.forward(np.zeros((2, 1, 3), np.float32), (t(1, 1, 4), np.zeros((1, 1, 4), np.float32)))
+    out, _ = m.forward(t(2, 1, 3).detach().numpy())
+    with pytest.raises(TypeError, match=r"dout .*detach"):
+        m.backward(t(2, 1, 4))
+    m.backward(out)                              # the refused call kept the forward
+    for p, p0 in zip(m.parameters(), before):
+        np.testing.assert_array_equal(p, p0)
+    cell = fo.GRUCell(3, 4)
+    with pytest.raises(TypeError, match=r"x .*x\.detach\(\)"):
+        cell.forward(t(2, 3))
+    with pytest.raises(TypeError, match=r"h0 .*h0\.detach\(\)"):
+        cell.forward(np.zeros((2, 3), np.float32), t(2, 4))
+    cell.forward(np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError, match=r"dh1 .*detach"):
+        cell.backward(t(2, 4))
+    cell.backward(np.zeros((2, 4), np.float32))
+    # without requires_grad a CPU tensor is read through its buffer, as before
+    y = m.forward(torch.zeros(2, 1, 3))[0]
+    assert y.shape == (2, 1, 4)
+
+
+def test_huge_negative_and_non_integer_sizes_are_refused():
+    """RNN(4, 2**40) raised MemoryError; sizes beyond the BLAS's 32-bit limit
+    or that cannot be allocated are a ValueError naming the size."""
+    for args, exc, name in [((4, 2 ** 40), ValueError, "hidden_size"),
+                            ((4, -1), ValueError, "hidden_size"),
+                            ((2 ** 31, 4), ValueError, "input_size"),
+                            ((4, 4.0), TypeError, "hidden_size"),
+                            ((4, "4"), TypeError, "hidden_size"),
+                            ((2 ** 30, 2 ** 29), ValueError, "hidden_size")]:
+        for cls in (fo.RNN, fo.LSTM, fo.GRUCell):
+            with pytest.raises(exc, match=name):
+                cls(*args)
+    with pytest.raises(ValueError, match="hidden_size"):    # 4 gates * 2^29 >= 2^31
+        fo.LSTM(4, 2 ** 29)
+
+
+def test_backward_messages_name_dstate():
+    m = fo.LSTM(3, 4, num_layers=2, seed=0)
+    out, _ = m.forward(np.zeros((5, 2, 3), np.float32))
+    before = [g.copy() for g in m.gradients()]
+    good = np.zeros((2, 2, 4), np.float32)
+    with pytest.raises(ValueError, match="dh_n has shape"):
+        m.backward(out, (np.zeros((2, 1, 4), np.float32), good))
+    with pytest.raises(ValueError, match="dc_n has shape"):
+        m.backward(out, (good, np.zeros((2, 1, 4), np.float32)))
+    with pytest.raises(TypeError, match="dc_n must have dtype"):
+        m.backward(out, (good, good.astype(np.float64)))
+    with pytest.raises(TypeError, match=r"dstate must be a tuple \(dh_n, dc_n\)"):
+        m.backward(out, good)
+    for g, g0 in zip(m.gradients(), before):
+        np.testing.assert_array_equal(g, g0)
+    m.backward(out, (good, good))                # the refused calls kept the forward
+    gru = fo.GRU(3, 4)
+    out, _ = gru.forward(np.zeros((5, 3), np.float32))    # unbatched
+    with pytest.raises(ValueError, match="dh_n has shape"):
+        gru.backward(out, np.zeros((1, 5), np.float32))
+    gru.backward(out, np.zeros((1, 4), np.float32))
+    for layer in (m, fo.RNNCell(3, 4)):
+        with pytest.raises(TypeError, match="state_dict must be a mapping"):
+            layer.load_state_dict(None)
+        with pytest.raises(TypeError, match="state_dict must be a mapping"):
+            layer.load_state_dict(list(layer.state_dict().items()))
+
+
+@pytest.mark.parametrize("kind,kw", KINDS)
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_second_backward_of_one_forward_is_refused(kind, kw, unbatched):
+    """As torch without retain_graph: each forward is backpropagated once (a
+    second backward added the parameter gradients again)."""
+    m = getattr(fo, kind)(3, 4, num_layers=2, bidirectional=True, dtype=np.float64, seed=0, **kw)
+    x = np.random.default_rng(0).standard_normal((5, 3) if unbatched else (5, 2, 3))
+    out, _ = m.forward(x)
+    with pytest.raises(ValueError, match="dout has shape"):   # refused: not consumed
+        m.backward(out[:1])
+    dx, _ = m.backward(np.ones_like(out))
+    once = [g.copy() for g in m.gradients()]
+    with pytest.raises(ValueError, match="forward"):
+        m.backward(np.ones_like(out))
+    for g, g1 in zip(m.gradients(), once):
+        np.testing.assert_array_equal(g, g1)
+    m.forward(x)
+    dx2, _ = m.backward(np.ones_like(out))       # a new forward: backward again
+    np.testing.assert_array_equal(dx2, dx)
+    for g, g1 in zip(m.gradients(), once):
+        np.testing.assert_allclose(g, 2 * g1, rtol=1e-14)
