@@ -122,3 +122,19 @@ cdef inline bint _same_shape(cnp.ndarray a, cnp.ndarray b):
         if cnp.PyArray_DIMS(a)[d] != cnp.PyArray_DIMS(b)[d]:
             return False
     return True
+
+
+cdef int _check_no_overlap(list written, list read) except -1:
+    """No two written arrays overlap, and no written array overlaps a read one
+    (pairs are (name, array); None entries are skipped)."""
+    cdef Py_ssize_t i, k
+    for i in range(len(written)):
+        if written[i][1] is None:
+            continue
+        for k in range(i + 1, len(written)):
+            if written[k][1] is not None and _overlap(written[i][1], written[k][1]):
+                raise ValueError(f"{written[i][0]} and {written[k][0]} share memory")
+        for k in range(len(read)):
+            if read[k][1] is not None and _overlap(written[i][1], read[k][1]):
+                raise ValueError(f"{written[i][0]} shares memory with {read[k][0]}")
+    return 0

@@ -34,10 +34,6 @@ class _Layer(Layer):
     def __call__(self, x, out=None):
         return self.forward(x, out=out)
 
-    def train(self, mode=True):
-        # as torch's Module.train: a non-bool mode ("no" is truthy) is refused
-        return super().train(_bool(mode, "mode"))
-
     def _check_input(self, x, name):
         if not isinstance(x, np.ndarray):
             raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")

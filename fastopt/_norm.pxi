@@ -69,22 +69,6 @@ cdef void *_data_or_null(object a):
     return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
-cdef int _check_no_overlap(list written, list read) except -1:
-    """No two written arrays overlap, and no written array overlaps a read one
-    (pairs are (name, array); None entries are skipped)."""
-    cdef Py_ssize_t i, k
-    for i in range(len(written)):
-        if written[i][1] is None:
-            continue
-        for k in range(i + 1, len(written)):
-            if written[k][1] is not None and _overlap(written[i][1], written[k][1]):
-                raise ValueError(f"{written[i][0]} and {written[k][0]} share memory")
-        for k in range(len(read)):
-            if read[k][1] is not None and _overlap(written[i][1], read[k][1]):
-                raise ValueError(f"{written[i][0]} shares memory with {read[k][0]}")
-    return 0
-
-
 cdef int _check_unit_real(double v, str name, bint open_low) except -1:
     if not (v >= 0.0 and v <= 1.0) or (open_low and v == 0.0):
         raise ValueError(f"{name} must be in {'(' if open_low else '['}0, 1], got {v}")

@@ -1121,3 +1121,12 @@ def test_second_backward_of_one_forward_is_refused(kind, kw, unbatched):
     np.testing.assert_array_equal(dx2, dx)
     for g, g1 in zip(m.gradients(), once):
         np.testing.assert_allclose(g, 2 * g1, rtol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [fo.LSTM, fo.GRUCell])
+def test_train_mode_must_be_a_bool(cls):
+    m = cls(3, 4)
+    with pytest.raises(TypeError, match="mode must be a bool"):
+        m.train("no")
+    assert m.training is True
+    assert m.train(np.bool_(False)).training is False
