@@ -94,11 +94,14 @@ cdef class ParamIndex:
     cdef Py_ssize_t n
     cdef char **lo
     cdef char **hi
+    cdef readonly Py_ssize_t total   # params in all the tables, empty ones included
 
     def __cinit__(self, tables):
         ranges = []
         cdef cnp.ndarray a
+        self.total = 0
         for t in tables:
+            self.total += (<TensorTable?>t).n
             for a in (<TensorTable?>t).arrays:
                 if cnp.PyArray_NBYTES(a):
                     ranges.append((<size_t>cnp.PyArray_DATA(a), cnp.PyArray_NBYTES(a)))
@@ -147,11 +150,17 @@ cdef class GradTable:
 
 
 def check_grads(TensorTable params not None, object grads, ParamIndex index=None,
-                Py_ssize_t first=0):
+                Py_ssize_t first=0, object listed=None, Py_ssize_t group=0):
     """Check grads against params (length, dtype, shape, contiguity; no overlap
     with any param of `index`, or with its own param without one) and that
     every param is still writeable; raises before anything is written.
-    Messages number the grads from `first` (the group's place in a step)."""
+    Messages number the grads from `first` (the group's place in a step).
+    `listed`, when given (the user-visible param_groups[group]['params']),
+    must still be a list of exactly the params."""
+    if listed is not None and (type(listed) is not list or len(<list>listed) != params.n
+                              or not _same_items(<list>listed, params.arrays)):
+        raise ValueError(f"param_groups[{group}]['params'] was changed; params are fixed "
+                         "when added (use add_param_group or a new optimizer)")
     if isinstance(grads, (str, bytes, np.ndarray)) or not hasattr(grads, "__len__"):
         raise TypeError(f"grads must be a sequence of arrays, got {type(grads).__name__}")
     cdef Py_ssize_t n = len(grads), i
@@ -194,10 +203,8 @@ def check_grads(TensorTable params not None, object grads, ParamIndex index=None
     return t
 
 
-def same_items(list a, tuple b):
-    """True when list a holds exactly the objects of b, in order (identity)."""
-    if a is None or len(a) != len(b):
-        return False
+cdef bint _same_items(list a, tuple b):
+    """a holds exactly the objects of b, in order (identity; same length)."""
     cdef Py_ssize_t i
     for i in range(len(b)):
         if a[i] is not b[i]:

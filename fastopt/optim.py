@@ -89,16 +89,6 @@ def _check_flag(group, key):
     group[key] = bool(v)
 
 
-def _unchanged(values, validated):
-    """True when the values equal those validated at the last step. Validation
-    lets only immutable values through (numbers, bools, betas made a tuple), so
-    an in-place edit cannot change a validated value behind this check."""
-    try:
-        return validated is not None and bool(values == validated)
-    except (TypeError, ValueError):    # e.g. an array edited in
-        return False
-
-
 def _check_step(v, pid):
     """A state's 'step': a whole number in [0, 2**62] (float, int or 0-d array)."""
     try:
@@ -188,24 +178,24 @@ class Optimizer:
         if isinstance(grads, (str, bytes, np.ndarray)) or not hasattr(grads, "__iter__"):
             raise TypeError(f"grads must be a sequence of arrays, got {type(grads).__name__}")
         grads = list(grads)
-        total = sum(g["params"].n for g in self._groups)
-        if len(grads) != total:
-            raise ValueError(f"grads has {len(grads)} arrays, expected {total} "
+        if len(grads) != self._index.total:
+            raise ValueError(f"grads has {len(grads)} arrays, expected {self._index.total} "
                              "(one per param, all groups in order)")
         checked, start = [], 0
         for gi, (group, g) in enumerate(zip(self.param_groups, self._groups)):
-            ps = group.get("params")
-            if not isinstance(ps, list) or not _fastopt.same_items(ps, g["params"].arrays):
-                raise ValueError(f"param_groups[{gi}]['params'] was changed; params are "
-                                 "fixed when added (use add_param_group or a new optimizer)")
-            # re-check hyperparameters only when one was edited since the last step
-            values = [v for k, v in group.items() if k != "params"]
-            if not _unchanged(values, g.get("validated")):
+            # re-check hyperparameters only when one was edited since the last step;
+            # validation lets only immutable values through (numbers, bools, betas
+            # made a tuple), so an in-place edit cannot hide behind this compare
+            try:
+                same = group == g.get("validated")
+            except (TypeError, ValueError):    # e.g. an array edited in
+                same = False
+            if not same:
                 self._validate(group)
-                g["validated"] = [v for k, v in group.items() if k != "params"]
+                g["validated"] = dict(group)
             n = g["params"].n
             checked.append(_fastopt.check_grads(g["params"], grads[start:start + n],
-                                                self._index, start))
+                                                self._index, start, group.get("params", ()), gi))
             start += n
         for group, g, gt in zip(self.param_groups, self._groups, checked):
             fresh = set()
