@@ -1,5 +1,9 @@
 """The part of torch.nn.Module that every fastopt layer shares: the training
-flag and gradient zeroing over ``gradients()``."""
+flag, gradient zeroing over ``gradients()``, and state_dict()/load_state_dict()
+over the arrays a layer names as torch does."""
+from collections import OrderedDict
+from collections.abc import Mapping
+
 import numpy as np
 
 
@@ -25,3 +29,41 @@ class Layer:
     def zero_grad(self):
         for g in self.gradients():
             g.fill(0)
+
+    def _named_arrays(self):
+        """{torch name: the layer's own array} (parameters and buffers)."""
+        return OrderedDict()
+
+    def state_dict(self):
+        """{torch name: copy of the array}, e.g. weight_ih_l0 or running_mean."""
+        return OrderedDict((k, v.copy()) for k, v in self._named_arrays().items())
+
+    def load_state_dict(self, state_dict):
+        """Copy arrays by torch name into the layer's own (in place, so optimizers
+        holding them see the new values); a torch module's state_dict() works as
+        it is. Refused whole, before anything is written, when a name is missing
+        or unexpected or a shape or dtype differs (no casts: a float32 layer
+        takes float32 values, as a torch module's state_dict() gives them)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping of name -> array, "
+                            f"got {type(state_dict).__name__}")
+        targets = self._named_arrays()
+        missing = [k for k in targets if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in targets]
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not fit: missing {missing}, unexpected {unexpected}")
+        arrays = {}
+        for k, p in targets.items():
+            v = state_dict[k]
+            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            if v.shape != p.shape:
+                raise ValueError(f"state_dict[{k!r}] has shape {v.shape}, expected {p.shape}")
+            if v.dtype != p.dtype:
+                raise TypeError(f"state_dict[{k!r}] has dtype {v.dtype}, expected {p.dtype} "
+                                "(no implicit casts)")
+            arrays[k] = v
+        # copies of every value before the first write: a value may be (a view
+        # of) one of our own arrays, e.g. two same-shaped weights swapped
+        arrays = {k: v.copy() for k, v in arrays.items()}
+        for k, v in arrays.items():
+            np.copyto(targets[k], v)

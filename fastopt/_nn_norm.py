@@ -88,13 +88,14 @@ class BatchNorm(_Layer):
         self.bias = np.zeros(C, self.dtype) if self.affine else None
         self.grad_weight = np.zeros(C, self.dtype) if self.affine else None
         self.grad_bias = np.zeros(C, self.dtype) if self.affine else None
+        # num_batches_tracked lives in a 0-d int64 array, as torch's buffer, so
+        # that state_dict() and load_state_dict() treat it as any other array
+        self._batches = np.zeros((), np.int64) if self.track_running_stats else None
         if self.track_running_stats:
             self.running_mean = np.zeros(C, self.dtype)
             self.running_var = np.ones(C, self.dtype)
-            self.num_batches_tracked = 0
         else:
             self.running_mean = self.running_var = None
-            self.num_batches_tracked = None
         self._save_mean = np.empty(C, self.dtype)
         self._save_invstd = np.empty(C, self.dtype)
         self._ctx = None      # (x, used batch statistics)
@@ -105,11 +106,33 @@ class BatchNorm(_Layer):
     def gradients(self):
         return [self.grad_weight, self.grad_bias] if self.affine else []
 
+    @property
+    def num_batches_tracked(self):
+        """Training forwards seen (None without running statistics)."""
+        return None if self._batches is None else int(self._batches)
+
+    @num_batches_tracked.setter
+    def num_batches_tracked(self, n):
+        if self._batches is None:
+            raise ValueError("num_batches_tracked needs track_running_stats=True")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"num_batches_tracked must be an integer >= 0, got {n!r}")
+        self._batches[()] = n
+
+    def _named_arrays(self):
+        """torch's names: weight, bias (affine), running_mean, running_var,
+        num_batches_tracked (track_running_stats)."""
+        named = {"weight": self.weight, "bias": self.bias} if self.affine else {}
+        if self.track_running_stats:
+            named.update(running_mean=self.running_mean, running_var=self.running_var,
+                         num_batches_tracked=self._batches)
+        return named
+
     def reset_running_stats(self):
         if self.track_running_stats:
             self.running_mean.fill(0)
             self.running_var.fill(1)
-            self.num_batches_tracked = 0
+            self._batches[()] = 0
 
     def forward(self, x, out=None):
         """y = BN(x); x of shape (N, C, *spatial) (or (N, *spatial, C))."""
@@ -138,7 +161,7 @@ class BatchNorm(_Layer):
             self.weight, self.bias, training=batch_stats, momentum=momentum,
             eps=eps, channels_last=self.channels_last)
         if update:
-            self.num_batches_tracked += 1
+            self._batches += 1
         self._ctx = (x, batch_stats)
         return y
 

@@ -14,7 +14,6 @@ Cells: x (B, I), h (B, H).
 """
 import math
 from collections import OrderedDict
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -184,38 +183,8 @@ class _Recurrent(Layer):
     def named_parameters(self):
         return list(self._params.items())
 
-    def state_dict(self):
-        """{torch name: copy of the array}, e.g. weight_ih_l0, bias_hh_l1."""
-        return OrderedDict((k, v.copy()) for k, v in self._params.items())
-
-    def load_state_dict(self, state_dict):
-        """Copy arrays by torch name into the parameters (in place, so optimizers
-        holding them see the new values). Refused whole, before anything is
-        written, when a name is missing or unexpected or a shape or dtype
-        differs (no casts: a float32 layer takes float32 values, as a torch
-        module's state_dict() gives them)."""
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a mapping of name -> array, "
-                            f"got {type(state_dict).__name__}")
-        missing = [k for k in self._params if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in self._params]
-        if missing or unexpected:
-            raise ValueError(f"state_dict does not fit: missing {missing}, unexpected {unexpected}")
-        arrays = {}
-        for k, p in self._params.items():
-            v = state_dict[k]
-            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
-            if v.shape != p.shape:
-                raise ValueError(f"state_dict[{k!r}] has shape {v.shape}, expected {p.shape}")
-            if v.dtype != p.dtype:
-                raise TypeError(f"state_dict[{k!r}] has dtype {v.dtype}, expected {p.dtype} "
-                                "(no implicit casts)")
-            arrays[k] = v
-        # copies of every value before the first write: a value may be (a view
-        # of) one of our own params, e.g. two same-shaped weights swapped
-        arrays = {k: v.copy() for k, v in arrays.items()}
-        for k, v in arrays.items():
-            np.copyto(self._params[k], v)
+    def _named_arrays(self):
+        return self._params     # weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0, ...
 
 
 class _Saved:

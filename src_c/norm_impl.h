@@ -751,6 +751,14 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
                            save_mean, save_invstd, running_mean, running_var, s.cen, s.k2,
                            s.k3);
     SFX(norm_job) j = SFX(make_job)(&p, &s, x, 0, y, 1);
+    if (a->training && M == 0) {
+        /* an empty batch: no statistics, running stats untouched (as torch); the
+         * saved ones are 0, so that backward adds 0 to the parameter grads */
+        for (int64_t c = 0; c < C; c++) {
+            if (save_mean) save_mean[c] = 0;
+            if (save_invstd) save_invstd[c] = 0;
+        }
+    }
     if (a->training && M > 0) {
         SFX(expand_d)(s.center, &p);
         SFX(expand)(s.cen, &p);

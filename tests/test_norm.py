@@ -658,3 +658,74 @@ def test_eval_backward_does_not_read_x(shape, cl):
                                      out=_aligned_empty(shape, np.float32, 16))
     k = (w.astype(np.float64) * si).reshape(bshape(x, cl))
     close(dx, k * dy, np.float32, scale=10)
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 2), (2, 3, 0)])
+def test_empty_batch_trains_to_nothing(shape):
+    # as torch: an empty output, running stats untouched, the batch counted,
+    # zero parameter grads (the saved statistics are 0, not stale memory)
+    bn = fo.BatchNorm(3)
+    bn._save_mean[:] = bn._save_invstd[:] = np.nan
+    y = bn.forward(np.zeros(shape, np.float32))
+    dx = bn.backward(np.zeros(shape, np.float32))
+    assert y.shape == dx.shape == shape
+    np.testing.assert_array_equal(bn.running_mean, 0.0)
+    np.testing.assert_array_equal(bn.running_var, 1.0)
+    assert bn.num_batches_tracked == 1
+    np.testing.assert_array_equal(bn.grad_weight, 0.0)
+    np.testing.assert_array_equal(bn.grad_bias, 0.0)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn.forward(np.zeros((1, 3), np.float32))
+
+
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
+def test_state_dict_names_and_round_trip(affine, track):
+    bn = fo.BatchNorm(4, affine=affine, track_running_stats=track)
+    for seed in range(3):
+        bn.forward(make((8, 4), np.float32, seed))
+    sd = bn.state_dict()
+    expected = (["weight", "bias"] if affine else []) + (
+        ["running_mean", "running_var", "num_batches_tracked"] if track else [])
+    assert list(sd) == expected
+    if track:
+        assert sd["num_batches_tracked"].dtype == np.int64 and sd["num_batches_tracked"] == 3
+    fresh = fo.BatchNorm(4, affine=affine, track_running_stats=track)
+    fresh.load_state_dict(sd)
+    for k, v in fresh.state_dict().items():
+        np.testing.assert_array_equal(v, sd[k])
+    assert fresh.num_batches_tracked == bn.num_batches_tracked
+
+
+def test_state_dict_moves_to_and_from_torch(torch):
+    tbn = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        tbn.weight.uniform_(0.5, 1.5), tbn.bias.uniform_(-1, 1)
+    tbn(torch.randn(4, 3, 5, 5))
+    tbn(torch.randn(4, 3, 5, 5))
+    bn = fo.BatchNorm(3)
+    bn.load_state_dict(tbn.state_dict())          # tensors as they are
+    for k, v in tbn.state_dict().items():
+        np.testing.assert_array_equal(bn.state_dict()[k], v.numpy())
+    assert bn.num_batches_tracked == 2
+    bn.forward(make((4, 3, 5, 5), np.float32, 1))
+    tbn2 = torch.nn.BatchNorm2d(3)
+    tbn2.load_state_dict({k: torch.from_numpy(v) for k, v in bn.state_dict().items()})
+    assert int(tbn2.num_batches_tracked) == 3
+
+
+def test_bad_state_dict_is_refused_whole():
+    bn = fo.BatchNorm(3)
+    bn.forward(make((8, 3), np.float32, 0))
+    before = bn.state_dict()
+    bad = [({k: v for k, v in before.items() if k != "bias"}, ValueError, "missing"),
+           (dict(before, extra=np.zeros(3)), ValueError, "unexpected"),
+           (dict(before, running_var=np.ones(4, np.float32)), ValueError, "shape"),
+           (dict(before, running_mean=np.zeros(3)), TypeError, "dtype"),
+           (None, TypeError, "mapping")]
+    for sd, exc, msg in bad:
+        if sd is not None:
+            sd = dict(sd, weight=np.full(3, 7.0, np.float32))   # would be written first
+        with pytest.raises(exc, match=msg):
+            bn.load_state_dict(sd)
+        for k, v in bn.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
