@@ -10,7 +10,7 @@ whole sequence. Weight names, shapes and gate orders are torch's
 Shapes (time-major unless ``batch_first``): x (T, B, I); out (T, B, D*S);
 state h (num_layers*D, B, S), LSTM also c (num_layers*D, B, H), with D = 2
 directions when bidirectional, else 1, and S = H (LSTM with proj_size: S = P).
-Cells: x (B, I), h (B, H).
+Cells: x (B, I), h (B, H), or unbatched x (I,), h (H,) (a batch of one).
 """
 import math
 from collections import OrderedDict
@@ -190,7 +190,7 @@ class _Recurrent(Layer):
 class _Saved:
     """One layer's (and direction's) forward over one sequence, or one cell
     step: the checked C call, which keeps the buffers backward reads."""
-    __slots__ = ("call", "x", "h0", "c0", "out", "c_all", "gates")
+    __slots__ = ("call", "x", "h0", "c0", "out", "c_all", "gates", "unbatched")
 
 
 class _SequenceLayer(_Recurrent):
@@ -552,23 +552,41 @@ class GRU(_SequenceLayer):
 
 class _Cell(_Recurrent):
     """One step: forward(x, state) may be called T times, then backward T
-    times, newest step first (a stack of the saved steps)."""
+    times, newest step first (a stack of the saved steps). Unbatched input,
+    x (I,) with states (H,), is a batch of one, as in torch: each saved step
+    remembers its form, and its backward takes and returns the same."""
 
     def __init__(self, mode, input_size, hidden_size, bias, dtype, seed):
         self._init_params(mode, input_size, hidden_size, 1, bias, dtype, seed, [""])
         self._steps = []        # saved steps, newest last
         self._free = []         # gate buffers of popped steps, reused
 
+    def _state_input(self, a, name, unbatched, B):
+        """A state (h0, c0) checked against x: (H,) when x is unbatched, else
+        (B, H); as a (B, H) array either way (None stays None). Mixing the two
+        forms is refused by name, as torch does."""
+        if a is None:
+            return None
+        a = _asarray(a, name)
+        if a.ndim != (1 if unbatched else 2):
+            form = ("1-D (hidden_size,) since x is unbatched (1-D)" if unbatched
+                    else "2-D (batch, hidden_size) since x is batched (2-D)")
+            raise ValueError(f"{name} must be {form}, got shape {a.shape}")
+        a = _input(a, name, self.dtype, (self.hidden_size,) if unbatched else (B, self.hidden_size))
+        return a[None] if unbatched else a
+
     def _step(self, x, h0, c0):
         x = _asarray(x, "x")
-        if x.ndim != 2:
-            raise ValueError(f"x must be 2-D (batch, input_size), got shape {x.shape}")
-        x = _input(x, "x", self.dtype, (x.shape[0], self.input_size))
+        if x.ndim not in (1, 2):
+            raise ValueError(f"x must be 2-D (batch, input_size) or 1-D (input_size,), "
+                             f"got shape {x.shape}")
+        unbatched = x.ndim == 1
+        x = _input(x, "x", self.dtype, x.shape[:-1] + (self.input_size,))
+        if unbatched:            # a batch of one, as torch takes it
+            x = x[None]
         B, H, G = x.shape[0], self.hidden_size, _GATES[self.mode]
-        if h0 is not None:
-            h0 = _input(h0, "h0", self.dtype, (B, H))
-        if c0 is not None:
-            c0 = _input(c0, "c0", self.dtype, (B, H))
+        h0 = self._state_input(h0, "h0", unbatched, B)
+        c0 = self._state_input(c0, "c0", unbatched, B)
         gates = self._free.pop() if self._free and self._free[-1].shape == (B, G * H) \
             else np.empty((B, G * H), self.dtype)
         h1 = np.empty((B, H), self.dtype)
@@ -577,12 +595,14 @@ class _Cell(_Recurrent):
         (w_ih, w_hh, b_ih, b_hh, _), _ = self._layer_params("")
         s = _Saved()
         s.x, s.h0, s.c0, s.out, s.c_all = x, h0, c0, h1, c1
-        s.gates = gates
+        s.gates, s.unbatched = gates, unbatched
         s.call = _fastopt.RnnLayerCall(self.mode, 1, B, self.input_size, H, w_ih, w_hh,
                                        b_ih, b_hh, x, h0, c0, h1, c1, gates, extra)
         s.call.forward()
         self._steps.append(s)
         # copies: backward reads the saved h1/c1, which the caller may then change
+        if unbatched:
+            h1, c1 = h1[0], (c1[0] if c1 is not None else None)
         return h1.copy(), (c1.copy() if c1 is not None else None)
 
     def _unstep(self, dh1, dc1):
@@ -591,9 +611,10 @@ class _Cell(_Recurrent):
                              "stepped forward is backpropagated once, newest first)")
         s = self._steps[-1]
         B, H, G = s.x.shape[0], self.hidden_size, _GATES[self.mode]
-        dh1 = _input(dh1, "dh1", self.dtype, (B, H))
+        shape = (H,) if s.unbatched else (B, H)   # the form of this step's forward
+        dh1 = _input(dh1, "dh1", self.dtype, shape).reshape(B, H)
         if dc1 is not None:
-            dc1 = _input(dc1, "dc1", self.dtype, (B, H))
+            dc1 = _input(dc1, "dc1", self.dtype, shape).reshape(B, H)
         _, (gw_ih, gw_hh, gb_ih, gb_hh, _) = self._layer_params("")
         dx = np.empty((B, self.input_size), self.dtype)
         dh0 = np.empty((B, H), self.dtype)
@@ -604,6 +625,8 @@ class _Cell(_Recurrent):
                         dgates, dgates_hh)
         self._steps.pop()
         self._free.append(s.gates)
+        if s.unbatched:
+            dx, dh0, dc0 = dx[0], dh0[0], (dc0[0] if dc0 is not None else None)
         return dx, dh0, dc0
 
     def reset(self):
@@ -615,13 +638,16 @@ class _HiddenOnlyCell(_Cell):
     """A cell whose state is h alone (RNNCell, GRUCell)."""
 
     def forward(self, x, h0=None):
-        """h1 = forward(x (B, I), h0 (B, H) or None = zeros)."""
+        """h1 = forward(x (B, I), h0 (B, H) or None = zeros); unbatched x (I,),
+        h0 (H,) gives h1 (H,)."""
         return self._step(x, h0, None)[0]
 
     __call__ = forward
 
     def backward(self, dh1):
-        """dx, dh0 = backward(dh1) for the newest step not yet backpropagated."""
+        """dx, dh0 = backward(dh1) for the newest step not yet backpropagated;
+        shapes as that step's forward: dh1 (B, H) -> dx (B, I), dh0 (B, H), or
+        unbatched dh1 (H,) -> dx (I,), dh0 (H,)."""
         dx, dh0, _ = self._unstep(dh1, None)
         return dx, dh0
 
@@ -654,7 +680,8 @@ class LSTMCell(_Cell):
         super().__init__("lstm", input_size, hidden_size, bias, dtype, seed)
 
     def forward(self, x, state=None):
-        """h1, c1 = forward(x (B, I), (h0, c0) or None = zeros)."""
+        """h1, c1 = forward(x (B, I), (h0, c0) each (B, H), or None = zeros);
+        unbatched x (I,), h0 and c0 (H,) give h1, c1 (H,)."""
         if state is None:
             h0 = c0 = None
         elif isinstance(state, (tuple, list)) and len(state) == 2:
@@ -666,6 +693,7 @@ class LSTMCell(_Cell):
     __call__ = forward
 
     def backward(self, dh1, dc1=None):
-        """dx, (dh0, dc0) = backward(dh1, dc1=None) for the newest step."""
+        """dx, (dh0, dc0) = backward(dh1, dc1=None) for the newest step; shapes
+        as that step's forward: (B, H) -> dx (B, I), or unbatched (H,) -> dx (I,)."""
         dx, dh0, dc0 = self._unstep(dh1, dc1)
         return dx, (dh0, dc0)

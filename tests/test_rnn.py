@@ -568,6 +568,131 @@ def test_unbatched_input_matches_torch(torch, kind, bidirectional):
     m.backward(dout)
 
 
+CELLS = [("LSTMCell", {}), ("GRUCell", {}), ("GRUCell", {"reset_after": False}),
+         ("RNNCell", {"nonlinearity": "tanh"}), ("RNNCell", {"nonlinearity": "relu"})]
+
+
+@pytest.mark.parametrize("kind,kw", CELLS)
+def test_unbatched_cell_matches_torch_and_a_batch_of_one(torch, kind, kw):
+    """x (I,) with states (H,), as torch takes it: stepped T times and then
+    backpropagated newest first, against torch's cell with autograd and
+    against the same cell fed a batch of one."""
+    T, I, H = 4, 3, 5
+    rng = np.random.default_rng(7)
+    lstm = kind == "LSTMCell"
+    m = getattr(fo, kind)(I, H, dtype=np.float64, seed=0, **kw)
+    ones = getattr(fo, kind)(I, H, dtype=np.float64, seed=0, **kw)   # the batch-of-one twin
+    xs = [rand(rng, (I,), np.float64) for _ in range(T)]
+    dhs = [rand(rng, (H,), np.float64) for _ in range(T)]
+    dc_T = rand(rng, (H,), np.float64)
+    h0, c0 = rand(rng, (H,), np.float64), rand(rng, (H,), np.float64)
+
+    def unroll(cell, batch):
+        """outs, dxs, dh0, dc0 of T steps; batch: every array with a leading axis of one."""
+        up = (lambda a: a[None]) if batch else (lambda a: a)
+        h, c, outs = up(h0), up(c0), []
+        for x in xs:
+            if lstm:
+                h, c = cell.forward(up(x), (h, c))
+                outs.append((h, c))
+            else:
+                h = cell.forward(up(x), h)
+                outs.append((h,))
+        dh, dc, dxs = np.zeros_like(up(h0)), up(dc_T), []
+        for t in reversed(range(T)):
+            if lstm:
+                dx, (dh, dc) = cell.backward(dh + up(dhs[t]), dc)
+            else:
+                dx, dh = cell.backward(dh + up(dhs[t]))
+            dxs.append(dx)
+        return outs, dxs[::-1], dh, dc
+
+    outs, dxs, dh0, dc0 = unroll(m, False)
+    for t in range(T):
+        assert all(o.shape == (H,) for o in outs[t]) and dxs[t].shape == (I,)
+    assert dh0.shape == (H,) and (not lstm or dc0.shape == (H,))
+    b_outs, b_dxs, b_dh0, b_dc0 = unroll(ones, True)
+    for t in range(T):      # the same numbers as a batch of one, bit for bit
+        for o, bo in zip(outs[t], b_outs[t]):
+            np.testing.assert_array_equal(o, bo[0])
+        np.testing.assert_array_equal(dxs[t], b_dxs[t][0])
+    np.testing.assert_array_equal(dh0, b_dh0[0])
+    if lstm:
+        np.testing.assert_array_equal(dc0, b_dc0[0])
+    for g, bg in zip(m.gradients(), ones.gradients()):
+        np.testing.assert_array_equal(g, bg)
+
+    if "reset_after" in kw:             # torch has no GRU with the reset gate before
+        return
+    tm = getattr(torch.nn, kind)(I, H, **kw).double()
+    copy_to_fastopt(tm, m)
+    m.zero_grad()
+    outs, dxs, dh0, dc0 = unroll(m, False)
+    txs = [torch.from_numpy(x.copy()).requires_grad_() for x in xs]
+    th0, tc0 = (torch.from_numpy(a.copy()).requires_grad_() for a in (h0, c0))
+    th, tc, touts = th0, tc0, []
+    for tx in txs:
+        if lstm:
+            th, tc = tm(tx, (th, tc))
+        else:
+            th = tm(tx, th)
+        assert th.shape == (H,)
+        touts.append(th)
+    grads = [torch.from_numpy(d) for d in dhs]
+    torch.autograd.backward(touts + ([tc] if lstm else []),
+                            grads + ([torch.from_numpy(dc_T)] if lstm else []))
+    for t in range(T):
+        close(outs[t][0], touts[t].detach().numpy(), np.float64, f"h{t + 1}")
+        close(dxs[t], txs[t].grad.numpy(), np.float64, f"dx{t}")
+    if lstm:
+        close(outs[-1][1], tc.detach().numpy(), np.float64, "c_T")
+        close(dc0, tc0.grad.numpy(), np.float64, "dc0")
+    close(dh0, th0.grad.numpy(), np.float64, "dh0")
+    for (name, p), g in zip(tm.named_parameters(), m.gradients()):
+        close(g, p.grad.numpy(), np.float64, name)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_refuses_mixed_unbatched_and_batched_states(torch, kind):
+    """x 1-D with a 2-D state, or the reverse: ValueError naming the state (torch
+    refuses both too), before anything is written; each step's backward takes
+    the form of its own forward."""
+    I, H = 3, 4
+    lstm = kind == "LSTMCell"
+    m = getattr(fo, kind)(I, H, dtype=np.float64, seed=0)
+    tm = getattr(torch.nn, kind)(I, H).double()
+    x1, x2 = np.zeros(I), np.zeros((2, I))
+    h1, h2 = np.zeros(H), np.zeros((2, H))
+    state = (lambda h, c: (h, c)) if lstm else (lambda h, c: h)
+    t = torch.from_numpy
+    for x, h, c, name in [(x1, h2, h1, "h0"), (x2, h1, h2, "h0"), (x1, h1, h2, "c0"),
+                          (x2, h2, h1, "c0")]:
+        if name == "c0" and not lstm:
+            continue
+        with pytest.raises((ValueError, RuntimeError)):      # torch refuses it too
+            tm(t(x), state(t(h), t(c)))
+        with pytest.raises(ValueError, match=f"{name} must be {x.ndim}-D"):
+            m.forward(x, state(h, c))
+        assert not m._steps                      # nothing saved
+    with pytest.raises(ValueError, match="x must be 2-D .* or 1-D"):
+        m.forward(np.zeros((1, 2, I)))
+    m.forward(x2, state(h2, h2))                 # batched, then unbatched, steps
+    m.forward(x1, state(h1, h1))
+    with pytest.raises(ValueError, match="dh1 has shape"):   # the newest step is unbatched
+        m.backward(h2)
+    dx, dst = m.backward(h1, h1) if lstm else m.backward(h1)
+    assert dx.shape == (I,) and (dst[0] if lstm else dst).shape == (H,)
+    with pytest.raises(ValueError, match="dh1 has shape"):   # the next one is batched
+        m.backward(h1)
+    dx, dst = m.backward(h2, h2) if lstm else m.backward(h2)
+    assert dx.shape == (2, I) and (dst[0] if lstm else dst).shape == (2, H)
+    if lstm:
+        m.forward(x1)
+        with pytest.raises(ValueError, match="dc1 has shape"):
+            m.backward(h1, h2)
+        m.backward(h1, h1)
+
+
 # ------------------------------------------------------- dropout between layers
 
 @pytest.mark.parametrize("kind,bidirectional", [("LSTM", False), ("GRU", True),
