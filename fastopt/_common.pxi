@@ -138,3 +138,13 @@ cdef int _check_no_overlap(list written, list read) except -1:
             if read[k][1] is not None and _overlap(written[i][1], read[k][1]):
                 raise ValueError(f"{written[i][0]} shares memory with {read[k][0]}")
     return 0
+
+
+cdef int _check_rc(int rc, str what) except -1:
+    """A C kernel's return code: 0, -1 (no memory for scratch) or -2 (arguments
+    that fastopt.h forbids; the checks above should have caught them)."""
+    if rc == -2:
+        raise ValueError(f"{what}: the C kernel refused its arguments")
+    if rc != 0:
+        raise MemoryError(f"{what}: no memory for scratch")
+    return 0

@@ -140,8 +140,7 @@ def batchnorm_forward(cnp.ndarray x, y, save_mean, save_invstd,
                                           <float *>rm, <float *>rv, <const float *>px,
                                           <const float *>pw, <const float *>pb,
                                           s.outer, s.C, s.inner, &a)
-    if rc != 0:
-        raise MemoryError("batchnorm_forward: no memory for scratch")
+    _check_rc(rc, "batchnorm_forward")
 
 
 def batchnorm_backward(cnp.ndarray dy, cnp.ndarray x, save_mean, save_invstd, weight,
@@ -196,5 +195,4 @@ def batchnorm_backward(cnp.ndarray dy, cnp.ndarray x, save_mean, save_invstd, we
                                            <const float *>pdy, <const float *>px,
                                            <const float *>sm, <const float *>si,
                                            <const float *>pw, s.outer, s.C, s.inner, &a)
-    if rc != 0:
-        raise MemoryError("batchnorm_backward: no memory for scratch")
+    _check_rc(rc, "batchnorm_backward")

@@ -443,8 +443,7 @@ cdef class RnnLayerCall:
             else:
                 rc = fo_rnn_forward_f32(&self.layer, &self.fwd, _current.f32)
             _blas_threads_restore(saved)
-        if rc != 0:
-            raise MemoryError("fastopt recurrent forward: out of memory")
+        _check_rc(rc, "recurrent forward")
         self.forwarded = True
 
     def backward(self, dout, dh_n, dc_n, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh,
@@ -493,5 +492,4 @@ cdef class RnnLayerCall:
             else:
                 rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _current.f32)
             _blas_threads_restore(saved)
-        if rc != 0:
-            raise MemoryError("fastopt recurrent backward: out of memory")
+        _check_rc(rc, "recurrent backward")

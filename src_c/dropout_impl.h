@@ -12,14 +12,17 @@ typedef struct {
     int stream;             /* AVX-512 path: streaming stores (avx512.h) */
 } SFX(dropout_job);
 
-/* out[e] = in[e] * (bit e ? scale : 0) for the n <= 256 elements of a group. */
-INLINE void SFX(apply_bits)(T *restrict out, const T *restrict in, const uint32_t bits[8],
-                            T scale, int64_t n) {
+/* out[e] = in[e] * (bit e ? scale : 0) for the n <= 256 elements of a group.
+ * out may be in (in place): each run of 32 is computed into a local array
+ * before it is stored, so no restrict promise is broken and both loops still
+ * vectorize without run-time alias checks. */
+INLINE void SFX(apply_bits)(T *out, const T *in, const uint32_t bits[8], T scale, int64_t n) {
     if (n == FO_DROPOUT_GROUP) {
         for (int w = 0; w < 8; w++) {
             uint32_t b = bits[w];
-            for (int e = 0; e < 32; e++)
-                out[32 * w + e] = in[32 * w + e] * (((b >> e) & 1) ? scale : (T)0);
+            T v[32];
+            for (int e = 0; e < 32; e++) v[e] = in[32 * w + e] * (((b >> e) & 1) ? scale : (T)0);
+            for (int e = 0; e < 32; e++) out[32 * w + e] = v[e];
         }
     } else {
         for (int64_t e = 0; e < n; e++)

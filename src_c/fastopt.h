@@ -8,12 +8,19 @@
  * Optimizer kernels are multi-tensor: each pointer argument is a table of
  * `ntensors` pointers, tensor k having `numel[k]` elements, so that one call
  * updates a whole parameter group. A state table that an option does not use
- * (e.g. max_exp_avg_sq without amsgrad) may be NULL.
+ * (e.g. max_exp_avg_sq without amsgrad) may be NULL. No two arrays of a call
+ * may overlap (params, grads and state are restrict pointers).
  *
  * Threads: kernels split their work over fo_get_num_threads() OpenMP threads
  * (1 when built without OpenMP). Element-wise kernels give bitwise identical
  * results for every thread count; reductions reduce fixed-size blocks in a
- * fixed order so that they do too.
+ * fixed order so that they do too. The thread count is one process-wide
+ * setting; kernels may be called from several threads at once on separate
+ * buffers.
+ *
+ * Return codes of the int kernels: 0; -1 when scratch memory cannot be
+ * allocated; -2 when the arguments break a rule stated here (nothing is
+ * written then).
  */
 #ifndef FASTOPT_H
 #define FASTOPT_H
@@ -26,7 +33,7 @@ extern "C" {
 
 /* ---- threads ---------------------------------------------------------- */
 
-void fo_set_num_threads(int n);  /* n >= 1; clamps nothing, n is used as given */
+void fo_set_num_threads(int n);  /* n < 1 is taken as 1; no upper clamp: n is used as given */
 int fo_get_num_threads(void);
 int fo_has_openmp(void);         /* 1 when built with OpenMP */
 
@@ -120,8 +127,11 @@ void fo_adam_step_f64(double *const *param, double *const *exp_avg,
  * inner = prod(spatial); (N, C) and channels-last (N, *spatial, C) are
  * outer = N*prod(spatial), inner = 1. Statistics of channel c run over its
  * M = outer*inner elements. Per-channel arrays have C entries. Reductions are
- * float64 and bitwise identical for any thread count. Kernels return 0, or -1
- * when scratch memory (O(C) plus a few hundred KB) cannot be allocated. */
+ * float64 and bitwise identical for any thread count. Kernels return 0, -1
+ * when scratch memory (O(C*inner) plus at most 8 MB of partial sums) cannot be
+ * allocated, or -2 for negative sizes. C == 0, outer == 0 or inner == 0 is no
+ * work (training with M == 0 sets save_mean and save_invstd to 0 and leaves
+ * the running statistics alone). */
 
 typedef struct {
     double eps;
@@ -131,9 +141,10 @@ typedef struct {
 
 /* training: mean, var = mean and biased variance of x per channel;
  *   save_mean = mean, save_invstd = 1/sqrt(var + eps);
- *   running_mean/var (may be NULL) updated with momentum and the unbiased
- *   variance var*M/(M-1); M >= 1 required.
- * eval: mean, var = running_mean, running_var (required); save_mean and
+ *   running_mean and running_var (each may be NULL: not updated) updated with
+ *   momentum and the unbiased variance var*M/(M-1) (M == 1: the biased
+ *   variance, 0; torch refuses M == 1 in training).
+ * eval: mean, var = running_mean, running_var (both required, else -2); save_mean and
  *   save_invstd may be NULL, else they receive the same values as in training.
  * y = (x - mean)*invstd*weight + bias; weight and bias may be NULL (1 and 0). */
 int fo_batchnorm_forward_f32(float *y, float *save_mean, float *save_invstd,
@@ -179,7 +190,7 @@ typedef struct {
 } fo_dropout_args;
 
 /* y = x * (kept ? 1/(1-p) : 0), P(kept) = 1 - p; p = 0: y = x, p = 1: y = 0*x.
- * mask may be NULL (not stored). y may be x (in place). */
+ * mask may be NULL (not stored). y may be x itself (in place; no partial overlap). */
 void fo_dropout_forward_f32(float *y, uint8_t *mask, const float *x, int64_t n,
                             const fo_dropout_args *a);
 void fo_dropout_forward_f64(double *y, uint8_t *mask, const double *x, int64_t n,
@@ -202,7 +213,7 @@ typedef struct {
 } fo_noise_args;
 
 /* y = x + std * z, z ~ N(0, 1) by Box-Muller from the same Philox stream
- * layout. y may be x (in place). */
+ * layout. y may be x itself (in place; no partial overlap). */
 void fo_gaussian_noise_f32(float *y, const float *x, int64_t n, const fo_noise_args *a);
 void fo_gaussian_noise_f64(double *y, const double *x, int64_t n, const fo_noise_args *a);
 
@@ -277,12 +288,15 @@ typedef struct {
                                         initializers written before it stay valid) */
 } fo_rnn_backward_io;
 
-/* Forward over the whole sequence. Returns 0, or -1 when scratch memory
- * (O(B*G*H)) could not be allocated. */
+/* Forward over the whole sequence. Returns 0; -1 when scratch memory (B*G*H
+ * elements, plus G*H*S for a transposed copy of w_hh when T >= 4) cannot be
+ * allocated; -2 for an unknown mode, T or B < 0, I or H < 1, or a proj_size
+ * other than 0 outside an LSTM (P must be in [1, H) there). */
 int fo_rnn_forward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *io, fo_gemm_f32_fn gemm);
 int fo_rnn_forward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *io, fo_gemm_f64_fn gemm);
 /* Backward through the whole sequence, newest step first, from the buffers
- * that the matching forward filled. Returns 0, or -1 out of memory. */
+ * that the matching forward filled. Returns 0, -1 out of memory (scratch of
+ * O(B*G*H) elements, plus T*B*P with a projection), or -2 as forward. */
 int fo_rnn_backward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *saved,
                         const fo_rnn_backward_io *io, fo_gemm_f32_fn gemm);
 int fo_rnn_backward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *saved,

@@ -28,6 +28,7 @@
 #define FO_NORM_ROW_UNIT 65536         /* row mode: elements per reduction unit */
 #define FO_NORM_SEG_UNIT 8192          /* segment mode: elements of a channel per run of samples */
 #define FO_NORM_MIN_PER_THREAD 32768   /* below: one thread (a parallel region costs us) */
+#define FO_NORM_MAX_PARTIALS ((int64_t)1 << 20)   /* float64 partial sums (8 MB) at most */
 /* The apply coefficient arrays (cen, k1, k2, k3) start this many bytes apart
  * beyond their length: with W*sizeof(T) a multiple of 4 KiB they would all sit
  * at one offset modulo 4 KiB, and the apply pass's seven streams (x, dy, out
@@ -59,6 +60,14 @@ static fo_norm_plan fo_norm_make_plan(int64_t outer, int64_t C, int64_t inner) {
         /* at least 8 runs of samples where the batch allows, for the threads */
         if (p.per_unit > outer / 8) p.per_unit = outer / 8 > 1 ? outer / 8 : 1;
     }
+    /* at most FO_NORM_MAX_PARTIALS partial sums (2 per column or channel per
+     * unit): more rows or samples per unit instead of scratch that grows
+     * with the input ((4096, 16384) would otherwise ask for 256 MB) */
+    int64_t per_block = p.row_mode ? 2 * L : 2 * C;
+    int64_t max_blocks = FO_NORM_MAX_PARTIALS / (per_block ? per_block : 1);
+    if (max_blocks < 1) max_blocks = 1;
+    if ((outer + p.per_unit - 1) / p.per_unit > max_blocks)
+        p.per_unit = (outer + max_blocks - 1) / max_blocks;
     p.nblocks = (outer + p.per_unit - 1) / p.per_unit;
     p.nchunks = p.row_mode ? 1 : (C + FO_NORM_CHUNK - 1) / FO_NORM_CHUNK;
     p.nunits = p.nblocks * p.nchunks;
@@ -646,11 +655,12 @@ FO_DISPATCH static void SFX(forward_coefs)(
             mean[c] = (double)x[c * inner] + dm;
         }
         if (running_mean)
-            for (int64_t c = 0; c < C; c++) {
+            for (int64_t c = 0; c < C; c++)
                 running_mean[c] = (T)((1.0 - mom) * (double)running_mean[c] + mom * mean[c]);
+        if (running_var)
+            for (int64_t c = 0; c < C; c++)
                 running_var[c] =
                     (T)((1.0 - mom) * (double)running_var[c] + mom * (var[c] * unbias));
-            }
     } else {
         for (int64_t c = 0; c < C; c++) {
             mean[c] = (double)running_mean[c];
@@ -735,6 +745,9 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
                               T *running_var, const T *x, const T *weight, const T *bias,
                               int64_t outer, int64_t C, int64_t inner,
                               const fo_batchnorm_args *a) {
+    if (outer < 0 || C < 0 || inner < 0) return -2;
+    if (!a->training && (!running_mean || !running_var)) return -2;
+    if (C == 0) return 0;
     fo_norm_plan p = fo_norm_make_plan(outer, C, inner);
     SFX(norm_scratch) s;
     if (SFX(scratch_alloc)(&s, &p)) return -1;
@@ -782,6 +795,8 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
                                const T *save_mean, const T *save_invstd, const T *weight,
                                int64_t outer, int64_t C, int64_t inner,
                                const fo_batchnorm_backward_args *a) {
+    if (outer < 0 || C < 0 || inner < 0) return -2;
+    if (C == 0) return 0;
     fo_norm_plan p = fo_norm_make_plan(outer, C, inner);
     SFX(norm_scratch) s;
     if (SFX(scratch_alloc)(&s, &p)) return -1;

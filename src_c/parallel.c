@@ -18,14 +18,23 @@
 /* Split points fall on multiples of 16 elements: whole cache lines for float32. */
 #define FO_ALIGN 16
 
-static int fo_threads = 0;  /* 0 = not yet set: OpenMP's default */
+/* 0 = not yet set: OpenMP's default. Atomic (relaxed): embedders may call
+ * kernels from several threads at once, and the first calls race to set it. */
+static int fo_threads = 0;
 
-void fo_set_num_threads(int n) { fo_threads = n < 1 ? 1 : n; }
+void fo_set_num_threads(int n) { __atomic_store_n(&fo_threads, n < 1 ? 1 : n, __ATOMIC_RELAXED); }
 
 int fo_get_num_threads(void) {
 #ifdef _OPENMP
-    if (fo_threads == 0) fo_threads = omp_get_max_threads();
-    return fo_threads;
+    int n = __atomic_load_n(&fo_threads, __ATOMIC_RELAXED);
+    if (n == 0) {
+        int zero = 0;
+        n = omp_get_max_threads();
+        if (!__atomic_compare_exchange_n(&fo_threads, &zero, n, 0, __ATOMIC_RELAXED,
+                                         __ATOMIC_RELAXED))
+            n = zero;   /* another thread set it first */
+    }
+    return n;
 #else
     return 1;
 #endif

@@ -12,12 +12,18 @@ typedef void (*fo_chunk_fn)(void *ctx, int64_t tensor, int64_t begin, int64_t en
  * splitting the concatenated index space into one contiguous, cache-line
  * aligned range per thread. Small jobs run on the calling thread: a parallel
  * region costs microseconds, more than a 10^4-element update. */
-void fo_parallel_foreach(const int64_t *numel, int64_t ntensors,
-                         fo_chunk_fn body, void *ctx);
+/* internal to the library: not exported from a shared object */
+#if defined(__GNUC__)
+#define FO_INTERNAL __attribute__((visibility("hidden")))
+#else
+#define FO_INTERNAL
+#endif
+FO_INTERNAL void fo_parallel_foreach(const int64_t *numel, int64_t ntensors,
+                                     fo_chunk_fn body, void *ctx);
 /* The same with `grain` elements per thread at least, for kernels that spend
  * much more than a memory pass on an element (the recurrent gate math). */
-void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensors,
-                               fo_chunk_fn body, void *ctx, int64_t grain);
+FO_INTERNAL void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensors,
+                                           fo_chunk_fn body, void *ctx, int64_t grain);
 
 /* Compile a function for baseline x86-64, AVX2+FMA and AVX-512, picked at
  * load time by the CPU (GCC ifunc), so one build is fast on every x86-64 and

@@ -30,6 +30,14 @@ static const double fo_inv_factorial[15] = {
     1.0 / 40320, 1.0 / 362880, 1.0 / 3628800, 1.0 / 39916800, 1.0 / 479001600,
     1.0 / 6227020800.0, 1.0 / 87178291200.0};
 
+/* 1 when the layer's sizes and mode are what fastopt.h allows. */
+static int fo_rnn_layer_valid(const fo_rnn_layer *L) {
+    if (fo_rnn_num_gates(L->mode) == 0) return 0;
+    if (L->seq_len < 0 || L->batch < 0 || L->input_size < 1 || L->hidden_size < 1) return 0;
+    return L->proj_size == 0 ||
+           (L->mode == FO_LSTM && L->proj_size > 0 && L->proj_size < L->hidden_size);
+}
+
 int fo_rnn_num_gates(int mode) {
     switch (mode) {
     case FO_RNN_TANH: case FO_RNN_RELU: return 1;

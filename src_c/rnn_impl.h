@@ -380,6 +380,7 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     const T *b_ih = (const T *)L->b_ih, *b_hh = (const T *)L->b_hh;
     T *out = (T *)io->out, *c_all = (T *)io->c_all, *gates = (T *)io->gates;
     T *extra = (T *)io->extra;
+    if (!fo_rnn_layer_valid(L)) return -2;
     if (Tn == 0 || B == 0) return 0;
 
     /* scratch: the bias row (G*H), b_hn (H), a zero state row (B, H) standing
@@ -453,6 +454,7 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
 
 int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
                          const fo_rnn_backward_io *io, GEMM_FN gemm) {
+    if (!fo_rnn_layer_valid(L)) return -2;
     const int mode = L->mode;
     const int64_t Tn = L->seq_len, B = L->batch, I = L->input_size, H = L->hidden_size;
     const int64_t G = fo_rnn_num_gates(mode), GH = G * H, BH = B * H, TB = Tn * B;

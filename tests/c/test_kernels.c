@@ -190,6 +190,30 @@ static void test_dropout(void) {
     for (int i = 0; i < N; i++) check("dropout p=1", y[i], 0, 0);
 }
 
+/* The header's edge rules: C == 0 is no work (it divided by zero once);
+ * running_mean and running_var are each optional in training, both required
+ * in eval (-2, nothing written); an empty batch saves zeros; n < 1 threads
+ * is taken as 1. */
+static void test_edges(void) {
+    float x[8] = {1, 2, 3, 4, 5, 6, 7, 8}, y[8] = {0}, sm[2] = {9, 9}, si[2] = {9, 9};
+    float rm[2] = {0, 0}, rv[2] = {1, 1};
+    fo_batchnorm_args tr = {1e-5, 0.5, 1}, ev = {1e-5, 0.5, 0};
+    fo_batchnorm_backward_args ba = {1, 0};
+    check("bn C=0 forward", fo_batchnorm_forward_f32(y, sm, si, rm, rv, x, NULL, NULL, 4, 0, 1, &tr), 0, 0);
+    check("bn C=0 backward", fo_batchnorm_backward_f32(y, NULL, NULL, x, x, sm, si, NULL, 4, 0, 1, &ba), 0, 0);
+    check("bn running_var alone", fo_batchnorm_forward_f32(y, sm, si, NULL, rv, x, NULL, NULL, 4, 2, 1, &tr), 0, 0);
+    check("bn running_var updated", rv[0], 0.5 + 0.5 * (20.0 / 3.0), 1e-6);   /* x[::2] = 1,3,5,7 */
+    check("bn running_mean untouched", rm[0], 0, 0);
+    check("bn eval without running_var", fo_batchnorm_forward_f32(y, NULL, NULL, rm, NULL, x, NULL, NULL, 4, 2, 1, &ev), -2, 0);
+    check("bn negative size", fo_batchnorm_forward_f32(y, sm, si, rm, rv, x, NULL, NULL, -1, 2, 1, &tr), -2, 0);
+    check("bn empty batch", fo_batchnorm_forward_f32(y, sm, si, rm, rv, x, NULL, NULL, 0, 2, 1, &tr), 0, 0);
+    check("bn empty batch save_invstd", si[1], 0, 0);
+    int nt = fo_get_num_threads();
+    fo_set_num_threads(-5);
+    check("threads n < 1", fo_get_num_threads(), 1, 0);
+    fo_set_num_threads(nt);
+}
+
 int main(void) {
     for (int nt = 1; nt <= 2; nt++) {
         fo_set_num_threads(nt);
@@ -197,6 +221,7 @@ int main(void) {
         test_f64();
         test_batchnorm();
         test_dropout();
+        test_edges();
     }
     printf("%s: C kernel tests (OpenMP %s)\n", failures ? "FAILED" : "ok",
            fo_has_openmp() ? "on" : "off");

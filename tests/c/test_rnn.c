@@ -183,7 +183,25 @@ static void test_mode(int mode) {
     for (int k = 0; k < T * B * S; k++) check("out f32", mode, fout[k], ref_out[k], 2e-6);
 }
 
+/* Layers that fastopt.h forbids are refused with -2 before anything runs:
+ * an unknown mode (it once returned 0 with out unwritten) and a projection
+ * outside an LSTM (it once overran the state buffers). */
+static void test_refused_layers(void) {
+    float w[64] = {0}, x[8] = {0}, out[8] = {0}, gates[32] = {0};
+    fo_rnn_layer bad_mode = {7, 1, 1, 1, 2, w, w, NULL, NULL, 0, NULL};
+    fo_rnn_layer gru_proj = {FO_GRU, 1, 1, 1, 4, w, w, NULL, NULL, 2, w};
+    fo_rnn_forward_io io = {x, NULL, NULL, out, NULL, gates, gates};
+    fo_rnn_backward_io bio = {0};
+    int rcs[4] = {fo_rnn_forward_f32(&bad_mode, &io, gemm_f32),
+                  fo_rnn_forward_f32(&gru_proj, &io, gemm_f32),
+                  fo_rnn_backward_f32(&bad_mode, &io, &bio, gemm_f32),
+                  fo_rnn_backward_f32(&gru_proj, &io, &bio, gemm_f32)};
+    for (int k = 0; k < 4; k++)
+        if (rcs[k] != -2) { printf("FAIL refused layer %d: rc %d\n", k, rcs[k]); failures++; }
+}
+
 int main(void) {
+    test_refused_layers();
     for (int nt = 1; nt <= 2; nt++) {
         fo_set_num_threads(nt);
         for (int mode = FO_RNN_TANH; mode <= FO_GRU_RESET_BEFORE; mode++) test_mode(mode);
