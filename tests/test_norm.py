@@ -238,7 +238,9 @@ def test_torch_parity(torch, shape, cl, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,cl", [((16, 8, 32, 32), False), ((4096, 64), False),
                                       ((8, 32, 32, 16), True), ((64, 6, 3, 100), False),
-                                      ((512, 300), False), ((16, 130, 7, 7), False)])
+                                      ((512, 300), False), ((16, 130, 7, 7), False),
+                                      # more units than the partial-sum cap (8 MB) allows
+                                      ((256, 16384), False)])
 def test_thread_count_determinism(threads, shape, cl, dtype):
     C = shape[-1] if cl else shape[1]
     x, dy = make(shape, dtype, 1, 5.0, 2.0), make(shape, dtype, 2)
@@ -729,3 +731,16 @@ def test_bad_state_dict_is_refused_whole():
             bn.load_state_dict(sd)
         for k, v in bn.state_dict().items():
             np.testing.assert_array_equal(v, before[k])
+
+
+def test_capped_partial_sums_still_match_the_formula():
+    # (256, 16384) would take 64 units of 2*16384 partial sums; the cap (8 MB)
+    # makes that 32 units of more rows each: same statistics, to rounding
+    x = make((256, 16384), np.float32, 7, 3.0, 0.5)
+    rm, rv = np.zeros(16384, np.float32), np.ones(16384, np.float32)
+    y, sm, si = F.batch_norm_forward(x, rm, rv, training=True)
+    xd = x.astype(np.float64)
+    mean, var = xd.mean(0), xd.var(0)
+    np.testing.assert_allclose(sm, mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(si, 1 / np.sqrt(var + 1e-5), rtol=1e-5)
+    np.testing.assert_allclose(y, (xd - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
