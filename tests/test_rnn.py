@@ -28,6 +28,18 @@ def torch_dtype(torch, dtype):
     return torch.float64 if dtype == np.float64 else torch.float32
 
 
+def torch_unroll(tm, txs, th, tc, lstm):
+    """torch cell tm stepped over txs from (th, tc): (every h_t, the last c)."""
+    touts = []
+    for tx in txs:
+        if lstm:
+            th, tc = tm(tx, (th, tc))
+        else:
+            th = tm(tx, th)
+        touts.append(th)
+    return touts, tc
+
+
 def copy_to_fastopt(tm, m):
     m.load_state_dict({k: v.detach().numpy() for k, v in tm.state_dict().items()})
 
@@ -130,13 +142,7 @@ def test_cell_stepped_then_backpropagated_matches_torch(torch, dtype, kind, kw):
 
     txs = [torch.from_numpy(x).requires_grad_() for x in xs]
     th0, tc0 = torch.from_numpy(h0).requires_grad_(), torch.from_numpy(c0).requires_grad_()
-    th, tc, touts = th0, tc0, []
-    for tx in txs:
-        if lstm:
-            th, tc = tm(tx, (th, tc))
-        else:
-            th = tm(tx, th)
-        touts.append(th)
+    touts, tc = torch_unroll(tm, txs, th0, tc0, lstm)
     torch.autograd.backward(touts, [torch.from_numpy(d) for d in dhs])
 
     h, c, outs = h0, c0, []
@@ -630,14 +636,8 @@ def test_unbatched_cell_matches_torch_and_a_batch_of_one(torch, kind, kw):
     outs, dxs, dh0, dc0 = unroll(m, False)
     txs = [torch.from_numpy(x.copy()).requires_grad_() for x in xs]
     th0, tc0 = (torch.from_numpy(a.copy()).requires_grad_() for a in (h0, c0))
-    th, tc, touts = th0, tc0, []
-    for tx in txs:
-        if lstm:
-            th, tc = tm(tx, (th, tc))
-        else:
-            th = tm(tx, th)
-        assert th.shape == (H,)
-        touts.append(th)
+    touts, tc = torch_unroll(tm, txs, th0, tc0, lstm)
+    assert all(th.shape == (H,) for th in touts)
     grads = [torch.from_numpy(d) for d in dhs]
     torch.autograd.backward(touts + ([tc] if lstm else []),
                             grads + ([torch.from_numpy(dc_T)] if lstm else []))
