@@ -1,4 +1,5 @@
-"""python -m fastopt bench [--threads 1,2] [--quick] [--only adam,norm] [--json out.json]"""
+"""python -m fastopt bench [--threads 1,2] [--quick] [--only adam,norm] [--dtype float32|float64]
+                        [--json out.json]"""
 import sys
 
 

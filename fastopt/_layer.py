@@ -11,6 +11,8 @@ class Layer:
     training = True
 
     def train(self, mode=True):
+        """Training mode (True) or eval mode (False), as torch's Module.train;
+        returns the layer."""
         # as torch's Module.train: a non-bool mode ("no" is truthy) is refused
         if not isinstance(mode, (bool, np.bool_)):
             raise TypeError(f"mode must be a bool, got {type(mode).__name__} {mode!r}")
@@ -18,15 +20,19 @@ class Layer:
         return self
 
     def eval(self):
+        """Eval mode (train(False)); returns the layer."""
         return self.train(False)
 
     def parameters(self):
+        """The parameter arrays (updated in place by optimizers)."""
         return []
 
     def gradients(self):
+        """gradients()[i] is the accumulated gradient of parameters()[i]."""
         return []
 
     def zero_grad(self):
+        """Set every accumulated gradient to 0, in place."""
         for g in self.gradients():
             g.fill(0)
 

@@ -32,6 +32,7 @@ _NO_FORWARD = ("backward called without a matching forward: call forward first "
 
 class _Layer(Layer):
     def __call__(self, x, out=None):
+        """forward(x, out)."""
         return self.forward(x, out=out)
 
     def _check_input(self, x, name):
@@ -101,9 +102,11 @@ class BatchNorm(_Layer):
         self._ctx = None      # (x, used batch statistics)
 
     def parameters(self):
+        """[weight, bias] (affine), else []."""
         return [self.weight, self.bias] if self.affine else []
 
     def gradients(self):
+        """[grad_weight, grad_bias] (affine), else []: accumulated by backward."""
         return [self.grad_weight, self.grad_bias] if self.affine else []
 
     @property
@@ -129,6 +132,7 @@ class BatchNorm(_Layer):
         return named
 
     def reset_running_stats(self):
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0 (as torch)."""
         if self.track_running_stats:
             self.running_mean.fill(0)
             self.running_var.fill(1)
@@ -194,8 +198,9 @@ class Dropout(_Layer):
 
     Draws from Philox4x32-10 keyed by (seed, offset, element index); `offset`
     advances by one per training forward, so every step has a fresh mask and a
-    seeded layer is reproducible. store_mask=False keeps no mask at all:
-    backward regenerates it from (seed, offset).
+    seeded layer is reproducible. seed=None draws a seed from os.urandom.
+    store_mask=False keeps no mask at all: backward regenerates it from
+    (seed, offset).
     """
 
     def __init__(self, p=0.5, seed=None, *, store_mask=True):

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _fastopt
 from ._layer import Layer
-from ._functional_norm import _real
+from ._functional_norm import _bool, _real
 from ._nn_norm import Dropout
 from .blas import ensure_configured
 
@@ -119,7 +119,7 @@ class _Recurrent(Layer):
                              f"got {proj_size}")
         S = self.proj_size or self.hidden_size   # the width of h
         self.num_layers = _positive_int(num_layers, "num_layers")
-        self.bias = bool(bias)
+        self.bias = _bool(bias, "bias")
         if np.dtype(dtype) not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
         self.dtype = np.dtype(dtype).type
@@ -181,6 +181,7 @@ class _Recurrent(Layer):
         return list(self._grads.values())
 
     def named_parameters(self):
+        """[(torch name, parameter array)], in parameters() order."""
         return list(self._params.items())
 
     def _named_arrays(self):
@@ -208,13 +209,13 @@ class _SequenceLayer(_Recurrent):
         if not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         self.dropout = dropout
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional = _bool(bidirectional, "bidirectional")
         self._D = 2 if self.bidirectional else 1
         L = _positive_int(num_layers, "num_layers")
         rng = self._init_params(mode, input_size, hidden_size, L, bias, dtype, seed,
                                 [f"_l{k}" for k in range(L)], self._D, proj_size)
         self._S = self.proj_size or self.hidden_size   # the width of h (and out)
-        self.batch_first = bool(batch_first)
+        self.batch_first = _bool(batch_first, "batch_first")
         # one dropout between each pair of layers, seeded from the same generator
         self._dropouts = ([Dropout(dropout, seed=int(rng.integers(2 ** 63)))
                            for _ in range(L - 1)] if dropout > 0 else [])
@@ -544,10 +545,24 @@ class GRU(_SequenceLayer):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, dtype=np.float32, seed=None,
                  reset_after=True):
-        self.reset_after = bool(reset_after)
+        self.reset_after = _bool(reset_after, "reset_after")
         super().__init__("gru" if reset_after else "gru_reset_before", input_size,
                          hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
                          dtype, seed)
+
+
+_SEQUENCE_ARGS = """
+
+    Arguments as torch's (pass the options by keyword): input_size,
+    hidden_size, num_layers (stacked layers), bias, batch_first (x and out are
+    (B, T, *) instead of (T, B, *)), dropout (on every layer's output but the
+    last, in training), bidirectional, dtype (np.float32 or np.float64) and
+    seed (weights U(-1/sqrt(H), 1/sqrt(H)); None: fresh randomness).
+    out, state = forward(x, state=None, lengths=None); dx, dstate =
+    backward(dout, dstate=None), once per forward; parameter gradients
+    accumulate (+=). state_dict()/load_state_dict() use torch's names."""
+for _cls in (RNN, LSTM, GRU):
+    _cls.__doc__ = (_cls.__doc__ or "") + _SEQUENCE_ARGS   # None under python -OO
 
 
 class _Cell(_Recurrent):
@@ -668,7 +683,7 @@ class GRUCell(_HiddenOnlyCell):
 
     def __init__(self, input_size, hidden_size, bias=True, reset_after=True,
                  dtype=np.float32, seed=None):
-        self.reset_after = bool(reset_after)
+        self.reset_after = _bool(reset_after, "reset_after")
         super().__init__("gru" if reset_after else "gru_reset_before", input_size,
                          hidden_size, bias, dtype, seed)
 
@@ -697,3 +712,13 @@ class LSTMCell(_Cell):
         as that step's forward: (B, H) -> dx (B, I), or unbatched (H,) -> dx (I,)."""
         dx, dh0, dc0 = self._unstep(dh1, dc1)
         return dx, (dh0, dc0)
+
+
+_CELL_ARGS = """
+
+    Arguments as torch's: input_size, hidden_size, bias, then dtype (np.float32
+    or np.float64) and seed (weights U(-1/sqrt(H), 1/sqrt(H)); None: fresh
+    randomness). forward may be called T times, then backward T times, newest
+    step first; parameter gradients accumulate (+=)."""
+for _cls in (RNNCell, GRUCell, LSTMCell):
+    _cls.__doc__ = (_cls.__doc__ or "") + _CELL_ARGS

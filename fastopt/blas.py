@@ -43,7 +43,7 @@ import scipy
 
 from . import _fastopt
 
-__all__ = ["set_blas", "get_blas", "find_mkl"]
+__all__ = ["set_blas", "get_blas", "find_mkl", "find_dnnl", "ensure_configured"]
 
 _configured = False
 _loaded = {"scipy": True}    # provider -> loaded (True) or the OSError met loading it

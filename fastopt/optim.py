@@ -105,9 +105,11 @@ class Optimizer:
 
     A subclass sets ``defaults``, and defines ``_validate(group)`` (range checks),
     ``_state_names(group)`` (which state arrays the options need),
-    ``_state_fill(name, group)`` (their initial value) and
-    ``_update(g, grads, group)`` (one
-    binding call for one group, whose grads are already checked).
+    ``_state_fill(name, group)`` (their initial value), optionally
+    ``_eager_state_names(group)`` (state made when the group is added, not at
+    its first step), and ``_update(g, grads, group, fresh)`` (one binding call
+    for one group, whose grads are already checked; ``fresh`` names the state
+    arrays made for this step).
     """
 
     defaults = {}
@@ -414,7 +416,9 @@ class RMSprop(Optimizer):
 
 class Adam(Optimizer):
     """m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
-    p -= lr/(1-b1^t) * m/(sqrt(v)/sqrt(1-b2^t) + eps) (amsgrad: running max of v)."""
+    p -= lr/(1-b1^t) * m/(sqrt(v)/sqrt(1-b2^t) + eps) (amsgrad: running max of v).
+
+    weight_decay=None means the class default: 0 for Adam, 1e-2 for AdamW."""
 
     defaults = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                     amsgrad=False, maximize=False, l1=0.0)

@@ -1255,3 +1255,13 @@ def test_train_mode_must_be_a_bool(cls):
         m.train("no")
     assert m.training is True
     assert m.train(np.bool_(False)).training is False
+
+
+@pytest.mark.parametrize("cls,kw", [(fo.LSTM, {"batch_first": "no"}), (fo.GRU, {"bias": "no"}),
+                                    (fo.RNN, {"bidirectional": 1}),
+                                    (fo.GRUCell, {"reset_after": "x"})])
+def test_flags_must_be_bools(cls, kw):
+    # "no" is truthy: bool() would have turned it into True
+    name = next(iter(kw))
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        cls(3, 4, **kw)
