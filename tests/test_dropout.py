@@ -40,13 +40,13 @@ def test_philox_reference_known_answers():
         assert [int(v) for v in philox4x32_10(*ctr, *key)] == list(want)
 
 
-def reference_keep(n, p, seed, offset):
-    """Kept elements per the documented layout: element i = 256*g + e takes
-    byte e % 4 (little-endian) of word q = e // 4 of group g, that is word
-    q // 16 of the block with counter (16*g + q % 16, offset), key seed; kept
-    when that byte, followed by 24 more bits drawn only on a tie (the low 24
-    bits of word 0 of the block with counter (i | 2^63, offset)), forms a
-    32-bit U >= round(p * 2^32)."""
+def uniform32(n, seed, offset):
+    """The 32-bit uniforms U of elements 0..n-1 per the documented layout:
+    element i = 256*g + e takes byte e % 4 (little-endian) of word q = e // 4 of
+    group g, that is word q // 16 of the block with counter (16*g + q % 16,
+    offset), key seed, as U's top 8 bits; U's low 24 bits are the low 24 bits of
+    word 0 of the block with counter (i | 2^63, offset) (the kernel draws them
+    only on a tie of the top 8 bits with the threshold's)."""
     i = np.arange(n, dtype=np.uint64)
     g, e = i // np.uint64(256), i % np.uint64(256)
     q = e // np.uint64(4)
@@ -56,15 +56,15 @@ def reference_keep(n, p, seed, offset):
                           seed & 0xFFFFFFFF, seed >> 32)
     word = np.choose((q // np.uint64(16)).astype(np.int64), words)
     top8 = (word >> (np.uint64(8) * (e % np.uint64(4)))) & np.uint64(0xFF)
+    extra = philox4x32_10(i & M32, (i >> np.uint64(32)) | np.uint64(0x80000000),
+                          off_lo, off_hi, seed & 0xFFFFFFFF, seed >> 32)[0]
+    return (top8 << np.uint64(24)) | (extra & np.uint64(0xFFFFFF))
+
+
+def reference_keep(n, p, seed, offset):
+    """Kept elements: U >= round(p * 2^32)."""
     t = min(int(round(p * 2**32)), 2**32 - 1)
-    keep = top8 > np.uint64(t >> 24)
-    tie = np.nonzero(top8 == np.uint64(t >> 24))[0]
-    if tie.size:
-        it = i[tie]
-        extra = philox4x32_10(it & M32, (it >> np.uint64(32)) | np.uint64(0x80000000),
-                              off_lo, off_hi, seed & 0xFFFFFFFF, seed >> 32)[0]
-        keep[tie] = (extra & np.uint64(0xFFFFFF)) >= np.uint64(t & 0xFFFFFF)
-    return keep
+    return uniform32(n, seed, offset) >= np.uint64(t)
 
 
 def unpack(mask, n):
@@ -91,6 +91,18 @@ def test_mask_matches_reference_philox(code_path, n, p, seed, offset):
     np.testing.assert_array_equal(unpack(mask, n), reference_keep(n, p, seed, offset))
     # the bits past the end are 0
     assert not np.unpackbits(mask, bitorder="little")[n:].any()
+
+
+@pytest.mark.parametrize("i", [0, 77, 299])   # 299: in the partial last group
+def test_exact_tie_with_the_threshold_keeps(code_path, i):
+    # U == round(p * 2^32) exactly (probability 2^-32 per element, so random
+    # masks never test it): kept, as U >= threshold; one more is dropped
+    n, seed, offset = 300, 123, 5
+    u = int(uniform32(n, seed, offset)[i])
+    for t, kept in ((u, True), (u + 1, False)):
+        y, mask = F.dropout(np.ones(n, np.float32), t / 2**32, seed, offset=offset)
+        assert unpack(mask, n)[i] == kept
+        np.testing.assert_array_equal(unpack(mask, n), reference_keep(n, t / 2**32, seed, offset))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -85,23 +85,27 @@ CONFIGS = {
     "SGD": (ref_sgd, [
         dict(lr=0.05), dict(lr=0.05, momentum=0.9), dict(lr=0.05, momentum=0.9, dampening=0.3),
         dict(lr=0.05, momentum=0.9, nesterov=True), dict(lr=0.05, weight_decay=0.1),
-        dict(lr=0.05, momentum=0.5, maximize=True), dict(lr=0.05, momentum=0.9, l1=0.01)]),
+        dict(lr=0.05, momentum=0.5, maximize=True), dict(lr=0.05, momentum=0.9, l1=0.01),
+        # maximize negates g before weight decay is added (torch's order)
+        dict(lr=0.05, momentum=0.5, maximize=True, weight_decay=0.1)]),
     "Adagrad": (ref_adagrad, [
         dict(lr=0.05), dict(lr=0.05, lr_decay=0.01), dict(lr=0.05, weight_decay=0.1),
         dict(lr=0.05, initial_accumulator_value=0.1, eps=1e-6), dict(lr=0.05, maximize=True),
-        dict(lr=0.05, l1=0.01)]),
+        dict(lr=0.05, l1=0.01), dict(lr=0.05, maximize=True, weight_decay=0.1)]),
     "RMSprop": (ref_rmsprop, [
         dict(lr=0.01), dict(lr=0.01, centered=True), dict(lr=0.01, momentum=0.9),
         dict(lr=0.01, centered=True, momentum=0.5, alpha=0.9), dict(lr=0.01, weight_decay=0.1),
         dict(lr=0.01, maximize=True, eps=1e-6), dict(lr=0.01, momentum=0.9, nesterov=True),
-        dict(lr=0.01, centered=True, momentum=0.9, nesterov=True, l1=0.01)]),
+        dict(lr=0.01, centered=True, momentum=0.9, nesterov=True, l1=0.01),
+        dict(lr=0.01, maximize=True, weight_decay=0.1)]),
     "Adam": (ref_adam, [
         dict(lr=0.01), dict(lr=0.01, amsgrad=True), dict(lr=0.01, weight_decay=0.1),
         dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, maximize=True),
-        dict(lr=0.01, l1=0.01, amsgrad=True)]),
+        dict(lr=0.01, l1=0.01, amsgrad=True), dict(lr=0.01, maximize=True, weight_decay=0.1)]),
     "AdamW": (ref_adamw, [
         dict(lr=0.01), dict(lr=0.01, amsgrad=True), dict(lr=0.01, weight_decay=0.1),
-        dict(lr=0.01, maximize=True), dict(lr=0.01, l1=0.01)]),
+        dict(lr=0.01, maximize=True), dict(lr=0.01, l1=0.01),
+        dict(lr=0.01, maximize=True, weight_decay=0.1)]),
 }
 CASES = [(name, i) for name, (_, cfgs) in CONFIGS.items() for i in range(len(cfgs))]
 TORCH_LACKS = {"l1", "nesterov"}   # fastopt-only options (nesterov: RMSprop only)
