@@ -340,7 +340,7 @@ class SGD(Optimizer):
         _fastopt.sgd_step(  # positional: keyword parsing costs ~1 us per call
             g["params"], grads, _state(g, "momentum_buffer"), group["lr"],
             group["momentum"], group["dampening"], group["weight_decay"], group["l1"],
-            bool(group["nesterov"]), group["maximize"], "momentum_buffer" in fresh)
+            group["nesterov"], group["maximize"], "momentum_buffer" in fresh)
 
 
 class Adagrad(Optimizer):
@@ -410,8 +410,8 @@ class RMSprop(Optimizer):
         _fastopt.rmsprop_step(
             g["params"], grads, g["state"]["square_avg"], _state(g, "grad_avg"),
             _state(g, "momentum_buffer"), group["lr"], group["alpha"], group["eps"],
-            group["weight_decay"], group["momentum"], group["l1"], bool(group["centered"]),
-            bool(group["nesterov"]), group["maximize"])
+            group["weight_decay"], group["momentum"], group["l1"], group["centered"],
+            group["nesterov"], group["maximize"])
 
 
 class Adam(Optimizer):
@@ -451,7 +451,7 @@ class Adam(Optimizer):
         _fastopt.adam_step(
             g["params"], grads, g["state"]["exp_avg"], g["state"]["exp_avg_sq"],
             _state(g, "max_exp_avg_sq"), group["lr"], b1, b2, group["eps"],
-            group["weight_decay"], group["l1"], bool(group["amsgrad"]), group["maximize"],
+            group["weight_decay"], group["l1"], group["amsgrad"], group["maximize"],
             self._decoupled, g["step"])
 
 
