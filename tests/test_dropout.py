@@ -105,6 +105,26 @@ def test_exact_tie_with_the_threshold_keeps(code_path, i):
         np.testing.assert_array_equal(unpack(mask, n), reference_keep(n, t / 2**32, seed, offset))
 
 
+def test_many_ties_in_one_word(code_path):
+    # Ties of the top 8 bits are settled from extra draws, word by word: pick
+    # the 64-element word and threshold byte with the most ties (at least 3)
+    # and check every bit, with the threshold's low 24 bits at, above and
+    # below those elements' draws.
+    n, seed, offset = 1 << 16, 9, 1
+    top8 = (uniform32(n, seed, offset) >> np.uint64(24)).astype(np.int64).reshape(-1, 64)
+    counts = np.stack([(top8 == v).sum(axis=1) for v in range(256)])   # (byte, word)
+    byte, word = np.unravel_index(np.argmax(counts), counts.shape)
+    assert counts[byte, word] >= 3
+    tied = np.flatnonzero(top8[word] == byte) + 64 * word
+    low = uniform32(n, seed, offset)[tied] & np.uint64(0xFFFFFF)
+    for t_lo in (1, int(np.median(low)), int(low.max()), 0xFFFFFF):
+        p = ((int(byte) << 24) + t_lo) / 2**32
+        y, mask = F.dropout(np.ones(n, np.float32), p, seed, offset=offset)
+        keep = reference_keep(n, p, seed, offset)
+        assert 0 < keep[tied].sum() < len(tied) or t_lo in (1, 0xFFFFFF)
+        np.testing.assert_array_equal(unpack(mask, n), keep)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", SIZES)
 def test_forward_backward_values(code_path, dtype, n):
