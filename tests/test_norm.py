@@ -645,6 +645,36 @@ def test_large_outputs_streaming_stores(shape, cl, dtype, align):
     close(dx, dxr, dtype, scale=10 * np.abs(dxr).max())
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,cl", [((19, 1040), False), ((21, 2, 528), False),
+                                      ((5, 1024), False), ((6, 40, 16), True)])
+def test_every_offset_of_x_in_a_line(shape, cl, dtype):
+    """NumPy aligns arrays to 16 bytes only: x and dy at every offset in a
+    64-byte line give the reference, and the same bits as at offset 0."""
+    C = shape[-1] if cl else shape[1]
+    x0, dy0 = make(shape, dtype, 1, 2.0, 3.0), make(shape, dtype, 2)
+    w, b = make((C,), dtype, 3), make((C,), dtype, 4)
+    axes = reduce_axes(x0, cl)
+    xd = x0.astype(np.float64)
+    yr = ref_forward(x0, w, b, None, None, True, 0.1, 1e-5, cl)[0]
+    dxr, dwr, dbr = ref_backward(dy0, x0, w, xd.mean(axes), xd.var(axes), 1e-5, True, cl)
+    first = None
+    for align in range(0, 64, np.dtype(dtype).itemsize):
+        x = _aligned_empty(shape, dtype, align or 64)
+        dy = _aligned_empty(shape, dtype, (align + 24) % 64 or 64)
+        x[...], dy[...] = x0, dy0
+        y, sm, si = F.batch_norm_forward(x, None, None, w, b, training=True, channels_last=cl)
+        dx, dw, db = F.batch_norm_backward(dy, x, sm, si, w, channels_last=cl)
+        if first is None:
+            first = (y, dx, dw, db)
+            close(y, yr, dtype, scale=10)
+            close(dx, dxr, dtype, scale=10 * np.abs(dxr).max())
+            close(dw, dwr, dtype, scale=10 * np.sqrt(x.size / C))
+            close(db, dbr, dtype, scale=10 * np.sqrt(x.size / C))
+        for got, want in zip((y, dx, dw, db), first):
+            np.testing.assert_array_equal(got, want, err_msg=f"x at {align} bytes in a line")
+
+
 @pytest.mark.parametrize("shape,cl", [((8, 16, 184, 184), False), ((8, 184, 184, 16), True),
                                       ((3, 5, 7), False)])
 def test_eval_backward_does_not_read_x(shape, cl):
