@@ -27,6 +27,8 @@
 #define FO_NORM_CHUNK 512
 #define FO_NORM_ROW_UNIT 65536         /* row mode: elements per reduction unit */
 #define FO_NORM_SEG_UNIT 8192          /* segment mode: elements of a channel per run of samples */
+#define FO_NORM_SHORT 256              /* segment mode: shorter segments (of 128 bytes or more)
+                                          sum across lanes (reduce_short_segment) */
 #define FO_NORM_MIN_PER_THREAD 32768   /* below: one thread (a parallel region costs us) */
 #define FO_NORM_MAX_PARTIALS ((int64_t)1 << 20)   /* float64 partial sums (8 MB) at most */
 /* The apply coefficient arrays (cen, k1, k2, k3) start this many bytes apart
@@ -257,6 +259,48 @@ INLINE void SFX(reduce_segment)(const T *restrict x, const T *restrict dy, T cen
         acc2[l] += a * u;
     }
 }
+
+/* The sum of p's lanes, in float64. */
+INLINE double SFX(hsum)(SFX(vec) p) {
+#if FO_T_IS_F64
+    fo_vec_f64 v = p;
+#else
+    fo_vec_f64 v = __builtin_convertvector(*(const fo_half_f32 *)&p, fo_vec_f64) +
+                   __builtin_convertvector(*(const fo_half_f32 *)((const float *)&p + 8),
+                                           fo_vec_f64);
+#endif
+    typedef double fo_half_f64 __attribute__((vector_size(32), aligned(8), may_alias));
+    fo_half_f64 h = *(const fo_half_f64 *)&v + *(const fo_half_f64 *)((const double *)&v + 4);
+    return (h[0] + h[2]) + (h[1] + h[3]);
+}
+
+/* reduce_segment for short segments (128 bytes to FO_NORM_SHORT elements:
+ * small planes, as in (256, 512, 7, 7)): the T partials of the whole segment, summed across lanes
+ * into lane 0 of the accumulators. Adding all 16 float64 lanes per segment
+ * to the accumulators of a chunk's channels, which live in L2, cost more
+ * than reading the data (~90 cycles per 49-element segment here). */
+INLINE void SFX(reduce_short_segment)(const T *restrict x, const T *restrict dy, T cen,
+                                      double *restrict acc1, double *restrict acc2,
+                                      int64_t n, const int has_dy) {
+    const SFX(vec) c = (SFX(vec)){0} + cen;
+    SFX(vec) p1 = {0}, p2 = {0};
+    int64_t i = 0;
+    for (; i + FO_VL <= n; i += FO_VL) {
+        SFX(vec) u = *(const SFX(vec) *)(x + i) - c;
+        SFX(vec) a = has_dy ? *(const SFX(vec) *)(dy + i) : u;
+        p1 += a;
+        p2 += a * u;
+    }
+    double t1 = SFX(hsum)(p1), t2 = SFX(hsum)(p2);
+    for (; i < n; i++) {
+        double u = (double)(x[i] - cen);
+        double a = has_dy ? (double)dy[i] : u;
+        t1 += a;
+        t2 += a * u;
+    }
+    acc1[0] += t1;
+    acc2[0] += t2;
+}
 #undef FO_VL
 
 INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const int has_dy) {
@@ -297,11 +341,19 @@ INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const in
         memset(acc, 0, sizeof(double) * 2 * FO_NORM_LANES * (size_t)nc);
         int64_t n0 = b * p->per_unit;
         int64_t n1 = n0 + p->per_unit < p->outer ? n0 + p->per_unit : p->outer;
+        /* (two vectors or more: shorter ones, 16 and 25 float32, were slower) */
+        const int short_segments =
+            p->inner < FO_NORM_SHORT && p->inner * (int64_t)sizeof(T) >= 128;
         for (int64_t n = n0; n < n1; n++)
             for (int64_t k = 0; k < nc; k++) {
                 int64_t off = (n * p->C + c0 + k) * p->inner;
-                SFX(reduce_segment)(j->x + off, has_dy ? j->dy + off : 0, j->cen[c0 + k],
-                                    acc[k][0], acc[k][1], p->inner, has_dy);
+                if (short_segments)
+                    SFX(reduce_short_segment)(j->x + off, has_dy ? j->dy + off : 0,
+                                              j->cen[c0 + k], acc[k][0], acc[k][1], p->inner,
+                                              has_dy);
+                else
+                    SFX(reduce_segment)(j->x + off, has_dy ? j->dy + off : 0, j->cen[c0 + k],
+                                        acc[k][0], acc[k][1], p->inner, has_dy);
             }
         for (int64_t k = 0; k < nc; k++) {
             double t1 = 0, t2 = 0;
