@@ -92,10 +92,13 @@ cdef int _check_array(object a, str name, object dtype, bint writable) except -1
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>a
     cdef int tn = cnp.PyArray_TYPE(arr)
+    if not cnp.PyArray_ISNOTSWAPPED(arr):   # the kernels read the machine's byte order
+        raise TypeError(f"{name} must be in the machine's byte order, got dtype {arr.dtype}")
     if dtype is None:
         if tn != cnp.NPY_FLOAT32 and tn != cnp.NPY_FLOAT64:
             raise TypeError(f"{name} must be float32 or float64, got {arr.dtype}")
-    elif arr.dtype != dtype:
+    elif (tn != (<cnp.dtype>dtype).type_num if type(dtype) is cnp.dtype   # fast path
+          else arr.dtype != dtype):
         raise TypeError(f"{name} must have dtype {_dtype_name(dtype)}, got {arr.dtype}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
         raise ValueError(f"{name} must be C-contiguous")

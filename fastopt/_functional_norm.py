@@ -31,6 +31,8 @@ def _channels(x, channels_last):
 
 
 def _real(v, name):
+    if type(v) is float:   # the common case, without the slow ABC check
+        return v
     if isinstance(v, bool) or not isinstance(v, (Real, np.floating, np.integer)):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     return float(v)

@@ -164,8 +164,8 @@ class BatchNorm(_Layer):
             self.running_var if (update or not batch_stats) else None,
             self.weight, self.bias, training=batch_stats, momentum=momentum,
             eps=eps, channels_last=self.channels_last)
-        if update:
-            self._batches += 1
+        if update:   # (not +=: a ufunc call on a 0-d array costs 1 us)
+            self._batches[()] = self._batches[()] + 1
         self._ctx = (x, batch_stats)
         return y
 

@@ -60,7 +60,7 @@ cdef _NormShape _norm_shape(cnp.ndarray x, str name, bint channels_last):
 cdef int _check_channel_array(object a, str name, object dtype, int64_t C,
                               bint writable) except -1:
     _check_array(a, name, dtype, writable)
-    if a.shape != (C,):
+    if cnp.PyArray_NDIM(<cnp.ndarray>a) != 1 or cnp.PyArray_DIMS(<cnp.ndarray>a)[0] != C:
         raise ValueError(f"{name} must have shape ({C},) (one value per channel), got {a.shape}")
     return 0
 

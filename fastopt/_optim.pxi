@@ -185,7 +185,7 @@ def check_grads(TensorTable params not None, object grads, ParamIndex index=None
             held[i] = obj
         g = <cnp.ndarray>obj
         p = <cnp.ndarray>params.arrays[i]
-        if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p):
+        if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p) or not cnp.PyArray_ISNOTSWAPPED(g):
             raise TypeError(f"grads[{first + i}] has dtype {(<object>g).dtype}, expected {(<object>p).dtype} "
                             "(no implicit casts)")
         if not _same_shape(g, p):

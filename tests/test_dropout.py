@@ -278,7 +278,8 @@ def test_gaussian_noise(dtype):
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case", ["p_high", "p_nan", "mask_size", "mask_dtype", "readonly",
-                                  "out_dtype", "overlap", "seed", "not_array"])
+                                  "out_dtype", "overlap", "seed", "not_array", "byte_order",
+                                  "out_byte_order"])
 def test_bad_input_leaves_arrays_unchanged(case):
     x = np.random.default_rng(0).standard_normal(100).astype(np.float32)
     out = np.full_like(x, 7.0)
@@ -305,6 +306,10 @@ def test_bad_input_leaves_arrays_unchanged(case):
         kw["seed"] = -1
     elif case == "not_array":
         x = x.tolist()
+    elif case == "byte_order":   # the kernel would read garbage
+        x = x.astype(x.dtype.newbyteorder())
+    elif case == "out_byte_order":
+        kw["out"] = out = out.astype(out.dtype.newbyteorder())
     before = (np.array(x).copy(), out.copy(), mask.copy())
     with pytest.raises((TypeError, ValueError)):
         F.dropout(x, **kw)

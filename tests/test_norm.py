@@ -324,7 +324,7 @@ def _snapshot(*arrays):
 
 @pytest.mark.parametrize("case", ["dtype", "channels", "noncontig", "readonly_out",
                                   "one_value", "eps", "momentum", "overlap", "running_pair",
-                                  "eval_no_stats", "not_array"])
+                                  "eval_no_stats", "not_array", "byte_order", "w_byte_order"])
 def test_forward_bad_input_raises_before_writing(case):
     x = make((4, 3, 5), np.float32, 0)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
@@ -356,6 +356,10 @@ def test_forward_bad_input_raises_before_writing(case):
         kw["training"] = False
     elif case == "not_array":
         args[0] = x.tolist()
+    elif case == "byte_order":   # the kernel would read garbage
+        args[0] = x.astype(x.dtype.newbyteorder())
+    elif case == "w_byte_order":
+        args[3] = w.astype(w.dtype.newbyteorder())
     before = _snapshot(x, rm, rv, w, b, out)
     with pytest.raises((TypeError, ValueError)):
         F.batch_norm_forward(*args, **kw)

@@ -402,6 +402,9 @@ def _two_group_opt(name="Adam"):
 
 BAD_GRADS = {
     "dtype": (lambda p: [g.astype(np.float64) for g in p], TypeError, "dtype"),
+    # the same type in the other byte order: the kernel would read garbage
+    "byte-order": (lambda p: [p[0], p[1].astype(p[1].dtype.newbyteorder()), p[2]], TypeError,
+                   r"grads\[1\] has dtype >f4"),
     "shape": (lambda p: [p[0], p[1].reshape(3, 2), p[2]], ValueError, "shape"),
     "length": (lambda p: p[:2], ValueError, "expected 3"),
     "contiguity": (lambda p: [p[0], np.ones((3, 2), np.float32).T, p[2]], ValueError,
@@ -571,6 +574,8 @@ def test_bad_params():
         fo.SGD([[1.0, 2.0]])
     with pytest.raises(TypeError, match="float32 or float64"):
         fo.SGD([np.zeros(3, np.int64)])
+    with pytest.raises(TypeError, match=r"params\[0\] must be in the machine's byte order"):
+        fo.SGD([np.zeros(3, np.dtype(np.float32).newbyteorder())])
     with pytest.raises(TypeError, match="dtype"):
         fo.SGD([np.zeros(3, np.float32), np.zeros(3, np.float64)])
     with pytest.raises(ValueError, match="C-contiguous"):
