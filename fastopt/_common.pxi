@@ -102,6 +102,8 @@ cdef int _check_array(object a, str name, object dtype, bint writable) except -1
         raise TypeError(f"{name} must have dtype {_dtype_name(dtype)}, got {arr.dtype}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
         raise ValueError(f"{name} must be C-contiguous")
+    if not cnp.PyArray_ISALIGNED(arr):   # C reads whole elements (np.frombuffer at an odd offset)
+        raise ValueError(f"{name} must be aligned to its element size")
     if writable and not cnp.PyArray_ISWRITEABLE(arr):
         raise ValueError(f"{name} is read-only but is written in place")
     return 0

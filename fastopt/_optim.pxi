@@ -193,6 +193,8 @@ def check_grads(TensorTable params not None, object grads, ParamIndex index=None
                              f"{(<object>p).shape}")
         if not cnp.PyArray_IS_C_CONTIGUOUS(g):
             raise ValueError(f"grads[{first + i}] must be C-contiguous")
+        if not cnp.PyArray_ISALIGNED(g):
+            raise ValueError(f"grads[{first + i}] must be aligned to its element size")
         if (index.hits(g) if index is not None else _overlap(g, p)):
             raise ValueError(f"grads[{first + i}] shares memory with a param, which the step "
                              "would change while reading it")

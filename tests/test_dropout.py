@@ -278,7 +278,7 @@ def test_gaussian_noise(dtype):
 # ---------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case", ["p_high", "p_nan", "mask_size", "mask_dtype", "readonly",
-                                  "out_dtype", "overlap", "seed", "not_array", "byte_order",
+                                  "out_dtype", "overlap", "seed", "not_array", "byte_order", "unaligned",
                                   "out_byte_order"])
 def test_bad_input_leaves_arrays_unchanged(case):
     x = np.random.default_rng(0).standard_normal(100).astype(np.float32)
@@ -308,6 +308,11 @@ def test_bad_input_leaves_arrays_unchanged(case):
         x = x.tolist()
     elif case == "byte_order":   # the kernel would read garbage
         x = x.astype(x.dtype.newbyteorder())
+    elif case == "unaligned":   # C reads whole elements
+        buf = np.frombuffer(bytearray(x.nbytes + 1), np.uint8)[1:]
+        x2 = buf.view(x.dtype)
+        x2[...] = x
+        x = x2
     elif case == "out_byte_order":
         kw["out"] = out = out.astype(out.dtype.newbyteorder())
     before = (np.array(x).copy(), out.copy(), mask.copy())

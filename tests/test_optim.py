@@ -400,8 +400,19 @@ def _two_group_opt(name="Adam"):
     return opt, p
 
 
+def _unaligned(a):
+    """A copy of a whose data starts one byte past an element boundary."""
+    buf = np.frombuffer(bytearray(a.nbytes + 1), np.uint8)[1:]
+    out = buf.view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
 BAD_GRADS = {
     "dtype": (lambda p: [g.astype(np.float64) for g in p], TypeError, "dtype"),
+    "unaligned": (lambda p: [p[0], _unaligned(p[1]), p[2]], ValueError,
+                  r"grads\[1\] must be aligned"),
     # the same type in the other byte order: the kernel would read garbage
     "byte-order": (lambda p: [p[0], p[1].astype(p[1].dtype.newbyteorder()), p[2]], TypeError,
                    r"grads\[1\] has dtype >f4"),
@@ -574,6 +585,8 @@ def test_bad_params():
         fo.SGD([[1.0, 2.0]])
     with pytest.raises(TypeError, match="float32 or float64"):
         fo.SGD([np.zeros(3, np.int64)])
+    with pytest.raises(ValueError, match=r"params\[0\] must be aligned"):
+        fo.SGD([_unaligned(np.zeros(3, np.float32))])
     with pytest.raises(TypeError, match=r"params\[0\] must be in the machine's byte order"):
         fo.SGD([np.zeros(3, np.dtype(np.float32).newbyteorder())])
     with pytest.raises(TypeError, match="dtype"):
