@@ -488,17 +488,19 @@ def test_backward_once_per_forward(training, store_mask):
 
 
 @pytest.mark.parametrize("dtype,n", [(np.float32, 2**22 + 37), (np.float64, 2**21 + 5)])
-@pytest.mark.parametrize("align", [64, 16, 32, 48, 4])
+@pytest.mark.parametrize("align", [64, 16, 32, 48, "element"])
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_large_outputs_streaming_stores(threads, dtype, n, align, nthreads):
     """Outputs over 16 MB take the streaming-store path (64-byte stores when
-    64-byte aligned, 16-byte ones when 16-, 32- or 48-byte aligned; a 4-byte
-    aligned output falls back to ordinary stores), on 1 and 2 threads: values
-    against the mask, and bitwise equal to the portable code."""
+    64-byte aligned, 16-byte ones when 16-, 32- or 48-byte aligned; an output
+    aligned only to its element size falls back to ordinary stores), on 1 and
+    2 threads: values against the mask, and bitwise equal to the portable code."""
     from fastopt import _fastopt
     fo.set_num_threads(nthreads)   # the fixture restores the count
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n).astype(dtype)
+    if align == "element":
+        align = x.itemsize
     raw = np.empty(n * x.itemsize + 128, np.uint8)
     start = (-raw.ctypes.data) % 64 + (align if align < 64 else 0)
     out = raw[start:start + n * x.itemsize].view(dtype)

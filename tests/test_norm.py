@@ -613,7 +613,7 @@ def test_random_shapes_against_reference(n, c, spatial, cl, dtype, training, loc
 
 
 def _aligned_empty(shape, dtype, align):
-    """An array whose data address is `align` (64, 16, 4) modulo 64."""
+    """An array whose data address is `align` (64, 16, 8, 4) modulo 64."""
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
     raw = np.empty(n + 128, np.uint8)
     start = (-raw.ctypes.data) % 64 + (align if align < 64 else 0)
@@ -628,12 +628,15 @@ def _aligned_empty(shape, dtype, align):
                                             ((4, 181, 181, 24), True, np.float64),
                                             ((8, 16, 128, 128), False, np.float64),
                                             ((4, 8, 361, 361), False, np.float32)])
-@pytest.mark.parametrize("align", [64, 16, 4])
+@pytest.mark.parametrize("align", [64, 16, "element"])
 def test_large_outputs_streaming_stores(shape, cl, dtype, align):
     """Outputs over 16 MB take the streaming-store apply pass (64/16-byte
-    aligned output with 16-byte multiple lines; otherwise ordinary stores;
-    channels-last rows of 1 to 4 whole vectors keep their coefficients in
-    registers): forward and backward against the float64 reference."""
+    aligned output with 16-byte multiple lines; otherwise, as for an output
+    aligned only to its element size, ordinary stores; channels-last rows of 1
+    to 4 whole vectors keep their coefficients in registers): forward and
+    backward against the float64 reference."""
+    if align == "element":
+        align = np.dtype(dtype).itemsize
     C = shape[-1] if cl else shape[1]
     x, dy = make(shape, dtype, 1, 2.0, 3.0), make(shape, dtype, 2)
     w, b = make((C,), dtype, 3), make((C,), dtype, 4)
