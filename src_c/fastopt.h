@@ -16,7 +16,9 @@
  * results for every thread count; reductions reduce fixed-size blocks in a
  * fixed order so that they do too. The thread count is one process-wide
  * setting; kernels may be called from several threads at once on separate
- * buffers.
+ * buffers. In a process forked after kernels ran on several threads, every
+ * kernel runs on one thread (fo_get_num_threads() returns 1): GNU OpenMP's
+ * thread pool does not survive fork(), and a parallel region there would hang.
  *
  * Return codes of the int kernels: 0; -1 when scratch memory cannot be
  * allocated; -2 when the arguments break a rule stated here (nothing is

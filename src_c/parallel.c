@@ -24,8 +24,31 @@ static int fo_threads = 0;
 
 void fo_set_num_threads(int n) { __atomic_store_n(&fo_threads, n < 1 ? 1 : n, __ATOMIC_RELAXED); }
 
+#if defined(_OPENMP) && (defined(__unix__) || defined(__APPLE__))
+#include <pthread.h>
+/* GNU OpenMP's thread pool does not survive fork(): a process forked after
+ * fastopt ran on several threads (a DataLoader or multiprocessing worker)
+ * would wait forever for the parent's threads at its first parallel region.
+ * Such a child runs every kernel on one thread. */
+static int fo_multithreaded = 0;   /* more than one thread was handed out */
+static int fo_forked_child = 0;
+
+static void fo_after_fork_in_child(void) {
+    if (__atomic_load_n(&fo_multithreaded, __ATOMIC_RELAXED))
+        __atomic_store_n(&fo_forked_child, 1, __ATOMIC_RELAXED);
+}
+
+__attribute__((constructor)) static void fo_watch_fork(void) {
+    pthread_atfork(0, 0, fo_after_fork_in_child);
+}
+#define FO_WATCH_FORK 1
+#endif
+
 int fo_get_num_threads(void) {
 #ifdef _OPENMP
+#ifdef FO_WATCH_FORK
+    if (__atomic_load_n(&fo_forked_child, __ATOMIC_RELAXED)) return 1;
+#endif
     int n = __atomic_load_n(&fo_threads, __ATOMIC_RELAXED);
     if (n == 0) {
         int zero = 0;
@@ -34,6 +57,9 @@ int fo_get_num_threads(void) {
                                          __ATOMIC_RELAXED))
             n = zero;   /* another thread set it first */
     }
+#ifdef FO_WATCH_FORK
+    if (n > 1) __atomic_store_n(&fo_multithreaded, 1, __ATOMIC_RELAXED);
+#endif
     return n;
 #else
     return 1;
