@@ -1,6 +1,7 @@
 # Threads and the buffer checks shared by every family.
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
+from numpy.ma import MaskedArray
 
 cdef extern from "fastopt.h" nogil:
     void fo_set_num_threads(int n)
@@ -90,6 +91,8 @@ cdef int _check_array(object a, str name, object dtype, bint writable) except -1
     and writeable when `writable`."""
     if not isinstance(a, cnp.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if isinstance(a, MaskedArray):   # the kernels would use the masked entries too
+        raise TypeError(f"{name} is a masked array: pass its data, filled as you need")
     cdef cnp.ndarray arr = <cnp.ndarray>a
     cdef int tn = cnp.PyArray_TYPE(arr)
     if not cnp.PyArray_ISNOTSWAPPED(arr):   # the kernels read the machine's byte order

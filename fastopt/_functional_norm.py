@@ -35,7 +35,10 @@ def _real(v, name):
         return v
     if isinstance(v, bool) or not isinstance(v, (Real, np.floating, np.integer)):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:   # an int beyond float64's range
+        raise ValueError(f"{name} is beyond float64's range") from None
 
 
 def _bool(v, name):

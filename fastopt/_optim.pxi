@@ -52,6 +52,7 @@ cdef class TensorTable:
     cdef int64_t *numel
     cdef readonly Py_ssize_t n
     cdef readonly bint is_f64
+    cdef int type_num
 
     def __cinit__(self, arrays, str name, TensorTable shapes_of=None):
         self.arrays = tuple(arrays)
@@ -68,6 +69,7 @@ cdef class TensorTable:
                                       (self.n and self.dtype != shapes_of.dtype)):
             raise ValueError(f"{name} must match the params in length and dtype")
         self.is_f64 = self.dtype == np.float64
+        self.type_num = cnp.NPY_FLOAT64 if self.is_f64 else cnp.NPY_FLOAT32
         self.ptr = <void **>malloc(max(self.n, 1) * sizeof(void *))
         self.numel = <int64_t *>malloc(max(self.n, 1) * sizeof(int64_t))
         if self.ptr == NULL or self.numel == NULL:
@@ -183,8 +185,16 @@ def check_grads(TensorTable params not None, object grads, ParamIndex index=None
             if held is None:
                 held = list(grads)
             held[i] = obj
+        if isinstance(obj, MaskedArray):
+            raise TypeError(f"grads[{first + i}] is a masked array: pass its data, filled as "
+                            "you need")
         g = <cnp.ndarray>obj
         p = <cnp.ndarray>params.arrays[i]
+        # the table holds the param's pointer, element count and dtype as added
+        if (cnp.PyArray_TYPE(p) != params.type_num or cnp.PyArray_SIZE(p) != params.numel[i]
+                or not cnp.PyArray_ISNOTSWAPPED(p) or not cnp.PyArray_IS_C_CONTIGUOUS(p)):
+            raise ValueError(f"params[{first + i}] has changed dtype, size or layout in place "
+                             "since it was added to the optimizer")
         if cnp.PyArray_TYPE(g) != cnp.PyArray_TYPE(p) or not cnp.PyArray_ISNOTSWAPPED(g):
             raise TypeError(f"grads[{first + i}] has dtype {(<object>g).dtype}, expected {(<object>p).dtype} "
                             "(no implicit casts)")

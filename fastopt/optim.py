@@ -7,11 +7,11 @@ DESIGN.md), plus ``l1``: the L1 subgradient ``l1*sign(p)`` added to the gradient
 inside the same kernel (decoupled in AdamW, like its weight decay).
 """
 import math
-from numbers import Real
 
 import numpy as np
 
 from . import _fastopt
+from ._functional_norm import _real
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
@@ -37,10 +37,7 @@ def as_inplace_array(x, name):
 
 def _check_scalar(group, key, lo=None, hi=None, lo_open=False, hi_open=False):
     """group[key] must be a real number within the bounds (NaN never is)."""
-    v = group[key]
-    if isinstance(v, bool) or not isinstance(v, (Real, np.floating, np.integer)):
-        raise TypeError(f"{key} must be a real number, got {type(v).__name__}")
-    v = float(v)
+    v = _real(group[key], key)
     ok = not math.isnan(v)
     if lo is not None:
         ok = ok and (v > lo if lo_open else v >= lo)
@@ -122,7 +119,9 @@ class Optimizer:
         self.defaults.update(kwargs)
         self.param_groups = []
         self._groups = []   # per group: {'params': TensorTable, 'state': {name: TensorTable}, 'step': int}
-        if isinstance(params, np.ndarray) or not hasattr(params, "__iter__"):
+        # one array (an ndarray, a tensor, a memoryview) is not a list of them
+        if (isinstance(params, (np.ndarray, memoryview)) or hasattr(params, "__array__")
+                or hasattr(params, "__array_interface__") or not hasattr(params, "__iter__")):
             raise TypeError("params must be an iterable of arrays or of param-group "
                             f"dicts, got {type(params).__name__}")
         params = list(params)
@@ -267,7 +266,11 @@ class Optimizer:
                         continue        # torch keeps None before the first momentum step
                     if a is None:
                         raise ValueError(f"state of param {pid} lacks '{n}'")
-                    a = np.asarray(a)
+                    try:
+                        a = np.asarray(a)
+                    except Exception as e:   # bfloat16 or requires-grad tensors, ragged lists
+                        raise TypeError(f"state '{n}' of param {pid} cannot be read as an "
+                                        f"array: {e}") from None
                     if a.shape != p.shape or a.dtype != p.dtype:
                         raise ValueError(f"state '{n}' of param {pid} has dtype {a.dtype} "
                                          f"shape {a.shape}, expected {p.dtype} {p.shape}")

@@ -424,6 +424,9 @@ BAD_GRADS = {
     "last-group": (lambda p: [p[0], p[1], np.ones(4, np.float32)], ValueError, r"grads\[2\]"),
     "aliases-param": ("alias", ValueError, "shares memory"),
     "ragged-list": (lambda p: [p[0], p[1], [1.0, [2.0]]], TypeError, r"grads\[2\]"),
+    # the kernel would apply the masked entries too
+    "masked": (lambda p: [p[0], np.ma.masked_array(p[1], mask=p[1] > 0), p[2]], TypeError,
+               r"grads\[1\] is a masked array"),
     "none": (lambda p: None, TypeError, "grads must be a sequence"),
 }
 
@@ -576,6 +579,60 @@ def test_binding_refuses_missing_or_mismatched_tables():
     np.testing.assert_array_equal(p.arrays[0], 1.0)
 
 
+def test_param_changed_in_place_after_it_was_added_is_refused():
+    # its table holds the pointer, element count and dtype it was added with
+    for change in ("dtype", "byte order"):
+        opt, p = _two_group_opt("SGD")
+        if change == "dtype":
+            p[0].dtype = np.float64           # the same 16 bytes, now 2 float64s
+            grads = [np.ones(2), np.ones((2, 3), np.float32), np.ones(5, np.float32)]
+        else:
+            p[0].dtype = p[0].dtype.newbyteorder()
+            grads = [np.ones(4, np.float32), np.ones((2, 3), np.float32),
+                     np.ones(5, np.float32)]
+        snap = _snapshot(opt, p)
+        with pytest.raises((TypeError, ValueError), match=r"grads\[0\]|params\[0\]"):
+            opt.step(grads)
+        _assert_unchanged(snap)
+
+
+def test_huge_int_hyperparameters_are_named():
+    p = np.ones(3, np.float32)
+    for kw, name in ((dict(lr=10**400), "lr"), (dict(momentum=10**400), "momentum")):
+        with pytest.raises(ValueError, match=f"{name} is beyond float64's range"):
+            fo.SGD([p], **kw)
+    with pytest.raises(ValueError, match=r"betas\[0\]|betas"):
+        fo.Adam([p], betas=(10**400, 0.9))
+    opt = fo.Adam([p])
+    opt.param_groups[0]["lr"] = 10**400
+    with pytest.raises(ValueError, match="lr is beyond"):
+        opt.step([np.ones(3, np.float32)])
+    np.testing.assert_array_equal(p, 1.0)
+
+
+def test_one_array_is_not_a_list_of_params():
+    with pytest.raises(TypeError, match="iterable of arrays"):
+        fo.SGD(memoryview(np.ones(3, np.float32)))
+
+
+def test_one_tensor_is_not_a_list_of_params(torch):
+    # iterated, a (2, 3) tensor would be two (3,) params (torch.optim refuses it too)
+    with pytest.raises(TypeError, match="iterable of arrays"):
+        fo.SGD(torch.ones(2, 3))
+
+
+def test_unreadable_state_values_are_named(torch):
+    opt, p = _two_group_opt("Adam")
+    for value in ([[1.0], [1.0, 2.0]], torch.ones(4, dtype=torch.bfloat16),
+                  torch.ones(4, requires_grad=True)):
+        sd = opt.state_dict()
+        sd["state"][0]["exp_avg"] = value
+        snap = _snapshot(opt, p)
+        with pytest.raises((TypeError, ValueError), match="exp_avg"):
+            opt.load_state_dict(sd)
+        _assert_unchanged(snap)
+
+
 def test_bad_params():
     ro = np.zeros(3, np.float32)
     ro.setflags(write=False)
@@ -585,6 +642,8 @@ def test_bad_params():
         fo.SGD([[1.0, 2.0]])
     with pytest.raises(TypeError, match="float32 or float64"):
         fo.SGD([np.zeros(3, np.int64)])
+    with pytest.raises(TypeError, match=r"params\[1\] is a masked array"):
+        fo.SGD([np.zeros(3, np.float32), np.ma.masked_array(np.zeros(3, np.float32))])
     with pytest.raises(ValueError, match=r"params\[0\] must be aligned"):
         fo.SGD([_unaligned(np.zeros(3, np.float32))])
     with pytest.raises(TypeError, match=r"params\[0\] must be in the machine's byte order"):
