@@ -1265,3 +1265,21 @@ def test_flags_must_be_bools(cls, kw):
     name = next(iter(kw))
     with pytest.raises(TypeError, match=f"{name} must be a bool"):
         cls(3, 4, **kw)
+
+
+# ------------------------------------------------- bad input: audit 3's defects
+
+
+def test_set_blas_takes_a_str_subclass():
+    """set_blas(np.str_('scipy')) passed set_blas's own check and was then
+    refused by the binding's exact-str argument."""
+    previous = fo.get_blas()
+    try:
+        assert fo.set_blas(np.str_("scipy")) == "scipy"
+        assert type(fo.get_blas()) is str
+        with pytest.raises(TypeError, match="^name must be a str"):
+            fo.set_blas(1)
+        with pytest.raises(ValueError, match="^blas must be"):
+            fo.set_blas("cublas")
+    finally:
+        fo.set_blas(previous)
