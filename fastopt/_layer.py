@@ -40,6 +40,10 @@ class Layer:
         """{torch name: the layer's own array} (parameters and buffers)."""
         return OrderedDict()
 
+    def _check_loaded(self, arrays):
+        """Refuse loaded values ({name: array}, shapes and dtypes already
+        checked) that the layer's own rules forbid; nothing is written yet."""
+
     def state_dict(self):
         """{torch name: copy of the array}, e.g. weight_ih_l0 or running_mean."""
         return OrderedDict((k, v.copy()) for k, v in self._named_arrays().items())
@@ -68,6 +72,7 @@ class Layer:
                 raise TypeError(f"state_dict[{k!r}] has dtype {v.dtype}, expected {p.dtype} "
                                 "(no implicit casts)")
             arrays[k] = v
+        self._check_loaded(arrays)
         # copies of every value before the first write: a value may be (a view
         # of) one of our own arrays, e.g. two same-shaped weights swapped
         arrays = {k: v.copy() for k, v in arrays.items()}

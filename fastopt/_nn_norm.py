@@ -55,6 +55,18 @@ def _momentum(v):
     return None if v is None else _unit(v, "momentum")
 
 
+# num_batches_tracked is torch's int64 buffer: it counts up to 2**63 - 1
+_MAX_BATCHES = 2 ** 63 - 1
+
+
+def _batches(n, name):
+    """A num_batches_tracked value (set, or loaded by load_state_dict): an
+    integer in [0, 2**63)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= _MAX_BATCHES:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {n!r}")
+    return int(n)
+
+
 class BatchNorm(_Layer):
     """Batch normalization over the channel axis of (N, C) or (N, C, *spatial)
     input (or (N, *spatial, C) with channels_last=True):
@@ -118,9 +130,7 @@ class BatchNorm(_Layer):
     def num_batches_tracked(self, n):
         if self._batches is None:
             raise ValueError("num_batches_tracked needs track_running_stats=True")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"num_batches_tracked must be an integer >= 0, got {n!r}")
-        self._batches[()] = n
+        self._batches[()] = _batches(n, "num_batches_tracked")
 
     def _named_arrays(self):
         """torch's names: weight, bias (affine), running_mean, running_var,
@@ -130,6 +140,12 @@ class BatchNorm(_Layer):
             named.update(running_mean=self.running_mean, running_var=self.running_var,
                          num_batches_tracked=self._batches)
         return named
+
+    def _check_loaded(self, arrays):
+        """The loaded num_batches_tracked under the setter's rule (a negative
+        count divided by zero at the next forward with momentum=None)."""
+        if "num_batches_tracked" in arrays:
+            _batches(arrays["num_batches_tracked"][()], "state_dict['num_batches_tracked']")
 
     def reset_running_stats(self):
         """running_mean = 0, running_var = 1, num_batches_tracked = 0 (as torch)."""
@@ -152,8 +168,13 @@ class BatchNorm(_Layer):
         update = training and self.track_running_stats
         if not update:
             momentum = 0.0
-        elif momentum is None:            # cumulative moving average
-            momentum = 1.0 / (self.num_batches_tracked + 1)
+        else:
+            batches = int(self._batches)
+            if batches >= _MAX_BATCHES:   # the int64 count would wrap to -2**63
+                raise ValueError(f"num_batches_tracked is {batches}, the largest it can "
+                                 "count: reset it (num_batches_tracked = 0) to train on")
+            if momentum is None:          # cumulative moving average
+                momentum = 1.0 / (batches + 1)
         if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
             raise ValueError("out shares memory with x, which backward needs; "
                              "use fastopt.functional.batch_norm_forward for in-place inference")
@@ -165,7 +186,7 @@ class BatchNorm(_Layer):
             self.weight, self.bias, training=batch_stats, momentum=momentum,
             eps=eps, channels_last=self.channels_last)
         if update:   # (not +=: a ufunc call on a 0-d array costs 1 us)
-            self._batches[()] = self._batches[()] + 1
+            self._batches[()] = batches + 1
         self._ctx = (x, batch_stats)
         return y
 

@@ -781,3 +781,36 @@ def test_capped_partial_sums_still_match_the_formula():
     np.testing.assert_allclose(sm, mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(si, 1 / np.sqrt(var + 1e-5), rtol=1e-5)
     np.testing.assert_allclose(y, (xd - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------- bad input: audit 3's defects
+
+
+def test_num_batches_tracked_is_checked_when_loaded_and_cannot_wrap():
+    """load_state_dict took a negative count (then ZeroDivisionError with
+    momentum=None); 2**63 - 1 wrapped to -2**63 at the next training forward;
+    the setter raised OverflowError for 2**64."""
+    x = make((4, 3), np.float32, 0)
+    bn = fo.BatchNorm(3, momentum=None)
+    bn.forward(x)
+    before = bn.state_dict()
+    for bad in (-1, np.iinfo(np.int64).min):
+        with pytest.raises(ValueError, match=r"^state_dict\['num_batches_tracked'\] must be"):
+            bn.load_state_dict(dict(before, num_batches_tracked=np.array(bad, np.int64),
+                                    weight=np.full(3, 7.0, np.float32)))
+        for k, v in bn.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
+    for bad in (-1, 2 ** 63, 2 ** 64, 1.0, True):
+        with pytest.raises(ValueError, match="^num_batches_tracked must be"):
+            bn.num_batches_tracked = bad
+    assert bn.num_batches_tracked == 1
+    bn.load_state_dict(dict(before, num_batches_tracked=np.array(2 ** 63 - 1)))
+    state, out = _bn_state(bn), np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="^num_batches_tracked is 9223372036854775807"):
+        bn.forward(x, out=out)                   # would count past int64
+    assert (out == 7.0).all()
+    _assert_bn_unchanged(bn, state)
+    bn.eval().forward(x)                         # eval counts nothing: still fine
+    bn.train().num_batches_tracked = 0
+    bn.forward(x)
+    assert bn.num_batches_tracked == 1
