@@ -1270,6 +1270,21 @@ def test_flags_must_be_bools(cls, kw):
 # ------------------------------------------------- bad input: audit 3's defects
 
 
+def test_load_state_dict_conversion_errors_name_the_key(torch):
+    """A value that cannot become an array gave torch's or NumPy's error,
+    naming no key (a meta tensor: NotImplementedError)."""
+    m = fo.RNN(3, 2, seed=0)
+    before = m.state_dict()
+    sd = torch.nn.RNN(3, 2).state_dict()
+    for bad in [sd["weight_ih_l0"].bfloat16(), torch.empty(2, 3, device="meta"),
+                [[1.0], [1.0, 2.0]]]:
+        with pytest.raises(TypeError, match=r"^state_dict\['weight_ih_l0'\] cannot be read"):
+            m.load_state_dict({**sd, "weight_ih_l0": bad})
+        for k, v in m.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
+    m.load_state_dict({k: v.requires_grad_() for k, v in sd.items()})   # copied: allowed
+
+
 def test_set_blas_takes_a_str_subclass():
     """set_blas(np.str_('scipy')) passed set_blas's own check and was then
     refused by the binding's exact-str argument."""
