@@ -157,15 +157,20 @@ class BatchNorm(_Layer):
     def forward(self, x, out=None):
         """y = BN(x); x of shape (N, C, *spatial) (or (N, *spatial, C))."""
         self._check_input(x, "x")
-        axis = -1 if self.channels_last else 1
+        # the attributes may have been edited since __init__: check them again
+        training = _bool(self.training, "training")
+        channels_last = _bool(self.channels_last, "channels_last")
+        track = _bool(self.track_running_stats, "track_running_stats")
+        if track and self._batches is None:
+            raise ValueError("track_running_stats cannot be turned on after construction "
+                             "(the layer has no running statistics)")
+        eps, momentum = _eps(self.eps), _momentum(self.momentum)
+        axis = -1 if channels_last else 1
         if x.ndim < 2 or x.shape[axis] != self.num_features:
             raise ValueError(f"x must have {self.num_features} channels on axis {axis} "
                              f"(num_features), got shape {x.shape}")
-        # the attributes may have been edited since __init__: check them again
-        training = _bool(self.training, "training")
-        eps, momentum = _eps(self.eps), _momentum(self.momentum)
-        batch_stats = training or not self.track_running_stats
-        update = training and self.track_running_stats
+        batch_stats = training or not track
+        update = training and track
         if not update:
             momentum = 0.0
         else:
@@ -184,17 +189,17 @@ class BatchNorm(_Layer):
             self.running_mean if (update or not batch_stats) else None,
             self.running_var if (update or not batch_stats) else None,
             self.weight, self.bias, training=batch_stats, momentum=momentum,
-            eps=eps, channels_last=self.channels_last)
+            eps=eps, channels_last=channels_last)
         if update:   # (not +=: a ufunc call on a 0-d array costs 1 us)
             self._batches[()] = batches + 1
-        self._ctx = (x, batch_stats)
+        self._ctx = (x, batch_stats, channels_last)
         return y
 
     def backward(self, dy, out=None):
         """dx for the last forward; grad_weight += sum(dy*xhat), grad_bias += sum(dy)."""
         if self._ctx is None:
             raise ValueError(_NO_FORWARD)
-        x, batch_stats = self._ctx
+        x, batch_stats, channels_last = self._ctx   # the forward's layout, even if edited since
         self._check_input(dy, "dy")
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the forward input's shape {x.shape}, got {dy.shape}")
@@ -202,7 +207,7 @@ class BatchNorm(_Layer):
         _fastopt.batchnorm_backward(
             dy, x, self._save_mean, self._save_invstd, self.weight, dx,
             self.grad_weight, self.grad_bias, training=batch_stats, accumulate=True,
-            channels_last=self.channels_last)
+            channels_last=channels_last)
         self._ctx = None      # consumed: a second backward would add the grads again
         return dx
 
