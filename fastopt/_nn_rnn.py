@@ -29,14 +29,18 @@ _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3, "gru_reset_before":
 
 
 def _asarray(a, name):
-    """a as an ndarray (a torch tensor through its own buffer). A tensor that
-    requires grad is refused by name: torch's .numpy() would raise
-    RuntimeError, and detaching it here would hide that autograd is cut."""
+    """a as an ndarray (a torch tensor through its own buffer), else TypeError
+    naming it. A tensor that requires grad is refused by name: torch's
+    .numpy() would raise RuntimeError, and detaching it here would hide that
+    autograd is cut."""
     if isinstance(a, np.ndarray):
         return a
     if getattr(a, "requires_grad", False) is True:
         raise TypeError(f"{name} is a torch tensor that requires grad: pass {name}.detach()")
-    return np.asarray(a)
+    try:
+        return np.asarray(a)
+    except Exception as e:   # ragged lists; bfloat16, conjugated or meta tensors
+        raise TypeError(f"{name} cannot be read as an array: {e}") from None
 
 
 def _input(a, name, dtype, shape):
@@ -290,7 +294,7 @@ class _SequenceLayer(_Recurrent):
         batch order that sorts them (stable); (None, None) without lengths."""
         if lengths is None:
             return None, None
-        v = np.asarray(lengths.detach().cpu().numpy() if hasattr(lengths, "detach") else lengths)
+        v = _asarray(lengths, "lengths")
         if v.dtype.kind not in "iu":
             raise TypeError(f"lengths must be integers, got dtype {v.dtype}")
         if v.shape != (B,):

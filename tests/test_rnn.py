@@ -1270,6 +1270,33 @@ def test_flags_must_be_bools(cls, kw):
 # ------------------------------------------------- bad input: audit 3's defects
 
 
+def test_conversion_errors_name_the_argument(torch):
+    """np.asarray's own errors escaped: RuntimeError for a conjugated tensor,
+    NotImplementedError for a meta tensor, messages naming no argument for
+    bfloat16 tensors and ragged lists."""
+    gru = fo.GRU(3, 2, seed=0)
+    x = np.ones((2, 1, 3), np.float32)
+    out, _ = gru.forward(x)
+    cell = fo.GRUCell(3, 2)
+    cell.forward(np.ones((1, 3), np.float32))
+    bf16 = lambda *shape: torch.ones(*shape, dtype=torch.bfloat16)
+    for name, call in [
+            ("x", lambda: gru.forward(bf16(2, 1, 3))),
+            ("x", lambda: gru.forward([[[1.0, 2.0, 3.0]], [[1.0]]])),
+            ("h0", lambda: gru.forward(x, torch.ones(1, 1, 2, dtype=torch.complex64).conj())),
+            ("lengths", lambda: gru.forward(x, lengths=torch.ones(1, dtype=torch.int64,
+                                                                  device="meta"))),
+            ("lengths", lambda: gru.forward(x, lengths=[[1], [1, 2]])),
+            ("dout", lambda: gru.backward(bf16(2, 1, 2))),
+            ("dh_n", lambda: gru.backward(out, bf16(1, 1, 2))),
+            ("x", lambda: cell.forward(bf16(1, 3))),
+            ("dh1", lambda: cell.backward(bf16(1, 2)))]:
+        with pytest.raises(TypeError, match=f"^{name} cannot be read as an array"):
+            call()
+    gru.backward(out)                            # the refused calls kept the forward
+    cell.backward(np.ones((1, 2), np.float32))
+
+
 def test_load_state_dict_conversion_errors_name_the_key(torch):
     """A value that cannot become an array gave torch's or NumPy's error,
     naming no key (a meta tensor: NotImplementedError)."""
