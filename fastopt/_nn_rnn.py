@@ -54,6 +54,10 @@ def _input(a, name, dtype, shape):
         raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+    # C reads whole elements; checked here, as the C call's own check comes
+    # after the layers below it have written
+    if not a.flags.aligned:
+        raise ValueError(f"{name} must be aligned to its element size")
     return a
 
 
@@ -366,6 +370,16 @@ class _SequenceLayer(_Recurrent):
         if order is not None:    # the batch in decreasing length: live rows lead
             x, h0, c0 = (_batch_order(a, order) for a in (x, h0, c0))
         S, L, D = self._S, self.num_layers, self._D
+        # every layer's sizes and weights as its C call will check them, before
+        # the first one writes: a refused forward leaves the layer as it was
+        # (the last forward's scratch, its backward, the dropout offsets)
+        for layer in range(L):
+            for d in range(D):
+                (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._layer_params(
+                    f"_l{layer}" + ("_reverse" if d else ""))
+                _fastopt.check_layer(self.mode, T, B, self.input_size if layer == 0 else D * S,
+                                     self.hidden_size, w_ih, w_hh, b_ih, b_hh, self.proj_size,
+                                     w_hr)
         runs = _runs(lengths, T, B)
         self._saved = None       # the scratch below is about to change
         saved, dropped, h_n, c_n = [], [], [], []
@@ -606,8 +620,10 @@ class _Cell(_Recurrent):
         B, H, G = x.shape[0], self.hidden_size, _GATES[self.mode]
         h0 = self._state_input(h0, "h0", unbatched, B)
         c0 = self._state_input(c0, "c0", unbatched, B)
-        gates = self._free.pop() if self._free and self._free[-1].shape == (B, G * H) \
-            else np.empty((B, G * H), self.dtype)
+        # a popped step's gate buffer, taken off the free list only once the
+        # call has been accepted
+        reuse = bool(self._free) and self._free[-1].shape == (B, G * H)
+        gates = self._free[-1] if reuse else np.empty((B, G * H), self.dtype)
         h1 = np.empty((B, H), self.dtype)
         c1 = np.empty((B, H), self.dtype) if self.mode == "lstm" else None
         extra = np.empty((B, H), self.dtype) if G == 3 else None
@@ -618,6 +634,8 @@ class _Cell(_Recurrent):
         s.call = _fastopt.RnnLayerCall(self.mode, 1, B, self.input_size, H, w_ih, w_hh,
                                        b_ih, b_hh, x, h0, c0, h1, c1, gates, extra)
         s.call.forward()
+        if reuse:
+            self._free.pop()
         self._steps.append(s)
         # copies: backward reads the saved h1/c1, which the caller may then change
         if unbatched:

@@ -1269,6 +1269,47 @@ def test_flags_must_be_bools(cls, kw):
 
 # ------------------------------------------------- bad input: audit 3's defects
 
+def _twins(make):
+    """Two layers built alike: one to misuse, one as the reference."""
+    return make(), make()
+
+
+def _assert_same_backward(m, ref, dout):
+    """m's saved forward backpropagates as ref's (the same forward) does."""
+    np.testing.assert_array_equal(m.backward(dout)[0], ref.backward(dout)[0])   # dx
+    for g, rg in zip(m.gradients(), ref.gradients()):
+        np.testing.assert_array_equal(g, rg)
+
+
+def test_refused_forward_leaves_the_layer_as_it_was():
+    """A sequence forward cleared its saved context (and advanced the dropout
+    offsets) before a later layer's C call refused its arguments: every
+    layer is now checked before the first one writes."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    m, ref = _twins(lambda: fo.LSTM(5, 6, num_layers=3, dropout=0.5, bidirectional=True,
+                                    seed=0))
+    out, _ = m.forward(x)
+    ref.forward(x)
+    offsets = [d.offset for d in m._dropouts]
+    w = m._params
+    for target, name, value, msg in [
+            (m.__dict__, "hidden_size", 7, "w_ih has"),
+            (w, "weight_ih_l1", w["weight_ih_l1"][:, :6], "w_ih must be C-contiguous"),
+            (w, "weight_hh_l2_reverse", w["weight_hh_l2_reverse"].astype(np.float64),
+             "w_hh must have dtype float32"),
+            (w, "bias_hh_l1", None, "b_ih and b_hh must both be given")]:
+        kept, target[name] = target[name], value
+        with pytest.raises((TypeError, ValueError), match=msg):
+            m.forward(x)
+        target[name] = kept
+        assert [d.offset for d in m._dropouts] == offsets
+    unaligned = np.frombuffer(bytearray(x.nbytes + 1), np.uint8)[1:].view(np.float32)
+    unaligned = unaligned.reshape(x.shape)
+    unaligned[...] = x
+    with pytest.raises(ValueError, match="x must be aligned"):
+        m.forward(unaligned)
+    _assert_same_backward(m, ref, np.ones_like(out))
+
 
 def test_conversion_errors_name_the_argument(torch):
     """np.asarray's own errors escaped: RuntimeError for a conjugated tensor,
