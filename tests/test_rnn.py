@@ -1281,6 +1281,81 @@ def _assert_same_backward(m, ref, dout):
         np.testing.assert_array_equal(g, rg)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_edited_dropout_is_read_at_each_forward(kind):
+    """torch reads .dropout at every forward; fastopt built its Dropouts once,
+    so 0 -> 0.5 raised IndexError mid-forward (after discarding the last
+    forward), 0.2 -> 0.9 kept 0.2, and "0.5" gave an unnamed TypeError."""
+    x = np.random.default_rng(0).standard_normal((6, 3, 5)).astype(np.float32)
+    make = lambda p: getattr(fo, kind)(5, 40, num_layers=3, dropout=p, seed=0)
+    for built, edited in [(0.0, 0.5), (0.2, 0.9), (0.5, 0.0)]:
+        m, ref = make(built), make(edited)
+        m.dropout = edited
+        out, _ = m.forward(x)
+        np.testing.assert_array_equal(out, ref.forward(x)[0])   # as if built with it
+        if edited:
+            assert [d.p for d in m._dropouts] == [edited, edited]
+        _assert_same_backward(m, ref, np.ones_like(out))
+    m, ref = _twins(lambda: make(0.2))
+    out, _ = m.forward(x)
+    ref.forward(x)
+    offsets = [d.offset for d in m._dropouts]
+    for bad, exc in [("0.5", TypeError), (None, TypeError), (1.5, ValueError),
+                     (float("nan"), ValueError)]:
+        m.dropout = bad
+        with pytest.raises(exc, match="^dropout must be"):
+            m.forward(x)
+        assert [d.offset for d in m._dropouts] == offsets
+    m.dropout = 0.2
+    _assert_same_backward(m, ref, np.ones_like(out))   # the refused calls kept the forward
+    np.testing.assert_array_equal(m.eval().forward(x)[0], ref.eval().forward(x)[0])
+
+
+@pytest.mark.parametrize("make,attr,value,exc", [
+    (lambda: fo.LSTM(4, 5, num_layers=2, dropout=0.5, seed=0), "training", "no", TypeError),
+    (lambda: fo.GRU(4, 5, seed=0), "batch_first", "no", TypeError),
+    (lambda: fo.GRU(4, 5, seed=0), "batch_first", 1, TypeError),
+    (lambda: fo.RNN(4, 5, seed=0), "bidirectional", "no", TypeError),
+    (lambda: fo.RNN(4, 5, seed=0), "bidirectional", True, ValueError),
+    (lambda: fo.LSTM(4, 5, seed=0), "bias", False, ValueError),
+    (lambda: fo.GRU(4, 5, seed=0), "reset_after", False, ValueError),
+    (lambda: fo.RNN(4, 5, seed=0), "nonlinearity", "relu", ValueError),
+    (lambda: fo.GRUCell(4, 5, seed=0), "training", "no", TypeError),
+    (lambda: fo.LSTMCell(4, 5, seed=0), "bias", "no", TypeError),
+    (lambda: fo.GRUCell(4, 5, seed=0), "reset_after", False, ValueError),
+    (lambda: fo.RNNCell(4, 5, seed=0), "nonlinearity", "relu", ValueError)])
+def test_edited_flags_are_checked_at_forward(make, attr, value, exc):
+    """A flag edited after __init__ was read with bool() ("no" is truthy:
+    dropout on, batch-first layout) or not at all (bias, bidirectional,
+    reset_after, nonlinearity: the weights stayed as built). Each must be a
+    real bool, and those the weights are built for unchanged."""
+    m, ref = _twins(make)
+    cell = type(m).__name__.endswith("Cell")
+    x = np.random.default_rng(0).standard_normal((2, 4) if cell else (3, 2, 4))
+    x = x.astype(np.float32)
+    first = m.forward(x)
+    ref.forward(x)
+    setattr(m, attr, value)
+    with pytest.raises(exc, match=f"^{attr} (must be a bool|cannot be changed)"):
+        m.forward(x)
+    setattr(m, attr, getattr(ref, attr))
+    dout = np.ones((2, 5), np.float32) if cell else np.ones_like(first[0])
+    _assert_same_backward(m, ref, dout)          # the refused call kept (or saved) nothing
+    if cell:
+        assert not m._steps
+
+
+def test_backward_takes_the_layout_of_its_forward():
+    """batch_first edited between forward and backward: backward reads dout
+    in the layout its forward produced."""
+    m, ref = _twins(lambda: fo.LSTM(4, 5, num_layers=2, seed=0))
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    out, _ = m.forward(x)
+    ref.forward(x)
+    m.batch_first = True
+    _assert_same_backward(m, ref, np.ones_like(out))
+
+
 def test_refused_forward_leaves_the_layer_as_it_was():
     """A sequence forward cleared its saved context (and advanced the dropout
     offsets) before a later layer's C call refused its arguments: every
