@@ -606,7 +606,10 @@ _SEQUENCE_ARGS = """
     seed (weights U(-1/sqrt(H), 1/sqrt(H)); None: fresh randomness).
     out, state = forward(x, state=None, lengths=None); dx, dstate =
     backward(dout, dstate=None), once per forward; parameter gradients
-    accumulate (+=). state_dict()/load_state_dict() use torch's names."""
+    accumulate (+=). state_dict()/load_state_dict() use torch's names.
+    backward may read the caller's x and initial state themselves, not
+    copies (torch saves them too): do not modify them between forward and
+    backward."""
 for _cls in (RNN, LSTM, GRU):
     _cls.__doc__ = (_cls.__doc__ or "") + _SEQUENCE_ARGS   # None under python -OO
 
@@ -770,6 +773,8 @@ _CELL_ARGS = """
     Arguments as torch's: input_size, hidden_size, bias, then dtype (np.float32
     or np.float64) and seed (weights U(-1/sqrt(H), 1/sqrt(H)); None: fresh
     randomness). forward may be called T times, then backward T times, newest
-    step first; parameter gradients accumulate (+=)."""
+    step first; parameter gradients accumulate (+=). Each step's backward
+    reads the caller's x and state of that step themselves, not copies
+    (torch saves them too): do not modify them until it is backpropagated."""
 for _cls in (RNNCell, GRUCell, LSTMCell):
     _cls.__doc__ = (_cls.__doc__ or "") + _CELL_ARGS
