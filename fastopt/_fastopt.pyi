@@ -78,6 +78,10 @@ def blas_provider() -> str: ...
 def gemm(c: NDArray, a: NDArray, b: NDArray, trans_a: bool = ..., trans_b: bool = ...,
          beta: float = ...) -> None: ...
 
+def check_layer(mode: str, seq_len: int, batch: int, input_size: int, hidden_size: int,
+                w_ih: NDArray, w_hh: NDArray, b_ih: Optional[NDArray], b_hh: Optional[NDArray],
+                proj_size: int = ..., w_hr: Optional[NDArray] = ...) -> None: ...
+
 class RnnLayerCall:
     dtype: type
     keep: tuple

@@ -40,6 +40,10 @@ class Layer:
         """{torch name: the layer's own array} (parameters and buffers)."""
         return OrderedDict()
 
+    def _check_loaded(self, arrays):
+        """Refuse loaded values ({name: array}, shapes and dtypes already
+        checked) that the layer's own rules forbid; nothing is written yet."""
+
     def state_dict(self):
         """{torch name: copy of the array}, e.g. weight_ih_l0 or running_mean."""
         return OrderedDict((k, v.copy()) for k, v in self._named_arrays().items())
@@ -48,8 +52,10 @@ class Layer:
         """Copy arrays by torch name into the layer's own (in place, so optimizers
         holding them see the new values); a torch module's state_dict() works as
         it is. Refused whole, before anything is written, when a name is missing
-        or unexpected or a shape or dtype differs (no casts: a float32 layer
-        takes float32 values, as a torch module's state_dict() gives them)."""
+        or unexpected, a value cannot be read as an array, a shape or dtype
+        differs (no casts: a float32 layer takes float32 values, as a torch
+        module's state_dict() gives them) or a value breaks the layer's own
+        rules (BatchNorm's num_batches_tracked in [0, 2**63))."""
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping of name -> array, "
                             f"got {type(state_dict).__name__}")
@@ -61,13 +67,17 @@ class Layer:
         arrays = {}
         for k, p in targets.items():
             v = state_dict[k]
-            v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            try:      # a tensor (any device, requiring grad or not: it is copied) or array-like
+                v = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)
+            except Exception as e:   # ragged lists; bfloat16 or meta tensors
+                raise TypeError(f"state_dict[{k!r}] cannot be read as an array: {e}") from None
             if v.shape != p.shape:
                 raise ValueError(f"state_dict[{k!r}] has shape {v.shape}, expected {p.shape}")
             if v.dtype != p.dtype:
                 raise TypeError(f"state_dict[{k!r}] has dtype {v.dtype}, expected {p.dtype} "
                                 "(no implicit casts)")
             arrays[k] = v
+        self._check_loaded(arrays)
         # copies of every value before the first write: a value may be (a view
         # of) one of our own arrays, e.g. two same-shaped weights swapped
         arrays = {k: v.copy() for k, v in arrays.items()}

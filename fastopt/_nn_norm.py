@@ -55,6 +55,18 @@ def _momentum(v):
     return None if v is None else _unit(v, "momentum")
 
 
+# num_batches_tracked is torch's int64 buffer: it counts up to 2**63 - 1
+_MAX_BATCHES = 2 ** 63 - 1
+
+
+def _batches(n, name):
+    """A num_batches_tracked value (set, or loaded by load_state_dict): an
+    integer in [0, 2**63)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= _MAX_BATCHES:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {n!r}")
+    return int(n)
+
+
 class BatchNorm(_Layer):
     """Batch normalization over the channel axis of (N, C) or (N, C, *spatial)
     input (or (N, *spatial, C) with channels_last=True):
@@ -118,9 +130,7 @@ class BatchNorm(_Layer):
     def num_batches_tracked(self, n):
         if self._batches is None:
             raise ValueError("num_batches_tracked needs track_running_stats=True")
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise ValueError(f"num_batches_tracked must be an integer >= 0, got {n!r}")
-        self._batches[()] = n
+        self._batches[()] = _batches(n, "num_batches_tracked")
 
     def _named_arrays(self):
         """torch's names: weight, bias (affine), running_mean, running_var,
@@ -130,6 +140,12 @@ class BatchNorm(_Layer):
             named.update(running_mean=self.running_mean, running_var=self.running_var,
                          num_batches_tracked=self._batches)
         return named
+
+    def _check_loaded(self, arrays):
+        """The loaded num_batches_tracked under the setter's rule (a negative
+        count divided by zero at the next forward with momentum=None)."""
+        if "num_batches_tracked" in arrays:
+            _batches(arrays["num_batches_tracked"][()], "state_dict['num_batches_tracked']")
 
     def reset_running_stats(self):
         """running_mean = 0, running_var = 1, num_batches_tracked = 0 (as torch)."""
@@ -141,19 +157,29 @@ class BatchNorm(_Layer):
     def forward(self, x, out=None):
         """y = BN(x); x of shape (N, C, *spatial) (or (N, *spatial, C))."""
         self._check_input(x, "x")
-        axis = -1 if self.channels_last else 1
+        # the attributes may have been edited since __init__: check them again
+        training = _bool(self.training, "training")
+        channels_last = _bool(self.channels_last, "channels_last")
+        track = _bool(self.track_running_stats, "track_running_stats")
+        if track and self._batches is None:
+            raise ValueError("track_running_stats cannot be turned on after construction "
+                             "(the layer has no running statistics)")
+        eps, momentum = _eps(self.eps), _momentum(self.momentum)
+        axis = -1 if channels_last else 1
         if x.ndim < 2 or x.shape[axis] != self.num_features:
             raise ValueError(f"x must have {self.num_features} channels on axis {axis} "
                              f"(num_features), got shape {x.shape}")
-        # the attributes may have been edited since __init__: check them again
-        training = _bool(self.training, "training")
-        eps, momentum = _eps(self.eps), _momentum(self.momentum)
-        batch_stats = training or not self.track_running_stats
-        update = training and self.track_running_stats
+        batch_stats = training or not track
+        update = training and track
         if not update:
             momentum = 0.0
-        elif momentum is None:            # cumulative moving average
-            momentum = 1.0 / (self.num_batches_tracked + 1)
+        else:
+            batches = int(self._batches)
+            if batches >= _MAX_BATCHES:   # the int64 count would wrap to -2**63
+                raise ValueError(f"num_batches_tracked is {batches}, the largest it can "
+                                 "count: reset it (num_batches_tracked = 0) to train on")
+            if momentum is None:          # cumulative moving average
+                momentum = 1.0 / (batches + 1)
         if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
             raise ValueError("out shares memory with x, which backward needs; "
                              "use fastopt.functional.batch_norm_forward for in-place inference")
@@ -163,17 +189,17 @@ class BatchNorm(_Layer):
             self.running_mean if (update or not batch_stats) else None,
             self.running_var if (update or not batch_stats) else None,
             self.weight, self.bias, training=batch_stats, momentum=momentum,
-            eps=eps, channels_last=self.channels_last)
+            eps=eps, channels_last=channels_last)
         if update:   # (not +=: a ufunc call on a 0-d array costs 1 us)
-            self._batches[()] = self._batches[()] + 1
-        self._ctx = (x, batch_stats)
+            self._batches[()] = batches + 1
+        self._ctx = (x, batch_stats, channels_last)
         return y
 
     def backward(self, dy, out=None):
         """dx for the last forward; grad_weight += sum(dy*xhat), grad_bias += sum(dy)."""
         if self._ctx is None:
             raise ValueError(_NO_FORWARD)
-        x, batch_stats = self._ctx
+        x, batch_stats, channels_last = self._ctx   # the forward's layout, even if edited since
         self._check_input(dy, "dy")
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the forward input's shape {x.shape}, got {dy.shape}")
@@ -181,7 +207,7 @@ class BatchNorm(_Layer):
         _fastopt.batchnorm_backward(
             dy, x, self._save_mean, self._save_invstd, self.weight, dx,
             self.grad_weight, self.grad_bias, training=batch_stats, accumulate=True,
-            channels_last=self.channels_last)
+            channels_last=channels_last)
         self._ctx = None      # consumed: a second backward would add the grads again
         return dx
 
@@ -256,7 +282,8 @@ class Dropout(_Layer):
             dx = dy
             if out is not None:
                 dx = out
-                _fastopt.dropout_forward(dy, out, None, 0.0, 0, 0)
+                # a checked copy (p = 0 keeps all) whose errors name dy, not x
+                _fastopt.dropout_backward(dy, out, None, 0.0, 0, 0)
         else:
             dx = np.empty_like(dy) if out is None else out
             _fastopt.dropout_backward(dy, dx, mask, p, seed, offset)

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _fastopt
 from ._layer import Layer
-from ._functional_norm import _bool, _real
+from ._functional_norm import _bool, _unit
 from ._nn_norm import Dropout
 from .blas import ensure_configured
 
@@ -29,14 +29,18 @@ _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3, "gru_reset_before":
 
 
 def _asarray(a, name):
-    """a as an ndarray (a torch tensor through its own buffer). A tensor that
-    requires grad is refused by name: torch's .numpy() would raise
-    RuntimeError, and detaching it here would hide that autograd is cut."""
+    """a as an ndarray (a torch tensor through its own buffer), else TypeError
+    naming it. A tensor that requires grad is refused by name: torch's
+    .numpy() would raise RuntimeError, and detaching it here would hide that
+    autograd is cut."""
     if isinstance(a, np.ndarray):
         return a
     if getattr(a, "requires_grad", False) is True:
         raise TypeError(f"{name} is a torch tensor that requires grad: pass {name}.detach()")
-    return np.asarray(a)
+    try:
+        return np.asarray(a)
+    except Exception as e:   # ragged lists; bfloat16, conjugated or meta tensors
+        raise TypeError(f"{name} cannot be read as an array: {e}") from None
 
 
 def _input(a, name, dtype, shape):
@@ -50,6 +54,10 @@ def _input(a, name, dtype, shape):
         raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)}")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous")
+    # C reads whole elements; checked here, as the C call's own check comes
+    # after the layers below it have written
+    if not a.flags.aligned:
+        raise ValueError(f"{name} must be aligned to its element size")
     return a
 
 
@@ -124,6 +132,10 @@ class _Recurrent(Layer):
             raise TypeError(f"dtype must be float32 or float64, got {np.dtype(dtype)}")
         self.dtype = np.dtype(dtype).type
         self.training = True
+        # the options the weights are built for (set by the subclasses before
+        # this call): forward refuses them edited, as the weights cannot follow
+        self._built = {n: getattr(self, n) for n in ("bias", "bidirectional", "reset_after",
+                                                     "nonlinearity") if hasattr(self, n)}
         ensure_configured()
         G, H = _GATES[mode], self.hidden_size
         if G * H >= 2 ** 31:
@@ -150,6 +162,21 @@ class _Recurrent(Layer):
                     self._params[name + sfx + ("_reverse" if d else "")] = w
         self._grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
         return rng
+
+    def _check_flags(self):
+        """The training flag (returned) and the options the weights are built
+        for, which may have been edited since __init__: each flag a real bool
+        ("no" is truthy), each built option unchanged."""
+        training = _bool(self.training, "training")
+        for name, built in self._built.items():
+            value = getattr(self, name)
+            same = (_bool(value, name) == built if isinstance(built, bool)
+                    else isinstance(value, str) and value == built)
+            if not same:
+                raise ValueError(f"{name} cannot be changed after construction (the weights "
+                                 f"are built for {name}={built!r}), got {value!r}: build a "
+                                 "new layer")
+        return training
 
     def __repr__(self):
         """Like torch's: the sizes, then the options that differ from the defaults."""
@@ -205,10 +232,7 @@ class _SequenceLayer(_Recurrent):
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
                  seed=None, proj_size=0):
-        dropout = _real(dropout, "dropout")
-        if not 0 <= dropout <= 1:
-            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
-        self.dropout = dropout
+        self.dropout = dropout = _unit(dropout, "dropout")
         self.bidirectional = _bool(bidirectional, "bidirectional")
         self._D = 2 if self.bidirectional else 1
         L = _positive_int(num_layers, "num_layers")
@@ -217,11 +241,14 @@ class _SequenceLayer(_Recurrent):
         self._S = self.proj_size or self.hidden_size   # the width of h (and out)
         self.batch_first = _bool(batch_first, "batch_first")
         # one dropout between each pair of layers, seeded from the same generator
-        self._dropouts = ([Dropout(dropout, seed=int(rng.integers(2 ** 63)))
-                           for _ in range(L - 1)] if dropout > 0 else [])
+        # (after the weights: they do not depend on dropout); made even for
+        # dropout=0, since self.dropout may be edited later and is read at forward
+        self._dropouts = [Dropout(dropout, seed=int(rng.integers(2 ** 63)))
+                          for _ in range(L - 1)]
         self._saved = None       # per (layer, direction): the runs of the last forward
         self._dropped = []       # per layer: whether its output went through dropout
         self._unbatched = False  # the last forward's input was 2-D (T, I)
+        self._batch_first = False  # the last forward's layout, which backward takes
         self._work = {}          # reused scratch: name -> array
 
     def _scratch(self, name, shape):
@@ -270,9 +297,15 @@ class _SequenceLayer(_Recurrent):
         x[:lengths[b], b], as a torch PackedSequence gives it; out is zero past
         each length and state holds each sequence's state after its own last
         step (the reverse direction reads each sequence from its own end)."""
+        # the attributes may have been edited since __init__: check them again
+        # (torch reads dropout at every forward, so an edited one applies)
+        training = self._check_flags()
+        batch_first = _bool(self.batch_first, "batch_first")
+        dropout = _unit(self.dropout, "dropout")
+        dropout = dropout if training else 0.0     # the p between layers
         x = _asarray(x, "x")
         if x.ndim != 2:
-            result = self._forward(x, state, self.batch_first, lengths)
+            result = self._forward(x, state, batch_first, lengths, dropout)
             self._unbatched = False
             return result
         if lengths is not None:
@@ -281,7 +314,7 @@ class _SequenceLayer(_Recurrent):
         x = _input(x, "x", self.dtype, (x.shape[0], self.input_size))[:, None]
         state = self._map_state(
             state, lambda a, n, part: _input(a, n, self.dtype, self._state_shape(part))[:, None])
-        out, state = self._forward(x, state, False, None)
+        out, state = self._forward(x, state, False, None, dropout)
         self._unbatched = True
         return out[:, 0], self._map_state(state, lambda a, n, part: a[:, 0])
 
@@ -290,7 +323,7 @@ class _SequenceLayer(_Recurrent):
         batch order that sorts them (stable); (None, None) without lengths."""
         if lengths is None:
             return None, None
-        v = np.asarray(lengths.detach().cpu().numpy() if hasattr(lengths, "detach") else lengths)
+        v = _asarray(lengths, "lengths")
         if v.dtype.kind not in "iu":
             raise TypeError(f"lengths must be integers, got dtype {v.dtype}")
         if v.shape != (B,):
@@ -349,7 +382,8 @@ class _SequenceLayer(_Recurrent):
                 c = (c0 if c0 is not None else np.zeros((B, H), self.dtype)) if lstm else None
         return saved, out, h, c
 
-    def _forward(self, x, state, batch_first, lengths):
+    def _forward(self, x, state, batch_first, lengths, dropout):
+        """forward's work; dropout: the p between layers (0 in eval)."""
         if x.ndim != 3:
             raise ValueError(f"x must be 3-D ({'B, T' if batch_first else 'T, B'}, "
                              f"input_size) or 2-D (T, input_size), got shape {x.shape}")
@@ -362,6 +396,16 @@ class _SequenceLayer(_Recurrent):
         if order is not None:    # the batch in decreasing length: live rows lead
             x, h0, c0 = (_batch_order(a, order) for a in (x, h0, c0))
         S, L, D = self._S, self.num_layers, self._D
+        # every layer's sizes and weights as its C call will check them, before
+        # the first one writes: a refused forward leaves the layer as it was
+        # (the last forward's scratch, its backward, the dropout offsets)
+        for layer in range(L):
+            for d in range(D):
+                (w_ih, w_hh, b_ih, b_hh, w_hr), _ = self._layer_params(
+                    f"_l{layer}" + ("_reverse" if d else ""))
+                _fastopt.check_layer(self.mode, T, B, self.input_size if layer == 0 else D * S,
+                                     self.hidden_size, w_ih, w_hh, b_ih, b_hh, self.proj_size,
+                                     w_hr)
         runs = _runs(lengths, T, B)
         self._saved = None       # the scratch below is about to change
         saved, dropped, h_n, c_n = [], [], [], []
@@ -385,14 +429,16 @@ class _SequenceLayer(_Recurrent):
                 y = self._scratch(f"cat{layer}", (T, B, 2 * S))
                 y[..., :S] = outs[0]
                 _flip(outs[1], lengths, y[..., S:])
-            drop = layer < L - 1 and self.training and self.dropout > 0
+            drop = layer < L - 1 and dropout > 0
             if drop:
                 self._dropouts[layer].training = True
+                self._dropouts[layer].p = dropout
                 y = self._dropouts[layer].forward(y, out=self._scratch(f"drop{layer}", y.shape))
             dropped.append(drop)
             inp = y
         self._saved, self._dropped = saved, dropped
         self._shape, self._lengths, self._order = (T, B), lengths, order
+        self._batch_first = batch_first
         out, h_n = inp, np.stack(h_n)
         c_n = np.stack(c_n) if self.mode == "lstm" else None
         if order is not None:    # back to the caller's batch order
@@ -414,7 +460,7 @@ class _SequenceLayer(_Recurrent):
             raise ValueError("backward() needs a matching forward() first (each forward "
                              "is backpropagated once)")
         if not self._unbatched:
-            return self._backward(dout, dstate, self.batch_first)
+            return self._backward(dout, dstate, self._batch_first)
         T = self._shape[0]
         if dout is not None:
             dout = _input(dout, "dout", self.dtype, (T, self._D * self._S))[:, None]
@@ -560,7 +606,10 @@ _SEQUENCE_ARGS = """
     seed (weights U(-1/sqrt(H), 1/sqrt(H)); None: fresh randomness).
     out, state = forward(x, state=None, lengths=None); dx, dstate =
     backward(dout, dstate=None), once per forward; parameter gradients
-    accumulate (+=). state_dict()/load_state_dict() use torch's names."""
+    accumulate (+=). state_dict()/load_state_dict() use torch's names.
+    backward may read the caller's x and initial state themselves, not
+    copies (torch saves them too): do not modify them between forward and
+    backward."""
 for _cls in (RNN, LSTM, GRU):
     _cls.__doc__ = (_cls.__doc__ or "") + _SEQUENCE_ARGS   # None under python -OO
 
@@ -591,6 +640,7 @@ class _Cell(_Recurrent):
         return a[None] if unbatched else a
 
     def _step(self, x, h0, c0):
+        self._check_flags()     # the attributes may have been edited since __init__
         x = _asarray(x, "x")
         if x.ndim not in (1, 2):
             raise ValueError(f"x must be 2-D (batch, input_size) or 1-D (input_size,), "
@@ -602,8 +652,10 @@ class _Cell(_Recurrent):
         B, H, G = x.shape[0], self.hidden_size, _GATES[self.mode]
         h0 = self._state_input(h0, "h0", unbatched, B)
         c0 = self._state_input(c0, "c0", unbatched, B)
-        gates = self._free.pop() if self._free and self._free[-1].shape == (B, G * H) \
-            else np.empty((B, G * H), self.dtype)
+        # a popped step's gate buffer, taken off the free list only once the
+        # call has been accepted
+        reuse = bool(self._free) and self._free[-1].shape == (B, G * H)
+        gates = self._free[-1] if reuse else np.empty((B, G * H), self.dtype)
         h1 = np.empty((B, H), self.dtype)
         c1 = np.empty((B, H), self.dtype) if self.mode == "lstm" else None
         extra = np.empty((B, H), self.dtype) if G == 3 else None
@@ -614,6 +666,8 @@ class _Cell(_Recurrent):
         s.call = _fastopt.RnnLayerCall(self.mode, 1, B, self.input_size, H, w_ih, w_hh,
                                        b_ih, b_hh, x, h0, c0, h1, c1, gates, extra)
         s.call.forward()
+        if reuse:
+            self._free.pop()
         self._steps.append(s)
         # copies: backward reads the saved h1/c1, which the caller may then change
         if unbatched:
@@ -719,6 +773,8 @@ _CELL_ARGS = """
     Arguments as torch's: input_size, hidden_size, bias, then dtype (np.float32
     or np.float64) and seed (weights U(-1/sqrt(H), 1/sqrt(H)); None: fresh
     randomness). forward may be called T times, then backward T times, newest
-    step first; parameter gradients accumulate (+=)."""
+    step first; parameter gradients accumulate (+=). Each step's backward
+    reads the caller's x and state of that step themselves, not copies
+    (torch saves them too): do not modify them until it is backpropagated."""
 for _cls in (RNNCell, GRUCell, LSTMCell):
     _cls.__doc__ = (_cls.__doc__ or "") + _CELL_ARGS

@@ -363,6 +363,59 @@ cdef int64_t _dim(object v, str name, int64_t minimum) except -1:
     return <int64_t>v
 
 
+cdef int _check_layer(fo_rnn_layer *layer, str mode, seq_len, batch, input_size, hidden_size,
+                      w_ih, w_hh, b_ih, b_hh, proj_size, w_hr) except -1:
+    """Fill `layer` with one layer's checked mode, sizes and weights: the part
+    of RnnLayerCall's checks that needs no buffers (check_layer runs it alone)."""
+    if mode not in RNN_MODES:
+        raise ValueError(f"mode must be one of {sorted(RNN_MODES)}, got {mode!r}")
+    cdef int m = RNN_MODES[mode]
+    # each size on its own first, so that no product below can wrap around
+    # int64 (2^32 * 2^32 would be 0, and empty buffers would pass)
+    cdef int64_t T = _dim(seq_len, "seq_len", 0), B = _dim(batch, "batch", 0)
+    cdef int64_t I = _dim(input_size, "input_size", 1)
+    cdef int64_t H = _dim(hidden_size, "hidden_size", 1)
+    cdef int64_t P = _dim(proj_size, "proj_size", 0)
+    if P and (m != 2 or not P < H):
+        raise ValueError(f"proj_size must be 0, or in [1, hidden_size) for an LSTM, "
+                         f"got {P}")
+    cdef int64_t G = fo_rnn_num_gates(m)
+    # S: the width of h (the projection's with proj_size)
+    cdef int64_t S = P if P else H
+    # the GEMMs' row counts (T*B) and widths (G*H) are 32-bit too; with every
+    # factor below 2^31, every element count below is below 2^62
+    if T * B >= 2 ** 31:
+        raise ValueError(f"seq_len * batch = {T * B} exceeds the BLAS's 2^31-1 limit")
+    if G * H >= 2 ** 31:
+        raise ValueError(f"hidden_size: {G} gates * {H} exceeds the BLAS's 2^31-1 limit")
+    dtype = w_ih.dtype if isinstance(w_ih, np.ndarray) else None
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"w_ih must be a float32 or float64 ndarray")
+    layer.mode = m
+    layer.seq_len = T
+    layer.batch = B
+    layer.input_size = I
+    layer.hidden_size = H
+    layer.w_ih = _ptr(w_ih, "w_ih", dtype, G * H * I, False, False)
+    layer.w_hh = _ptr(w_hh, "w_hh", dtype, G * H * S, False, False)
+    layer.proj_size = P
+    layer.w_hr = _ptr(w_hr, "w_hr", dtype, S * H, not P, False)
+    layer.b_ih = _ptr(b_ih, "b_ih", dtype, G * H, True, False)
+    layer.b_hh = _ptr(b_hh, "b_hh", dtype, G * H, True, False)
+    if (layer.b_ih == NULL) != (layer.b_hh == NULL):
+        raise ValueError("b_ih and b_hh must both be given or both be None")
+    return 0
+
+
+def check_layer(str mode, seq_len, batch, input_size, hidden_size, w_ih, w_hh, b_ih, b_hh,
+                proj_size=0, w_hr=None):
+    """Raise what RnnLayerCall(...) would for these sizes and weights, without
+    buffers: a stack of layers checks every layer before its first one writes."""
+    cdef fo_rnn_layer layer
+    _check_layer(&layer, mode, seq_len, batch, input_size, hidden_size, w_ih, w_hh,
+                 b_ih, b_hh, proj_size, w_hr)
+
+
 cdef class RnnLayerCall:
     """The checked arguments of one layer over one sequence: weights, dims and
     the buffers of forward (kept, so that backward reads what forward saved)."""
@@ -375,46 +428,16 @@ cdef class RnnLayerCall:
 
     def __cinit__(self, str mode, seq_len, batch, input_size, hidden_size, w_ih, w_hh,
                   b_ih, b_hh, x, h0, c0, out, c_all, gates, extra, proj_size=0, w_hr=None):
-        if mode not in RNN_MODES:
-            raise ValueError(f"mode must be one of {sorted(RNN_MODES)}, got {mode!r}")
-        cdef int m = RNN_MODES[mode]
-        # each size on its own first, so that no product below can wrap around
-        # int64 (2^32 * 2^32 would be 0, and empty buffers would pass)
-        cdef int64_t T = _dim(seq_len, "seq_len", 0), B = _dim(batch, "batch", 0)
-        cdef int64_t I = _dim(input_size, "input_size", 1)
-        cdef int64_t H = _dim(hidden_size, "hidden_size", 1)
-        cdef int64_t P = _dim(proj_size, "proj_size", 0)
-        if P and (m != 2 or not P < H):
-            raise ValueError(f"proj_size must be 0, or in [1, hidden_size) for an LSTM, "
-                             f"got {P}")
-        cdef int64_t G = fo_rnn_num_gates(m)
-        # S: the width of h (the projection's with proj_size)
-        cdef int64_t S = P if P else H
-        # the GEMMs' row counts (T*B) and widths (G*H) are 32-bit too; with every
-        # factor below 2^31, every element count below is below 2^62
-        if T * B >= 2 ** 31:
-            raise ValueError(f"seq_len * batch = {T * B} exceeds the BLAS's 2^31-1 limit")
-        if G * H >= 2 ** 31:
-            raise ValueError(f"hidden_size: {G} gates * {H} exceeds the BLAS's 2^31-1 limit")
-        cdef int64_t TB = T * B, BH = B * H, BS = B * S
-        dtype = w_ih.dtype if isinstance(w_ih, np.ndarray) else None
-        if dtype not in (np.float32, np.float64):
-            raise TypeError(f"w_ih must be a float32 or float64 ndarray")
+        _check_layer(&self.layer, mode, seq_len, batch, input_size, hidden_size, w_ih, w_hh,
+                     b_ih, b_hh, proj_size, w_hr)
+        cdef int m = self.layer.mode
+        cdef int64_t G = fo_rnn_num_gates(m), H = self.layer.hidden_size
+        cdef int64_t I = self.layer.input_size, P = self.layer.proj_size, S = P if P else H
+        cdef int64_t TB = self.layer.seq_len * self.layer.batch
+        cdef int64_t BH = self.layer.batch * H, BS = self.layer.batch * S
+        dtype = w_ih.dtype
         self.dtype = dtype
         self.is_f64 = dtype == np.float64
-        self.layer.mode = m
-        self.layer.seq_len = T
-        self.layer.batch = B
-        self.layer.input_size = I
-        self.layer.hidden_size = H
-        self.layer.w_ih = _ptr(w_ih, "w_ih", dtype, G * H * I, False, False)
-        self.layer.w_hh = _ptr(w_hh, "w_hh", dtype, G * H * S, False, False)
-        self.layer.proj_size = P
-        self.layer.w_hr = _ptr(w_hr, "w_hr", dtype, S * H, not P, False)
-        self.layer.b_ih = _ptr(b_ih, "b_ih", dtype, G * H, True, False)
-        self.layer.b_hh = _ptr(b_hh, "b_hh", dtype, G * H, True, False)
-        if (self.layer.b_ih == NULL) != (self.layer.b_hh == NULL):
-            raise ValueError("b_ih and b_hh must both be given or both be None")
         is_lstm, is_gru = m == 2, m >= 3
         self.fwd.x = _ptr(x, "x", dtype, TB * I, False, False)
         self.fwd.h0 = _ptr(h0, "h0", dtype, BS, True, False)

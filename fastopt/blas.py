@@ -123,6 +123,10 @@ def set_blas(name="auto"):
     measured fastest that loads) for every later recurrent-layer product.
     Returns the provider in use; raises OSError when `name` cannot be loaded."""
     global _configured
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str ('auto', 'scipy', 'numpy', 'dnnl' or 'mkl'), "
+                        f"got {type(name).__name__}")
+    name = str(name)      # a str subclass (numpy.str_): the binding takes exactly str
     if name == "auto":    # measured order, see the module docstring
         name = next(n for n in ("dnnl", "numpy", "scipy") if n == "scipy" or _available(n))
     if name not in ("scipy", "numpy", "dnnl", "mkl"):

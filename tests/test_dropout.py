@@ -517,3 +517,19 @@ def test_large_outputs_streaming_stores(threads, dtype, n, align, nthreads):
         _fastopt._dropout_use_portable(False)
     np.testing.assert_array_equal(mask2, mask)
     np.testing.assert_array_equal(y2, y)
+
+
+def test_eval_backward_with_out_names_dy():
+    """The eval-mode backward's checked copy was the forward's binding, whose
+    errors named x (an argument of forward, not of backward)."""
+    layer = fo.Dropout(0.5, seed=0).eval()
+    layer.forward(np.ones((4, 6), np.float32))
+    out = np.full((4, 6), 7.0, np.float32)
+    with pytest.raises(ValueError, match="^dy must be C-contiguous"):
+        layer.backward(np.ones((6, 4), np.float32).T, out=out)
+    with pytest.raises(ValueError, match="^out must have dy's shape"):
+        layer.backward(np.ones((4, 6), np.float32), out=out[:2])
+    assert (out == 7.0).all()
+    dy = np.arange(24, dtype=np.float32).reshape(4, 6)
+    assert layer.backward(dy, out=out) is out
+    np.testing.assert_array_equal(out, dy)

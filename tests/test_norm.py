@@ -781,3 +781,78 @@ def test_capped_partial_sums_still_match_the_formula():
     np.testing.assert_allclose(sm, mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(si, 1 / np.sqrt(var + 1e-5), rtol=1e-5)
     np.testing.assert_allclose(y, (xd - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------- bad input: audit 3's defects
+
+@pytest.mark.parametrize("attr,value,exc,msg", [
+    ("channels_last", "no", TypeError, "channels_last must be a bool"),
+    ("channels_last", 0, TypeError, "channels_last must be a bool"),
+    ("track_running_stats", "no", TypeError, "track_running_stats must be a bool")])
+def test_edited_flags_are_checked_at_forward(attr, value, exc, msg):
+    """bn.channels_last = "no" was taken as True (normalizing over the last
+    axis), as bn.training = "no" already was not."""
+    bn = fo.BatchNorm(3)
+    x = make((4, 3, 3), np.float32, 0)
+    bn.forward(x)
+    setattr(bn, attr, value)
+    state, ctx = _bn_state(bn), bn._ctx
+    out = np.full_like(x, 7.0)
+    with pytest.raises(exc, match=f"^{msg}"):
+        bn.forward(x, out=out)
+    assert (out == 7.0).all()
+    _assert_bn_unchanged(bn, state)
+    assert bn._ctx is ctx
+
+
+def test_track_running_stats_cannot_be_turned_on_later():
+    """Turning it on for a layer built without running statistics failed
+    after y was written (None has no num_batches_tracked to count)."""
+    bn = fo.BatchNorm(3, track_running_stats=False)
+    bn.track_running_stats = True
+    x, out = make((4, 3), np.float32, 0), np.full((4, 3), 7.0, np.float32)
+    with pytest.raises(ValueError, match="^track_running_stats cannot be turned on"):
+        bn.forward(x, out=out)
+    assert (out == 7.0).all() and bn._ctx is None
+
+
+def test_backward_takes_the_layout_of_its_forward():
+    """channels_last edited between forward and backward: backward uses the
+    forward's layout, as the saved statistics do."""
+    x, dy = make((4, 3, 3), np.float32, 0), make((4, 3, 3), np.float32, 1)
+    bn, ref = fo.BatchNorm(3), fo.BatchNorm(3)
+    bn.forward(x)
+    ref.forward(x)
+    bn.channels_last = True
+    np.testing.assert_array_equal(bn.backward(dy), ref.backward(dy))
+    np.testing.assert_array_equal(bn.grad_weight, ref.grad_weight)
+
+
+def test_num_batches_tracked_is_checked_when_loaded_and_cannot_wrap():
+    """load_state_dict took a negative count (then ZeroDivisionError with
+    momentum=None); 2**63 - 1 wrapped to -2**63 at the next training forward;
+    the setter raised OverflowError for 2**64."""
+    x = make((4, 3), np.float32, 0)
+    bn = fo.BatchNorm(3, momentum=None)
+    bn.forward(x)
+    before = bn.state_dict()
+    for bad in (-1, np.iinfo(np.int64).min):
+        with pytest.raises(ValueError, match=r"^state_dict\['num_batches_tracked'\] must be"):
+            bn.load_state_dict(dict(before, num_batches_tracked=np.array(bad, np.int64),
+                                    weight=np.full(3, 7.0, np.float32)))
+        for k, v in bn.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
+    for bad in (-1, 2 ** 63, 2 ** 64, 1.0, True):
+        with pytest.raises(ValueError, match="^num_batches_tracked must be"):
+            bn.num_batches_tracked = bad
+    assert bn.num_batches_tracked == 1
+    bn.load_state_dict(dict(before, num_batches_tracked=np.array(2 ** 63 - 1)))
+    state, out = _bn_state(bn), np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="^num_batches_tracked is 9223372036854775807"):
+        bn.forward(x, out=out)                   # would count past int64
+    assert (out == 7.0).all()
+    _assert_bn_unchanged(bn, state)
+    bn.eval().forward(x)                         # eval counts nothing: still fine
+    bn.train().num_batches_tracked = 0
+    bn.forward(x)
+    assert bn.num_batches_tracked == 1

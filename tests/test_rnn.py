@@ -1265,3 +1265,179 @@ def test_flags_must_be_bools(cls, kw):
     name = next(iter(kw))
     with pytest.raises(TypeError, match=f"{name} must be a bool"):
         cls(3, 4, **kw)
+
+
+# ------------------------------------------------- bad input: audit 3's defects
+
+def _twins(make):
+    """Two layers built alike: one to misuse, one as the reference."""
+    return make(), make()
+
+
+def _assert_same_backward(m, ref, dout):
+    """m's saved forward backpropagates as ref's (the same forward) does."""
+    np.testing.assert_array_equal(m.backward(dout)[0], ref.backward(dout)[0])   # dx
+    for g, rg in zip(m.gradients(), ref.gradients()):
+        np.testing.assert_array_equal(g, rg)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_edited_dropout_is_read_at_each_forward(kind):
+    """torch reads .dropout at every forward; fastopt built its Dropouts once,
+    so 0 -> 0.5 raised IndexError mid-forward (after discarding the last
+    forward), 0.2 -> 0.9 kept 0.2, and "0.5" gave an unnamed TypeError."""
+    x = np.random.default_rng(0).standard_normal((6, 3, 5)).astype(np.float32)
+    make = lambda p: getattr(fo, kind)(5, 40, num_layers=3, dropout=p, seed=0)
+    for built, edited in [(0.0, 0.5), (0.2, 0.9), (0.5, 0.0)]:
+        m, ref = make(built), make(edited)
+        m.dropout = edited
+        out, _ = m.forward(x)
+        np.testing.assert_array_equal(out, ref.forward(x)[0])   # as if built with it
+        if edited:
+            assert [d.p for d in m._dropouts] == [edited, edited]
+        _assert_same_backward(m, ref, np.ones_like(out))
+    m, ref = _twins(lambda: make(0.2))
+    out, _ = m.forward(x)
+    ref.forward(x)
+    offsets = [d.offset for d in m._dropouts]
+    for bad, exc in [("0.5", TypeError), (None, TypeError), (1.5, ValueError),
+                     (float("nan"), ValueError)]:
+        m.dropout = bad
+        with pytest.raises(exc, match="^dropout must be"):
+            m.forward(x)
+        assert [d.offset for d in m._dropouts] == offsets
+    m.dropout = 0.2
+    _assert_same_backward(m, ref, np.ones_like(out))   # the refused calls kept the forward
+    np.testing.assert_array_equal(m.eval().forward(x)[0], ref.eval().forward(x)[0])
+
+
+@pytest.mark.parametrize("make,attr,value,exc", [
+    (lambda: fo.LSTM(4, 5, num_layers=2, dropout=0.5, seed=0), "training", "no", TypeError),
+    (lambda: fo.GRU(4, 5, seed=0), "batch_first", "no", TypeError),
+    (lambda: fo.GRU(4, 5, seed=0), "batch_first", 1, TypeError),
+    (lambda: fo.RNN(4, 5, seed=0), "bidirectional", "no", TypeError),
+    (lambda: fo.RNN(4, 5, seed=0), "bidirectional", True, ValueError),
+    (lambda: fo.LSTM(4, 5, seed=0), "bias", False, ValueError),
+    (lambda: fo.GRU(4, 5, seed=0), "reset_after", False, ValueError),
+    (lambda: fo.RNN(4, 5, seed=0), "nonlinearity", "relu", ValueError),
+    (lambda: fo.GRUCell(4, 5, seed=0), "training", "no", TypeError),
+    (lambda: fo.LSTMCell(4, 5, seed=0), "bias", "no", TypeError),
+    (lambda: fo.GRUCell(4, 5, seed=0), "reset_after", False, ValueError),
+    (lambda: fo.RNNCell(4, 5, seed=0), "nonlinearity", "relu", ValueError)])
+def test_edited_flags_are_checked_at_forward(make, attr, value, exc):
+    """A flag edited after __init__ was read with bool() ("no" is truthy:
+    dropout on, batch-first layout) or not at all (bias, bidirectional,
+    reset_after, nonlinearity: the weights stayed as built). Each must be a
+    real bool, and those the weights are built for unchanged."""
+    m, ref = _twins(make)
+    cell = type(m).__name__.endswith("Cell")
+    x = np.random.default_rng(0).standard_normal((2, 4) if cell else (3, 2, 4))
+    x = x.astype(np.float32)
+    first = m.forward(x)
+    ref.forward(x)
+    setattr(m, attr, value)
+    with pytest.raises(exc, match=f"^{attr} (must be a bool|cannot be changed)"):
+        m.forward(x)
+    setattr(m, attr, getattr(ref, attr))
+    dout = np.ones((2, 5), np.float32) if cell else np.ones_like(first[0])
+    _assert_same_backward(m, ref, dout)          # the refused call kept (or saved) nothing
+    if cell:
+        assert not m._steps
+
+
+def test_backward_takes_the_layout_of_its_forward():
+    """batch_first edited between forward and backward: backward reads dout
+    in the layout its forward produced."""
+    m, ref = _twins(lambda: fo.LSTM(4, 5, num_layers=2, seed=0))
+    x = np.random.default_rng(0).standard_normal((3, 2, 4)).astype(np.float32)
+    out, _ = m.forward(x)
+    ref.forward(x)
+    m.batch_first = True
+    _assert_same_backward(m, ref, np.ones_like(out))
+
+
+def test_refused_forward_leaves_the_layer_as_it_was():
+    """A sequence forward cleared its saved context (and advanced the dropout
+    offsets) before a later layer's C call refused its arguments: every
+    layer is now checked before the first one writes."""
+    x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    m, ref = _twins(lambda: fo.LSTM(5, 6, num_layers=3, dropout=0.5, bidirectional=True,
+                                    seed=0))
+    out, _ = m.forward(x)
+    ref.forward(x)
+    offsets = [d.offset for d in m._dropouts]
+    w = m._params
+    for target, name, value, msg in [
+            (m.__dict__, "hidden_size", 7, "w_ih has"),
+            (w, "weight_ih_l1", w["weight_ih_l1"][:, :6], "w_ih must be C-contiguous"),
+            (w, "weight_hh_l2_reverse", w["weight_hh_l2_reverse"].astype(np.float64),
+             "w_hh must have dtype float32"),
+            (w, "bias_hh_l1", None, "b_ih and b_hh must both be given")]:
+        kept, target[name] = target[name], value
+        with pytest.raises((TypeError, ValueError), match=msg):
+            m.forward(x)
+        target[name] = kept
+        assert [d.offset for d in m._dropouts] == offsets
+    unaligned = np.frombuffer(bytearray(x.nbytes + 1), np.uint8)[1:].view(np.float32)
+    unaligned = unaligned.reshape(x.shape)
+    unaligned[...] = x
+    with pytest.raises(ValueError, match="x must be aligned"):
+        m.forward(unaligned)
+    _assert_same_backward(m, ref, np.ones_like(out))
+
+
+def test_conversion_errors_name_the_argument(torch):
+    """np.asarray's own errors escaped: RuntimeError for a conjugated tensor,
+    NotImplementedError for a meta tensor, messages naming no argument for
+    bfloat16 tensors and ragged lists."""
+    gru = fo.GRU(3, 2, seed=0)
+    x = np.ones((2, 1, 3), np.float32)
+    out, _ = gru.forward(x)
+    cell = fo.GRUCell(3, 2)
+    cell.forward(np.ones((1, 3), np.float32))
+    bf16 = lambda *shape: torch.ones(*shape, dtype=torch.bfloat16)
+    for name, call in [
+            ("x", lambda: gru.forward(bf16(2, 1, 3))),
+            ("x", lambda: gru.forward([[[1.0, 2.0, 3.0]], [[1.0]]])),
+            ("h0", lambda: gru.forward(x, torch.ones(1, 1, 2, dtype=torch.complex64).conj())),
+            ("lengths", lambda: gru.forward(x, lengths=torch.ones(1, dtype=torch.int64,
+                                                                  device="meta"))),
+            ("lengths", lambda: gru.forward(x, lengths=[[1], [1, 2]])),
+            ("dout", lambda: gru.backward(bf16(2, 1, 2))),
+            ("dh_n", lambda: gru.backward(out, bf16(1, 1, 2))),
+            ("x", lambda: cell.forward(bf16(1, 3))),
+            ("dh1", lambda: cell.backward(bf16(1, 2)))]:
+        with pytest.raises(TypeError, match=f"^{name} cannot be read as an array"):
+            call()
+    gru.backward(out)                            # the refused calls kept the forward
+    cell.backward(np.ones((1, 2), np.float32))
+
+
+def test_load_state_dict_conversion_errors_name_the_key(torch):
+    """A value that cannot become an array gave torch's or NumPy's error,
+    naming no key (a meta tensor: NotImplementedError)."""
+    m = fo.RNN(3, 2, seed=0)
+    before = m.state_dict()
+    sd = torch.nn.RNN(3, 2).state_dict()
+    for bad in [sd["weight_ih_l0"].bfloat16(), torch.empty(2, 3, device="meta"),
+                [[1.0], [1.0, 2.0]]]:
+        with pytest.raises(TypeError, match=r"^state_dict\['weight_ih_l0'\] cannot be read"):
+            m.load_state_dict({**sd, "weight_ih_l0": bad})
+        for k, v in m.state_dict().items():
+            np.testing.assert_array_equal(v, before[k])
+    m.load_state_dict({k: v.requires_grad_() for k, v in sd.items()})   # copied: allowed
+
+
+def test_set_blas_takes_a_str_subclass():
+    """set_blas(np.str_('scipy')) passed set_blas's own check and was then
+    refused by the binding's exact-str argument."""
+    previous = fo.get_blas()
+    try:
+        assert fo.set_blas(np.str_("scipy")) == "scipy"
+        assert type(fo.get_blas()) is str
+        with pytest.raises(TypeError, match="^name must be a str"):
+            fo.set_blas(1)
+        with pytest.raises(ValueError, match="^blas must be"):
+            fo.set_blas("cublas")
+    finally:
+        fo.set_blas(previous)
