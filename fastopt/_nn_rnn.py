@@ -134,8 +134,10 @@ class _Recurrent(Layer):
         self.training = True
         # the options the weights are built for (set by the subclasses before
         # this call): forward refuses them edited, as the weights cannot follow
-        self._built = {n: getattr(self, n) for n in ("bias", "bidirectional", "reset_after",
-                                                     "nonlinearity") if hasattr(self, n)}
+        self._built = {n: getattr(self, n) for n in ("input_size", "hidden_size", "num_layers",
+                                                     "proj_size", "bias", "bidirectional",
+                                                     "reset_after", "nonlinearity")
+                       if hasattr(self, n)}
         ensure_configured()
         G, H = _GATES[mode], self.hidden_size
         if G * H >= 2 ** 31:
@@ -164,14 +166,16 @@ class _Recurrent(Layer):
         return rng
 
     def _check_flags(self):
-        """The training flag (returned) and the options the weights are built
-        for, which may have been edited since __init__: each flag a real bool
-        ("no" is truthy), each built option unchanged."""
+        """The training flag (returned) and the sizes and options the weights
+        are built for, which may have been edited since __init__: each flag a
+        real bool ("no" is truthy), each size and option unchanged."""
         training = _bool(self.training, "training")
         for name, built in self._built.items():
             value = getattr(self, name)
-            same = (_bool(value, name) == built if isinstance(built, bool)
-                    else isinstance(value, str) and value == built)
+            if isinstance(built, bool):
+                same = _bool(value, name) == built
+            else:   # a size (int) or the nonlinearity (str), of the same type
+                same = type(value) is type(built) and value == built
             if not same:
                 raise ValueError(f"{name} cannot be changed after construction (the weights "
                                  f"are built for {name}={built!r}), got {value!r}: build a "

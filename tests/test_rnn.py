@@ -1368,7 +1368,8 @@ def test_refused_forward_leaves_the_layer_as_it_was():
     offsets = [d.offset for d in m._dropouts]
     w = m._params
     for target, name, value, msg in [
-            (m.__dict__, "hidden_size", 7, "w_ih has"),
+            (m.__dict__, "hidden_size", 7, "hidden_size cannot be changed"),
+            (m.__dict__, "num_layers", 2, "num_layers cannot be changed"),
             (w, "weight_ih_l1", w["weight_ih_l1"][:, :6], "w_ih must be C-contiguous"),
             (w, "weight_hh_l2_reverse", w["weight_hh_l2_reverse"].astype(np.float64),
              "w_hh must have dtype float32"),
