@@ -172,6 +172,8 @@ class _Recurrent(Layer):
         training = _bool(self.training, "training")
         for name, built in self._built.items():
             value = getattr(self, name)
+            if value is built:   # the very object __init__ stored: unchanged
+                continue
             if isinstance(built, bool):
                 same = _bool(value, name) == built
             else:   # a size (int) or the nonlinearity (str), of the same type
