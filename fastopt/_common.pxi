@@ -100,7 +100,7 @@ cdef int _check_array(object a, str name, object dtype, bint writable) except -1
     if dtype is None:
         if tn != cnp.NPY_FLOAT32 and tn != cnp.NPY_FLOAT64:
             raise TypeError(f"{name} must be float32 or float64, got {arr.dtype}")
-    elif (tn != (<cnp.dtype>dtype).type_num if type(dtype) is cnp.dtype   # fast path
+    elif (tn != (<cnp.dtype>dtype).type_num if isinstance(dtype, cnp.dtype)   # fast path
           else arr.dtype != dtype):
         raise TypeError(f"{name} must have dtype {_dtype_name(dtype)}, got {arr.dtype}")
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr):

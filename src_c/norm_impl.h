@@ -174,6 +174,16 @@ INLINE void SFX(reduce_span)(const T *restrict x, const T *restrict dy,
     }
 }
 
+/* One vector of a reduction: p1 += a, p2 += a*u with u = x - c, a = dy
+ * (backward) or u (forward statistics). */
+INLINE void SFX(add_vec)(SFX(vec) *p1, SFX(vec) *p2, const T *x, const T *dy, SFX(vec) c,
+                         const int has_dy) {
+    SFX(vec) u = *(const SFX(vec) *)x - c;
+    SFX(vec) a = has_dy ? *(const SFX(vec) *)dy : u;
+    *p1 += a;
+    *p2 += a * u;
+}
+
 /* A whole block (FO_NORM_COLS columns) of R rows: reduce_span's sums, with
  * the center and the partials in vector registers (as arrays, GCC unrolled
  * the R rows and kept reloading them). */
@@ -188,10 +198,8 @@ INLINE void SFX(reduce_block)(const T *restrict x, const T *restrict dy,
     }
     for (int k = 0; k < R; k++)
         for (int v = 0; v < NV; v++) {
-            SFX(vec) u = *(const SFX(vec) *)(x + k * L + v * FO_VL) - c[v];
-            SFX(vec) a = has_dy ? *(const SFX(vec) *)(dy + k * L + v * FO_VL) : u;
-            p1[v] += a;
-            p2[v] += a * u;
+            SFX(add_vec)(&p1[v], &p2[v], x + k * L + v * FO_VL,
+                         has_dy ? dy + k * L + v * FO_VL : 0, c[v], has_dy);
         }
     for (int v = 0; v < NV; v++) {
         SFX(add_lanes)(s1 + v * FO_VL, p1[v]);
@@ -243,12 +251,8 @@ INLINE void SFX(reduce_segment)(const T *restrict x, const T *restrict dy, T cen
     int64_t i = 0;
     while (i + FO_VL <= n) {
         SFX(vec) p1 = {0}, p2 = {0};
-        for (int k = 0; k < 4 && i + FO_VL <= n; k++, i += FO_VL) {
-            SFX(vec) u = *(const SFX(vec) *)(x + i) - c;
-            SFX(vec) a = has_dy ? *(const SFX(vec) *)(dy + i) : u;
-            p1 += a;
-            p2 += a * u;
-        }
+        for (int k = 0; k < 4 && i + FO_VL <= n; k++, i += FO_VL)
+            SFX(add_vec)(&p1, &p2, x + i, has_dy ? dy + i : 0, c, has_dy);
         SFX(add_lanes)(acc1, p1);
         SFX(add_lanes)(acc2, p2);
     }
@@ -285,12 +289,8 @@ INLINE void SFX(reduce_short_segment)(const T *restrict x, const T *restrict dy,
     const SFX(vec) c = (SFX(vec)){0} + cen;
     SFX(vec) p1 = {0}, p2 = {0};
     int64_t i = 0;
-    for (; i + FO_VL <= n; i += FO_VL) {
-        SFX(vec) u = *(const SFX(vec) *)(x + i) - c;
-        SFX(vec) a = has_dy ? *(const SFX(vec) *)(dy + i) : u;
-        p1 += a;
-        p2 += a * u;
-    }
+    for (; i + FO_VL <= n; i += FO_VL)
+        SFX(add_vec)(&p1, &p2, x + i, has_dy ? dy + i : 0, c, has_dy);
     double t1 = SFX(hsum)(p1), t2 = SFX(hsum)(p2);
     for (; i < n; i++) {
         double u = (double)(x[i] - cen);
