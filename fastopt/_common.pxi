@@ -86,9 +86,22 @@ cdef inline str _dtype_name(object dt):
     return str(np.dtype(dt)) if dt is not None else "float32 or float64"
 
 
-cdef int _check_array(object a, str name, object dtype, bint writable) except -1:
-    """a must be an ndarray, C-contiguous, of `dtype` (float32/float64 when None),
-    and writeable when `writable`."""
+cdef inline bint _rows_contiguous(cnp.ndarray a):
+    """A 2-D matrix whose rows are contiguous and do not overlap (rows a BLAS
+    leading dimension apart)."""
+    cdef Py_ssize_t isz = cnp.PyArray_ITEMSIZE(a)
+    if cnp.PyArray_NDIM(a) != 2:
+        return False
+    cdef Py_ssize_t rs = cnp.PyArray_STRIDE(a, 0), n = cnp.PyArray_DIM(a, 1)
+    return ((cnp.PyArray_STRIDE(a, 1) == isz or n <= 1) and rs % isz == 0
+            and (rs >= n * isz or cnp.PyArray_DIM(a, 0) <= 1))
+
+
+cdef int _check_array(object a, str name, object dtype, bint writable,
+                      bint rows=False) except -1:
+    """a must be an ndarray, C-contiguous (or, with `rows`, a 2-D matrix with
+    contiguous rows), of `dtype` (float32/float64 when None), and writeable
+    when `writable`."""
     if not isinstance(a, cnp.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     if isinstance(a, MaskedArray):   # the kernels would use the masked entries too
@@ -103,8 +116,9 @@ cdef int _check_array(object a, str name, object dtype, bint writable) except -1
     elif (tn != (<cnp.dtype>dtype).type_num if isinstance(dtype, cnp.dtype)   # fast path
           else arr.dtype != dtype):
         raise TypeError(f"{name} must have dtype {_dtype_name(dtype)}, got {arr.dtype}")
-    if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
-        raise ValueError(f"{name} must be C-contiguous")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(arr) and not (rows and _rows_contiguous(arr)):
+        raise ValueError(f"{name} must be " + ("a 2-D matrix with contiguous rows" if rows
+                                               else "C-contiguous"))
     if not cnp.PyArray_ISALIGNED(arr):   # C reads whole elements (np.frombuffer at an odd offset)
         raise ValueError(f"{name} must be aligned to its element size")
     if writable and not cnp.PyArray_ISWRITEABLE(arr):

@@ -304,13 +304,14 @@ cdef inline void _blas_threads_restore(int previous) noexcept nogil:
 
 def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
          bint trans_b=False, double beta=0.0):
-    """c = op(a) @ op(b) + beta*c through the selected BLAS (2-D, C-contiguous,
-    one dtype): what the recurrent layers call, exposed for the benchmarks."""
-    _check_array(c, "c", None, True)
-    _check_array(a, "a", c.dtype, False)
-    _check_array(b, "b", c.dtype, False)
+    """c = op(a) @ op(b) + beta*c through the selected BLAS (2-D, one dtype, rows
+    contiguous, any row stride): what the recurrent layers call, exposed for the
+    benchmarks."""
     if a.ndim != 2 or b.ndim != 2 or c.ndim != 2:
         raise ValueError("a, b and c must be 2-D")
+    _check_array(c, "c", None, True, True)
+    _check_array(a, "a", c.dtype, False, True)
+    _check_array(b, "b", c.dtype, False, True)
     cdef int64_t m = a.shape[1] if trans_a else a.shape[0]
     cdef int64_t k = a.shape[0] if trans_a else a.shape[1]
     cdef int64_t kb = b.shape[1] if trans_b else b.shape[0]
@@ -319,7 +320,10 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
         raise ValueError(f"shapes do not match: op(a) {m}x{k}, op(b) {kb}x{n}, c {(<object>c).shape}")
     if m == 0 or n == 0:
         return
-    cdef int64_t lda = a.shape[1], ldb = b.shape[1]
+    cdef int64_t isz = c.itemsize
+    cdef int64_t lda = a.strides[0] // isz if a.shape[0] > 1 else a.shape[1]
+    cdef int64_t ldb = b.strides[0] // isz if b.shape[0] > 1 else b.shape[1]
+    cdef int64_t ldc = c.strides[0] // isz if c.shape[0] > 1 else c.shape[1]
     cdef void *pa = cnp.PyArray_DATA(a)
     cdef void *pb = cnp.PyArray_DATA(b)
     cdef void *pc = cnp.PyArray_DATA(c)
@@ -329,10 +333,10 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
         saved = _blas_threads(fo_get_num_threads())
         if f64:
             _current.f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
-                         beta, <double *>pc, n)
+                         beta, <double *>pc, ldc)
         else:
             _current.f32(trans_a, trans_b, m, n, k, <float *>pa, lda, <float *>pb, ldb,
-                         <float>beta, <float *>pc, n)
+                         <float>beta, <float *>pc, ldc)
         _blas_threads_restore(saved)
 
 

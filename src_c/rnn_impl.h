@@ -344,25 +344,34 @@ static void SFX(colsum_add)(T *restrict acc, const T *restrict a, int64_t rows,
         for (int64_t j = 0; j < cols; j++) acc[j] += a[r * lda + j];
 }
 
-/* dst (cols x rows) = src (rows x cols)^T in 32x32 blocks that stay in L1,
- * writing dst rows contiguously (strided stores measured 2x slower). */
-static void SFX(transpose)(T *restrict dst, const T *restrict src, int64_t rows, int64_t cols) {
+/* dst (cols x rows, rows ld apart) = src (rows x cols)^T in 32x32 blocks that
+ * stay in L1, writing dst rows contiguously (strided stores measured 2x slower). */
+static void SFX(transpose)(T *restrict dst, int64_t ld, const T *restrict src, int64_t rows,
+                           int64_t cols) {
     for (int64_t i0 = 0; i0 < rows; i0 += 32)
         for (int64_t j0 = 0; j0 < cols; j0 += 32) {
             int64_t i1 = i0 + 32 < rows ? i0 + 32 : rows, j1 = j0 + 32 < cols ? j0 + 32 : cols;
             for (int64_t j = j0; j < j1; j++)
-                for (int64_t i = i0; i < i1; i++) dst[j * rows + i] = src[i * cols + j];
+                for (int64_t i = i0; i < i1; i++) dst[j * ld + i] = src[i * cols + j];
         }
 }
 
+/* The row stride of a scratch matrix of n columns: rows a multiple of 4 KiB
+ * apart put a GEMM's panel reads in one L1 set (4K aliasing): oneDNN's
+ * (32 x 256) @ (256 x 1024) step product ran at 87 GFLOP/s with ld = 1024,
+ * at 103-106 with 64 bytes more. */
+static int64_t SFX(padded_ld)(int64_t n) {
+    return (n * (int64_t)sizeof(T)) % 4096 == 0 ? n + 64 / (int64_t)sizeof(T) : n;
+}
+
 /* C (B x nr) = beta*C + h W_hh[r0:r0+nr]^T, h of width S: with w_hh_t
- * (S, G*H), the transpose of w_hh, as the product "NN", which the BLASes
- * measured here run 7-27% faster than "NT" at these shapes (B rows); else
- * from w_hh directly. */
+ * (S, G*H; rows ldt apart), the transpose of w_hh, as the product "NN", which
+ * the BLASes measured here run 7-27% faster than "NT" at these shapes (B
+ * rows); else from w_hh directly. */
 INLINE void SFX(recurrent_product)(GEMM_FN gemm, const T *h, const T *w_hh, const T *w_hh_t,
-                                   int64_t B, int64_t S, int64_t GH, int64_t r0, int64_t nr,
+                                   int64_t ldt, int64_t B, int64_t S, int64_t r0, int64_t nr,
                                    T beta, T *c, int64_t ldc) {
-    if (w_hh_t) gemm(0, 0, B, nr, S, h, S, w_hh_t + r0, GH, beta, c, ldc);
+    if (w_hh_t) gemm(0, 0, B, nr, S, h, S, w_hh_t + r0, ldt, beta, c, ldc);
     else gemm(0, 1, B, nr, S, h, S, w_hh + r0 * S, S, beta, c, ldc);
 }
 
@@ -398,10 +407,11 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     }
 
     T *w_hh_t = NULL;
+    const int64_t ldt = SFX(padded_ld)(GH);
     if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS) {
-        w_hh_t = (T *)malloc((size_t)(GH * S) * sizeof(T));
+        w_hh_t = (T *)malloc((size_t)(ldt * S) * sizeof(T));
         if (!w_hh_t) { free(bias); return -1; }
-        SFX(transpose)(w_hh_t, w_hh, GH, S);
+        SFX(transpose)(w_hh_t, ldt, w_hh, GH, S);
     }
 
     /* input projection of every step in one GEMM: gates = x W_ih^T */
@@ -418,11 +428,11 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
         c.gates = g; c.out = out + t * BS; c.h_prev = hp ? hp : zeros;
         switch (mode) {
         case FO_RNN_TANH: case FO_RNN_RELU:
-            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 1, g, GH);
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 1, g, GH);
             SFX(run_step)(SFX(rnn_fwd_chunk), &c, B);
             break;
         case FO_LSTM:
-            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, S, GH, 0, GH, 1, g, GH);
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, S, 0, GH, 1, g, GH);
             c.c = c_all + t * BH;
             c.c_prev = t ? c_all + (t - 1) * BH : c0 ? c0 : zeros;
             if (P) c.out = extra + t * BH;   /* o*tanh(c), then h = it W_hr^T */
@@ -430,18 +440,18 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
             if (P) gemm(0, 1, B, P, H, c.out, H, w_hr, H, 0, out + t * BS, P);
             break;
         case FO_GRU:
-            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, GH, 0, hh, GH);
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 0, hh, GH);
             else memset(hh, 0, (size_t)(B * GH) * sizeof(T));
             c.extra = extra + t * BH;
             SFX(run_step)(SFX(gru_fwd_chunk), &c, B);
             break;
         case FO_GRU_RESET_BEFORE:
             /* r, z need h_prev W_h{r,z}^T; n needs (r*h_prev) W_hn^T after them */
-            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, B, H, GH, 0, 2 * H, 1, g, GH);
+            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, 2 * H, 1, g, GH);
             c.extra = extra + t * BH;
             SFX(run_step)(SFX(grurb_fwd1_chunk), &c, B);
             if (hp)
-                SFX(recurrent_product)(gemm, c.extra, w_hh, w_hh_t, B, H, GH, 2 * H, H, 1,
+                SFX(recurrent_product)(gemm, c.extra, w_hh, w_hh_t, ldt, B, H, 2 * H, H, 1,
                                        g + 2 * H, GH);
             SFX(run_step)(SFX(grurb_fwd2_chunk), &c, B);
             break;

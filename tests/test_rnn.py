@@ -315,8 +315,12 @@ def test_cell_gradients_match_finite_differences(kind, kw):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind,kw", [("LSTM", {}), ("GRU", {}), ("GRU", {"reset_after": False}),
                                      ("RNN", {"nonlinearity": "relu"})])
-def test_cell_unrolled_equals_sequence_layer(dtype, kind, kw):
+@pytest.mark.parametrize("wide", [False, True])
+def test_cell_unrolled_equals_sequence_layer(dtype, kind, kw, wide):
     T, B, I, H = 6, 3, 4, 5
+    if wide:   # gate rows a multiple of 4 KiB: the sequence pads its transposed W_hh
+        G = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+        H = next(h for h in range(1, 4097) if G * h * np.dtype(dtype).itemsize % 4096 == 0)
     rng = np.random.default_rng(8)
     seq = getattr(fo, kind)(I, H, dtype=dtype, seed=3, **kw)
     cell = getattr(fo, kind + "Cell")(I, H, dtype=dtype, **kw)
@@ -1442,3 +1446,33 @@ def test_set_blas_takes_a_str_subclass():
             fo.set_blas("cublas")
     finally:
         fo.set_blas(previous)
+
+
+# ------------------------------------------------- the GEMM behind the layers
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gemm_takes_matrices_with_a_row_stride(dtype, trans_a, trans_b):
+    """_fastopt.gemm (the benchmarks' GEMM-only limit) reads and writes
+    matrices whose rows are further apart than their length, as BLAS does."""
+    from fastopt import _fastopt
+    rng = np.random.default_rng(3)
+    m, k, n = 5, 7, 6
+    A, B = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype)
+
+    def strided(mat):   # the same values, rows 9 elements further apart
+        buf = np.full((mat.shape[0], mat.shape[1] + 9), np.nan, dtype)
+        buf[:, :mat.shape[1]] = mat
+        return buf[:, :mat.shape[1]]
+
+    a = strided(A.T if trans_a else A)
+    b = strided(B.T if trans_b else B)
+    c = strided(np.ones((m, n), dtype))
+    _fastopt.gemm(c, a, b, trans_a, trans_b, 0.5)
+    close(c, A @ B + 0.5, dtype, "c")
+    assert np.isnan(c.base[:, n:]).all()          # the gaps between rows untouched
+    before = c.copy()
+    with pytest.raises(ValueError, match="c must be a 2-D matrix with contiguous rows"):
+        _fastopt.gemm(c.base[:, ::2], a, b, trans_a, trans_b)   # columns apart: refused
+    np.testing.assert_array_equal(c, before)

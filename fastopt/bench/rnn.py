@@ -255,8 +255,10 @@ def _gemm_plan(kind, size, dtype, seq, backward):
     gemm = _fastopt.gemm
     h0_given = not seq       # the cell benches pass a state, the sequence benches none
     calls = [(gates, x, w_ih, False, True, 0.0)]
-    # the driver multiplies by a transposed copy of W_hh ("NN") from 4 steps on
-    w_rec, trans = (np.zeros((H, GH), dtype), False) if T >= 4 else (w_hh, True)
+    # the driver multiplies by a transposed copy of W_hh ("NN") from 4 steps on,
+    # its rows 64 bytes further apart when G*H elements make a multiple of 4 KiB
+    ld = GH + 64 // x.itemsize if GH * x.itemsize % 4096 == 0 else GH
+    w_rec, trans = (np.zeros((H, ld), dtype)[:, :GH], False) if T >= 4 else (w_hh, True)
     for t in range(T):
         if t or h0_given:
             if kind == "lstm":
