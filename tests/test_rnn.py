@@ -1476,3 +1476,28 @@ def test_gemm_takes_matrices_with_a_row_stride(dtype, trans_a, trans_b):
     with pytest.raises(ValueError, match="c must be a 2-D matrix with contiguous rows"):
         _fastopt.gemm(c.base[:, ::2], a, b, trans_a, trans_b)   # columns apart: refused
     np.testing.assert_array_equal(c, before)
+
+
+@pytest.mark.parametrize("blas", ["dnnl", "auto"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_gemm_nt_split_over_threads(threads, blas, nthreads):
+    """Batch-row "NT" products (a cell's x W^T) split their columns over
+    fastopt's threads with oneDNN: every column, ragged ends included."""
+    from fastopt import _fastopt
+    fo.set_num_threads(nthreads)
+    try:
+        try:
+            fo.set_blas(blas)
+        except OSError as e:
+            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":
+                raise
+            pytest.skip(f"{blas} not available: {e}")
+        rng = np.random.default_rng(5)
+        for m, n, k in [(64, 1000, 40), (3, 257, 5), (512, 300, 7), (513, 300, 7)]:
+            a, b = rand(rng, (m, k), np.float32), rand(rng, (n, k), np.float32)
+            c = rand(rng, (m, n), np.float32)
+            want = a.astype(np.float64) @ b.T.astype(np.float64) + 2.0 * c
+            _fastopt.gemm(c, a, b, False, True, 2.0)
+            np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+    finally:
+        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
