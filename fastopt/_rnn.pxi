@@ -345,11 +345,11 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
     """c = op(a) @ op(b) + beta*c through the selected BLAS (2-D, one dtype, rows
     contiguous, any row stride): what the recurrent layers call, exposed for the
     benchmarks."""
-    if a.ndim != 2 or b.ndim != 2 or c.ndim != 2:
-        raise ValueError("a, b and c must be 2-D")
     _check_array(c, "c", None, True, True)
     _check_array(a, "a", c.dtype, False, True)
     _check_array(b, "b", c.dtype, False, True)
+    if a.ndim != 2 or b.ndim != 2 or c.ndim != 2:
+        raise ValueError("a, b and c must be 2-D")
     cdef int64_t m = a.shape[1] if trans_a else a.shape[0]
     cdef int64_t k = a.shape[0] if trans_a else a.shape[1]
     cdef int64_t kb = b.shape[1] if trans_b else b.shape[0]
