@@ -1475,6 +1475,8 @@ def test_gemm_takes_matrices_with_a_row_stride(dtype, trans_a, trans_b):
     before = c.copy()
     with pytest.raises(ValueError, match="c must be a 2-D matrix with contiguous rows"):
         _fastopt.gemm(c.base[:, ::2], a, b, trans_a, trans_b)   # columns apart: refused
+    with pytest.raises(TypeError, match="a must be a numpy.ndarray"):
+        _fastopt.gemm(c, None, b, trans_a, trans_b)
     np.testing.assert_array_equal(c, before)
 
 
