@@ -55,23 +55,21 @@ INLINE void SFX(dropout_groups)(const SFX(dropout_job) *j, int64_t g0, int64_t g
 }
 
 #ifdef FO_DROPOUT_AVX512
-/* out[64w + b] = in[64w + b] * (bit b of keep[w] ? scale : 0), w < 4 */
-AVX512_TARGET static inline void SFX(apply_masks_avx512)(T *out, const T *in,
-                                                         const __mmask64 keep[4], T scale,
-                                                         int stream) {
+/* out[64w + b] = in[64w + b] * (bit b of keep[w] ? scale : 0), w < 4, the
+ * 256 outputs through the writer (whose next bytes are out's). */
+AVX512_TARGET static inline void SFX(apply_masks_avx512)(fo_stream_writer *out, const T *in,
+                                                         const __mmask64 keep[4], T scale) {
 #if FO_T_IS_F64
     const __m512d s = _mm512_set1_pd(scale);
     for (int q = 0; q < 32; q++) {   /* 8 elements each */
         __m512d m = _mm512_maskz_mov_pd((__mmask8)(keep[q / 8] >> (8 * (q % 8))), s);
-        fo_store64(out + 8 * q, _mm512_castpd_si512(
-            _mm512_mul_pd(_mm512_loadu_pd(in + 8 * q), m)), stream);
+        fo_writer_put(out, _mm512_castpd_si512(_mm512_mul_pd(_mm512_loadu_pd(in + 8 * q), m)));
     }
 #else
     const __m512 s = _mm512_set1_ps(scale);
     for (int q = 0; q < 16; q++) {   /* 16 elements each */
         __m512 m = _mm512_maskz_mov_ps((__mmask16)(keep[q / 4] >> (16 * (q % 4))), s);
-        fo_store64(out + 16 * q, _mm512_castps_si512(
-            _mm512_mul_ps(_mm512_loadu_ps(in + 16 * q), m)), stream);
+        fo_writer_put(out, _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(in + 16 * q), m)));
     }
 #endif
 }
@@ -85,6 +83,8 @@ AVX512_TARGET static void SFX(dropout_groups_avx512)(const SFX(dropout_job) *j, 
     int64_t full = j->n / FO_DROPOUT_GROUP;   /* groups with 256 elements */
     int64_t gend = g1 < full ? g1 : full;
     int64_t g = g0;
+    fo_stream_writer out;
+    fo_writer_init(&out, j->out + g0 * FO_DROPOUT_GROUP, j->stream);
     for (; g < gend; g += 2) {
         __mmask64 keep[2][4];
         int ng = g + 1 < gend ? 2 : 1;
@@ -93,11 +93,10 @@ AVX512_TARGET static void SFX(dropout_groups_avx512)(const SFX(dropout_job) *j, 
         else if (ng == 2) keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 2);
         else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 1);
         if (write_mask) memcpy(mask, keep, FO_DROPOUT_GROUP_BYTES * (size_t)ng);
-        for (int h = 0; h < ng; h++) {
-            int64_t i = (g + h) * FO_DROPOUT_GROUP;
-            SFX(apply_masks_avx512)(j->out + i, j->in + i, keep[h], scale, j->stream);
-        }
+        for (int h = 0; h < ng; h++)
+            SFX(apply_masks_avx512)(&out, j->in + (g + h) * FO_DROPOUT_GROUP, keep[h], scale);
     }
+    fo_writer_finish(&out);
     if (j->stream) _mm_sfence();
     if (g1 > gend) SFX(dropout_groups)(j, gend, g1, bits_from_mask, write_mask);
 }

@@ -501,11 +501,14 @@ def test_large_outputs_streaming_stores(threads, dtype, n, align, nthreads):
     x = rng.standard_normal(n).astype(dtype)
     if align == "element":
         align = x.itemsize
-    raw = np.empty(n * x.itemsize + 128, np.uint8)
+    raw = np.full(n * x.itemsize + 128, 0xAB, np.uint8)
     start = (-raw.ctypes.data) % 64 + (align if align < 64 else 0)
     out = raw[start:start + n * x.itemsize].view(dtype)
     assert out.ctypes.data % 64 == (0 if align == 64 else align)
     y, mask = F.dropout(x, 0.3, 17, out=out)
+    # the realigned 64-byte lines and the masked partial ones at the ends
+    # (and at the threads' boundaries) stay inside out
+    assert (raw[:start] == 0xAB).all() and (raw[start + n * x.itemsize:] == 0xAB).all()
     keep = unpack(mask, n)
     np.testing.assert_array_equal(y, np.where(keep, x * dtype(1 / 0.7), 0))
     dx = F.dropout_backward(x, mask, 0.3, out=np.empty_like(x))
