@@ -32,8 +32,9 @@
 #define FO_NORM_MIN_PER_THREAD 32768   /* below: one thread (a parallel region costs us) */
 #define FO_NORM_MAX_PARTIALS ((int64_t)1 << 20)   /* float64 partial sums (8 MB) at most */
 /* The apply coefficient arrays (cen, k1, k2, k3) start this many bytes apart
- * beyond their length: with W*sizeof(T) a multiple of 4 KiB they would all sit
- * at one offset modulo 4 KiB, and the apply pass's seven streams (x, dy, out
+ * beyond their length (rounded up to a line): with W*sizeof(T) a multiple of
+ * 4 KiB they would all sit at one offset modulo 4 KiB, and the apply pass's
+ * seven streams (x, dy, out
  * and those four) would compete for one 8-way L1 set ((256, 1024) float32
  * backward: ~97 -> ~92 us here). */
 #define FO_NORM_SKEW_BYTES 192
@@ -654,35 +655,27 @@ typedef struct {
     T *cen, *k1, *k2, *k3;
 } SFX(norm_scratch);
 
-/* Every array starts on a 64-byte line: the apply pass loads a vector of each
- * coefficient array per vector of x, and split loads across two lines made
- * it 1.5x slower ((256, 1024) float32 eval forward: 37 -> 25 us here). */
 static int SFX(scratch_alloc)(SFX(norm_scratch) *s, const fo_norm_plan *p) {
-#define FO_LINE_UP(n, size) (((n) * (int64_t)(size) + 63) / 64 * 64)
     int64_t W = p->W, C = p->C;
-    int64_t npartial = p->row_mode ? p->nunits * 2 * W : p->nblocks * C * 2;
+    int64_t npartial = p->row_mode ? p->nunits * 2 * p->PW : p->nblocks * C * 2;
     int64_t nlanes = p->row_mode ? 0 : (int64_t)p->nthreads * 2 * FO_NORM_LANES *
                                            (C < FO_NORM_CHUNK ? C : FO_NORM_CHUNK);
-    if (p->row_mode) npartial = p->nunits * 2 * p->PW;
-    const int64_t coef = FO_LINE_UP(W, sizeof(T)) + FO_NORM_SKEW_BYTES;   /* bytes apart */
-    int64_t sizes[6] = {FO_LINE_UP(nlanes, 8), FO_LINE_UP(npartial, 8), FO_LINE_UP(C, 8),
-                        FO_LINE_UP(C, 8), FO_LINE_UP(W, 8), 4 * coef};
-    size_t bytes = 0;
-    for (int i = 0; i < 6; i++) bytes += (size_t)sizes[i];
-    s->block = malloc(bytes + 63);   /* (C99: no aligned_alloc) */
+    const size_t d = sizeof(double), coef = (size_t)W * sizeof(T) + FO_NORM_SKEW_BYTES;
+    size_t bytes[9] = {d * (size_t)nlanes, d * (size_t)npartial, d * (size_t)C,
+                       d * (size_t)C, d * (size_t)W, coef, coef, coef, coef};
+    void *ptr[9];
+    s->block = fo_scratch_alloc(bytes, ptr, 9, 0);
     if (!s->block) return -1;
-    char *b = (char *)(((uintptr_t)s->block + 63) & ~(uintptr_t)63);
-    s->lanes = (double *)b;
-    s->partial = (double *)(b += sizes[0]);
-    s->sum1 = (double *)(b += sizes[1]);
-    s->sum2 = (double *)(b += sizes[2]);
-    s->center = (double *)(b += sizes[3]);
-    s->cen = (T *)(b += sizes[4]);
-    s->k1 = (T *)(b += coef);
-    s->k2 = (T *)(b += coef);
-    s->k3 = (T *)(b += coef);
+    s->lanes = (double *)ptr[0];
+    s->partial = (double *)ptr[1];
+    s->sum1 = (double *)ptr[2];
+    s->sum2 = (double *)ptr[3];
+    s->center = (double *)ptr[4];
+    s->cen = (T *)ptr[5];
+    s->k1 = (T *)ptr[6];
+    s->k2 = (T *)ptr[7];
+    s->k3 = (T *)ptr[8];
     return 0;
-#undef FO_LINE_UP
 }
 
 /* Row mode: expand per-channel values to the L = C*inner columns of a row. */

@@ -1,5 +1,6 @@
 /* parallel.c -- thread count, the shared work splitter, and the baselines the
  * benchmarks measure against (a threaded copy and stream, the FMA peak). */
+#include <stdlib.h>
 #include <string.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
@@ -17,6 +18,20 @@
 #define FO_MIN_PER_THREAD 32768
 /* Split points fall on multiples of 16 elements: whole cache lines for float32. */
 #define FO_ALIGN 16
+
+void *fo_scratch_alloc(const size_t *bytes, void **ptr, int n, int zero) {
+    size_t total = 63;
+    for (int i = 0; i < n; i++) total += (bytes[i] + 63) / 64 * 64;
+    void *block = malloc(total);
+    if (!block) return NULL;
+    if (zero) memset(block, 0, total);
+    char *p = (char *)(((uintptr_t)block + 63) & ~(uintptr_t)63);
+    for (int i = 0; i < n; i++) {
+        ptr[i] = p;
+        p += (bytes[i] + 63) / 64 * 64;
+    }
+    return block;
+}
 
 /* 0 = not yet set: OpenMP's default. Atomic (relaxed): embedders may call
  * kernels from several threads at once, and the first calls race to set it. */

@@ -1,8 +1,10 @@
 /* parallel.h -- internal: the one work splitter that every element-wise
- * kernel family uses, and the run-time instruction-set dispatch macro. */
+ * kernel family uses, the run-time instruction-set dispatch macro, and the
+ * kernels' scratch allocator. */
 #ifndef FASTOPT_PARALLEL_H
 #define FASTOPT_PARALLEL_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 /* Process elements [begin, end) of tensor `tensor`. */
@@ -24,6 +26,13 @@ FO_INTERNAL void fo_parallel_foreach(const int64_t *numel, int64_t ntensors,
  * much more than a memory pass on an element (the recurrent gate math). */
 FO_INTERNAL void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensors,
                                            fo_chunk_fn body, void *ctx, int64_t grain);
+
+/* One block of scratch holding n arrays of bytes[i] bytes, each starting on
+ * a 64-byte line (at malloc's 16-byte alignment, a vector load splits across
+ * two lines; such loads of per-column coefficients made the batch-norm apply
+ * pass 1.5x slower), zeroed when `zero`. Sets ptr[i]; returns what free()
+ * takes, or NULL. */
+FO_INTERNAL void *fo_scratch_alloc(const size_t *bytes, void **ptr, int n, int zero);
 
 /* Compile a function for baseline x86-64, AVX2+FMA and AVX-512, picked at
  * load time by the CPU (GCC ifunc), so one build is fast on every x86-64 and

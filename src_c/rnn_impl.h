@@ -403,9 +403,13 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
 
     /* scratch: the bias row (G*H), b_hn (H), a zero state row (B, H) standing
      * for an absent h0/c0 (branch-free kernels), GRU's h W_hh^T (B, 3H) */
-    T *bias = (T *)calloc((size_t)(GH + H + BH + (mode == FO_GRU ? B * GH : 0)), sizeof(T));
-    if (!bias) return -1;
-    T *bias_hn = bias + GH, *zeros = bias_hn + H, *hh = zeros + BH;
+    const size_t z = sizeof(T);
+    size_t sizes[4] = {z * (size_t)GH, z * (size_t)H, z * (size_t)BH,
+                       mode == FO_GRU ? z * (size_t)(B * GH) : 0};
+    void *ptr[4];
+    void *scratch = fo_scratch_alloc(sizes, ptr, 4, 1);
+    if (!scratch) return -1;
+    T *bias = (T *)ptr[0], *bias_hn = (T *)ptr[1], *zeros = (T *)ptr[2], *hh = (T *)ptr[3];
     if (b_ih) {
         for (int64_t j = 0; j < GH; j++) bias[j] = b_ih[j] + b_hh[j];
         if (mode == FO_GRU)   /* b_hn stays inside r*(W_hn h + b_hn) */
@@ -419,7 +423,7 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     const int64_t ldt = SFX(padded_ld)(GH);
     if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS) {
         w_hh_t = (T *)malloc((size_t)(ldt * S) * sizeof(T));
-        if (!w_hh_t) { free(bias); return -1; }
+        if (!w_hh_t) { free(scratch); return -1; }
         SFX(transpose)(w_hh_t, ldt, w_hh, GH, S);
     }
 
@@ -467,7 +471,7 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
         }
     }
     free(w_hh_t);
-    free(bias);
+    free(scratch);
     return 0;
 }
 
@@ -493,10 +497,15 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
      * gate gradients (the bias gradients), taken step by step while each
      * step's rows are still in cache; with a projection, the gradient of
      * o*tanh(c) of a step and that of every step's h (for dW_hr) */
-    T *dh = (T *)calloc((size_t)(5 * BH + 2 * GH + (P ? TB * P : 0)), sizeof(T));
-    if (!dh) return -1;
-    T *dc = dh + BH, *drh = dc + BH, *zeros = drh + BH, *dhf = zeros + BH;
-    T *db_i = dhf + BH, *db_h = db_i + GH, *dh_all = db_h + GH;
+    const size_t z = sizeof(T);
+    size_t sizes[8] = {z * (size_t)BH, z * (size_t)BH, z * (size_t)BH, z * (size_t)BH,
+                       z * (size_t)BH, z * (size_t)GH, z * (size_t)GH,
+                       P ? z * (size_t)(TB * P) : 0};
+    void *ptr[8];
+    void *scratch = fo_scratch_alloc(sizes, ptr, 8, 1);
+    if (!scratch) return -1;
+    T *dh = (T *)ptr[0], *dc = (T *)ptr[1], *drh = (T *)ptr[2], *zeros = (T *)ptr[3];
+    T *dhf = (T *)ptr[4], *db_i = (T *)ptr[5], *db_h = (T *)ptr[6], *dh_all = (T *)ptr[7];
     if (dh_n) memcpy(dh, dh_n, (size_t)BS * sizeof(T));
     if (dc_n) memcpy(dc, dc_n, (size_t)BH * sizeof(T));
 
@@ -558,7 +567,7 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     if (io->dc0) memcpy(io->dc0, dc, (size_t)BH * sizeof(T));
     /* dW_hr += dh_all^T (o*tanh(c)) over all T*B rows */
     if (P && Tn) gemm(1, 0, P, H, TB, dh_all, P, extra, H, 1, (T *)io->dw_hr, H);
-    free(dh);
+    free(scratch);
     if (Tn == 0) return 0;
 
     /* the large products over all T*B rows */
