@@ -12,11 +12,12 @@ TOL = {np.float32: 2e-5, np.float64: 1e-11}
 
 # (shape, channels_last): (N, C) (rows of one and two column blocks, wide rows
 # reduced whole (65-512 columns), rows of several blocks past 512, row counts
-# with 8-, 4- and 1-row passes), NCHW with small and large spatial sizes
+# with 8-, 4- and 1-row passes; 70 rows of 1024: two units of rows, whose
+# partial sums are spaced by a padded stride), NCHW with small and large spatial sizes
 # (both loop shapes of the kernel; 130 channels: chunks of 64, 64 and 2),
 # 3-D spatial, channels-last.
 SHAPES = [((2, 3), False), ((16, 5), False), ((7, 33), False), ((13, 100), False),
-          ((9, 130), False), ((13, 1030), False), ((3, 5, 300), True),
+          ((9, 130), False), ((13, 1030), False), ((70, 1024), False), ((3, 5, 300), True),
           ((3, 130, 7, 7), False), ((8, 3, 2), False),
           ((4, 3, 5, 7), False), ((3, 2, 4, 5, 6), False), ((2, 3, 5000), False),
           ((4, 5, 7, 3), True), ((2, 3, 4, 5, 6), True), ((1, 9, 4), True)]
