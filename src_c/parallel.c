@@ -22,9 +22,9 @@
 void *fo_scratch_alloc(const size_t *bytes, void **ptr, int n, int zero) {
     size_t total = 63;
     for (int i = 0; i < n; i++) total += (bytes[i] + 63) / 64 * 64;
-    void *block = malloc(total);
+    /* (not malloc + memset: GCC turns that into calloc on both paths) */
+    void *block = zero ? calloc(1, total) : malloc(total);
     if (!block) return NULL;
-    if (zero) memset(block, 0, total);
     char *p = (char *)(((uintptr_t)block + 63) & ~(uintptr_t)63);
     for (int i = 0; i < n; i++) {
         ptr[i] = p;
