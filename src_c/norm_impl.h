@@ -34,9 +34,8 @@
 /* The apply coefficient arrays (cen, k1, k2, k3) start this many bytes apart
  * beyond their length (rounded up to a line): with W*sizeof(T) a multiple of
  * 4 KiB they would all sit at one offset modulo 4 KiB, and the apply pass's
- * seven streams (x, dy, out
- * and those four) would compete for one 8-way L1 set ((256, 1024) float32
- * backward: ~97 -> ~92 us here). */
+ * seven streams (x, dy, out and those four) would compete for one 8-way L1
+ * set ((256, 1024) float32 backward: ~97 -> ~92 us here). */
 #define FO_NORM_SKEW_BYTES 192
 
 typedef struct {
