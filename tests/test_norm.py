@@ -655,10 +655,13 @@ def test_large_outputs_streaming_stores(shape, cl, dtype, align):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,cl", [((19, 1040), False), ((21, 2, 528), False),
-                                      ((5, 1024), False), ((6, 40, 16), True)])
-def test_every_offset_of_x_in_a_line(shape, cl, dtype):
+                                      ((5, 1024), False), ((6, 40, 16), True),
+                                      # rows split between two threads
+                                      ((40, 1024), False), ((10, 60, 64), True)])
+def test_every_offset_of_x_in_a_line(threads, shape, cl, dtype):
     """NumPy aligns arrays to 16 bytes only: x and dy at every offset in a
-    64-byte line give the reference, and the same bits as at offset 0."""
+    64-byte line give the reference, and the same bits as at offset 0, on one
+    thread and on two (the apply pass runs its vectors from x's first line)."""
     C = shape[-1] if cl else shape[1]
     x0, dy0 = make(shape, dtype, 1, 2.0, 3.0), make(shape, dtype, 2)
     w, b = make((C,), dtype, 3), make((C,), dtype, 4)
@@ -671,16 +674,20 @@ def test_every_offset_of_x_in_a_line(shape, cl, dtype):
         x = _aligned_empty(shape, dtype, align or 64)
         dy = _aligned_empty(shape, dtype, (align + 24) % 64 or 64)
         x[...], dy[...] = x0, dy0
-        y, sm, si = F.batch_norm_forward(x, None, None, w, b, training=True, channels_last=cl)
-        dx, dw, db = F.batch_norm_backward(dy, x, sm, si, w, channels_last=cl)
-        if first is None:
-            first = (y, dx, dw, db)
-            close(y, yr, dtype, scale=10)
-            close(dx, dxr, dtype, scale=10 * np.abs(dxr).max())
-            close(dw, dwr, dtype, scale=10 * np.sqrt(x.size / C))
-            close(db, dbr, dtype, scale=10 * np.sqrt(x.size / C))
-        for got, want in zip((y, dx, dw, db), first):
-            np.testing.assert_array_equal(got, want, err_msg=f"x at {align} bytes in a line")
+        for threads in (1, 2):
+            fo.set_num_threads(threads)
+            y, sm, si = F.batch_norm_forward(x, None, None, w, b, training=True,
+                                             channels_last=cl)
+            dx, dw, db = F.batch_norm_backward(dy, x, sm, si, w, channels_last=cl)
+            if first is None:
+                first = (y, dx, dw, db)
+                close(y, yr, dtype, scale=10)
+                close(dx, dxr, dtype, scale=10 * np.abs(dxr).max())
+                close(dw, dwr, dtype, scale=10 * np.sqrt(x.size / C))
+                close(db, dbr, dtype, scale=10 * np.sqrt(x.size / C))
+            for got, want in zip((y, dx, dw, db), first):
+                np.testing.assert_array_equal(
+                    got, want, err_msg=f"x at {align} bytes in a line, {threads} threads")
 
 
 @pytest.mark.parametrize("shape,cl", [((8, 16, 184, 184), False), ((8, 184, 184, 16), True),
