@@ -680,7 +680,7 @@ typedef struct {
  * multiple of 16 bytes, and a load split across two lines costs about a
  * second load ((256, 1024) float32, x and the outputs 16 bytes past a line,
  * best of 18000 calls: training forward 57 -> 52.5 us, backward 93 -> 85 here;
- * 50 and 79 with every array on a line). *
+ * 50 and 79 with every array on a line). */
 static int64_t SFX(row_head)(const fo_norm_plan *p, const T *x, int stream) {
     if (!p->row_mode || stream || p->W * (int64_t)sizeof(T) % 64 != 0) return 0;
     return (int64_t)((64 - (uintptr_t)x % 64) % 64 / sizeof(T));
