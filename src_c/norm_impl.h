@@ -249,6 +249,115 @@ INLINE void SFX(reduce_rows)(const T *restrict x, const T *restrict dy,
     }
 }
 
+/* Rows wider than FO_NORM_WIDE whose lines do not start at the row's start
+ * (head > 0, see row_head): the sums of R rows with every vector load on x's
+ * lines, as apply_rows_from_line does. Blocks run from column `head` on; the
+ * last block ends with the vector that crosses the row's end, whose lanes from
+ * VL - head on hold the next row's first `head` columns. Those columns of the
+ * R rows come from the windows of the row above and of rows 0..R-2 (lanes of
+ * other rows zeroed), in row order: each column's sums are those of any other
+ * offset of x, bit for bit. */
+#if FO_T_IS_F64
+typedef int64_t SFX(ivec) __attribute__((vector_size(64)));
+#else
+typedef int32_t SFX(ivec) __attribute__((vector_size(64)));
+#endif
+
+#define FO_KEEP_LANES(v, keep) ((__typeof__(v))((__typeof__(keep))(v) & (keep)))
+
+/* *out = p[0..VL) where keep is set, 0 elsewhere; a window that leaves the
+ * array (in_array 0) is read lane by lane, only where keep is set. */
+INLINE void SFX(window)(SFX(vec) *out, const T *p, const SFX(ivec) *keep,
+                        const int in_array) {
+    if (in_array) {
+        *out = FO_KEEP_LANES(*(const SFX(vec) *)p, *keep);
+        return;
+    }
+    T tmp[FO_VL];
+    for (int i = 0; i < FO_VL; i++) tmp[i] = (*keep)[i] ? p[i] : 0;
+    *out = *(const SFX(vec) *)tmp;
+}
+
+/* add_vec over the lanes where keep is set (the others add 0 + 0*0). */
+INLINE void SFX(add_vec_kept)(SFX(vec) *p1, SFX(vec) *p2, const T *x, const T *dy,
+                              SFX(vec) c, const SFX(ivec) *keep, const int in_array,
+                              const int has_dy) {
+    SFX(vec) u, a;
+    SFX(window)(&u, x, keep, in_array);
+    u = FO_KEEP_LANES(u - c, *keep);
+    if (has_dy) SFX(window)(&a, dy, keep, in_array);
+    else a = u;
+    *p1 += a;
+    *p2 += a * u;
+}
+
+/* s[0..VL) += p's lanes in float64, lanes from `split` on to wrap[0..). */
+INLINE void SFX(add_lanes_split)(double *s, double *wrap, SFX(vec) p, int64_t split) {
+    double d[FO_VL];
+    for (int i = 0; i < FO_VL; i++) d[i] = 0;
+    SFX(add_lanes)(d, p);
+    for (int64_t i = 0; i < split; i++) s[i] += d[i];
+    for (int64_t i = split; i < FO_VL; i++) wrap[i - split] += d[i];
+}
+
+/* The last block: NV vectors ending at column L + head, R rows from x (row r;
+ * up: row r - 1 exists; down: row r + R exists). */
+INLINE void SFX(reduce_block_crossing)(const T *restrict x, const T *restrict dy,
+                                       const T *restrict cen, double *restrict s1,
+                                       double *restrict s2, int64_t L, int64_t h,
+                                       const int NV, const int R, const int up,
+                                       const int down, const int has_dy) {
+    const int64_t c0 = L + h - NV * FO_VL, last = c0 + (NV - 1) * FO_VL;
+    SFX(ivec) lane, wrap, main;
+    for (int i = 0; i < FO_VL; i++) lane[i] = i;
+    wrap = lane >= (__typeof__(lane[0]))(FO_VL - h);   /* the next row's columns [0, h) */
+    main = ~wrap;
+    SFX(vec) c[4], p1[4], p2[4];
+    for (int v = 0; v < NV; v++) {
+        c[v] = *(const SFX(vec) *)(cen + c0 + v * FO_VL);   /* cen wraps past L */
+        p1[v] = p2[v] = (SFX(vec)){0};
+    }
+    /* row 0's first h columns, from the window of the row above */
+    SFX(add_vec_kept)(&p1[NV - 1], &p2[NV - 1], x - L + last, has_dy ? dy - L + last : 0,
+                      c[NV - 1], &wrap, up, has_dy);
+    for (int k = 0; k < R; k++)
+        for (int v = 0; v < NV; v++) {
+            const T *xk = x + k * L + c0 + v * FO_VL;
+            const T *dyk = has_dy ? dy + k * L + c0 + v * FO_VL : 0;
+            if (v < NV - 1 || k < R - 1)   /* (the last: row k + 1's first columns) */
+                SFX(add_vec)(&p1[v], &p2[v], xk, dyk, c[v], has_dy);
+            else
+                SFX(add_vec_kept)(&p1[v], &p2[v], xk, dyk, c[v], &main, down, has_dy);
+        }
+    for (int v = 0; v < NV - 1; v++) {
+        SFX(add_lanes)(s1 + c0 + v * FO_VL, p1[v]);
+        SFX(add_lanes)(s2 + c0 + v * FO_VL, p2[v]);
+    }
+    SFX(add_lanes_split)(s1 + last, s1, p1[NV - 1], FO_VL - h);
+    SFX(add_lanes_split)(s2 + last, s2, p2[NV - 1], FO_VL - h);
+}
+
+/* R rows from row r of the unit's job, as reduce_rows, with head > 0. */
+INLINE void SFX(reduce_rows_from_line)(const SFX(norm_job) *j, int64_t r, double *restrict s1,
+                                       double *restrict s2, const int R, const int has_dy) {
+    const int64_t L = j->plan.W, h = j->head, rem = L % FO_NORM_COLS;
+    const T *x = j->x + r * L, *dy = has_dy ? j->dy + r * L : 0;
+    const int64_t nplain = L - (rem ? rem : FO_NORM_COLS);   /* columns in whole blocks */
+    for (int64_t jb = h; jb < h + nplain; jb += FO_NORM_COLS)
+        SFX(reduce_block)(x + jb, has_dy ? dy + jb : 0, j->cen + jb, s1 + jb, s2 + jb, L, R,
+                          has_dy);
+    const int up = r > 0, down = r + R < j->plan.outer;
+#define CROSS(nv) SFX(reduce_block_crossing)(x, dy, j->cen, s1, s2, L, h, nv, R, up, down, \
+                                             has_dy)
+    switch ((rem ? rem : FO_NORM_COLS) / FO_VL) {
+    case 1: CROSS(1); break;
+    case 2: CROSS(2); break;
+    case 3: CROSS(3); break;
+    default: CROSS(4); break;
+    }
+#undef CROSS
+}
+
 /* Sums of a segment's n elements into the lanes: up to four vectors add up in
  * T (as the row kernels' partials do), then go into the float64 lanes; the
  * tail goes lane by lane in float64. */
@@ -323,13 +432,18 @@ INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const in
         /* 8 rows, but with dy only where 8 rows span at most 4 KiB: rows
          * 4 KiB apart (1024 float32 columns) would put the 16 streams of x
          * and dy in one 8-way L1 set */
+        const int from_line = j->head && L > FO_NORM_WIDE;
         if (!has_dy || L * (int64_t)sizeof(T) <= 512)
-            for (; r + 8 <= r1; r += 8)
-                SFX(reduce_rows)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->cen, s1, s2, L,
-                                 8, has_dy);
-        for (; r + 4 <= r1; r += 4)
-            SFX(reduce_rows)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->cen, s1, s2, L, 4,
-                             has_dy);
+            for (; r + 8 <= r1; r += 8) {
+                if (from_line) SFX(reduce_rows_from_line)(j, r, s1, s2, 8, has_dy);
+                else SFX(reduce_rows)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->cen, s1,
+                                      s2, L, 8, has_dy);
+            }
+        for (; r + 4 <= r1; r += 4) {
+            if (from_line) SFX(reduce_rows_from_line)(j, r, s1, s2, 4, has_dy);
+            else SFX(reduce_rows)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->cen, s1, s2,
+                                  L, 4, has_dy);
+        }
         for (; r < r1; r++)
             SFX(reduce_row)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->center,
                             s1, s2, L, has_dy);
@@ -675,12 +789,13 @@ typedef struct {
 
 /* Row mode, rows of whole lines (so that every row starts at x's offset within
  * a line), not streamed: the columns before x's first 64-byte line. The apply
- * then runs its vectors from there (apply_rows_from_line), over coefficient
- * arrays that start at x's offset within a line: NumPy's arrays start at any
- * multiple of 16 bytes, and a load split across two lines costs about a
- * second load ((256, 1024) float32, x and the outputs 16 bytes past a line,
- * best of 18000 calls: training forward 57 -> 52.5 us, backward 93 -> 85 here;
- * 50 and 79 with every array on a line). */
+ * (apply_rows_from_line) and, for rows wider than FO_NORM_WIDE, the reduction
+ * (reduce_rows_from_line) run their vectors from there, over per-column arrays
+ * that start at x's offset within a line: NumPy's arrays start at any multiple
+ * of 16 bytes, and a load split across two lines costs about a second load.
+ * (256, 1024) float32, x and the outputs 16 bytes past a line, best of 18000
+ * calls here: training forward 57 -> 52.5 us with the apply's, -> 51 with
+ * both; backward 93 -> 85 -> 80; with every array on a line, 50 and 80. */
 static int64_t SFX(row_head)(const fo_norm_plan *p, const T *x, int stream) {
     if (!p->row_mode || stream || p->W * (int64_t)sizeof(T) % 64 != 0) return 0;
     return (int64_t)((64 - (uintptr_t)x % 64) % 64 / sizeof(T));
@@ -726,15 +841,18 @@ static void SFX(expand_d)(double *col, const fo_norm_plan *p) {
         for (int64_t q = p->inner - 1; q >= 0; q--) col[c * p->inner + q] = col[c];
 }
 
-/* The apply's coefficients, expanded to the W columns of a row (row mode),
- * with their first `head` columns repeated past W (apply_rows_from_line). */
+/* Row mode: per-column values expanded to the W columns of a row, with their
+ * first `head` columns repeated past W (the passes that start at x's first
+ * line read them there: apply_rows_from_line, reduce_block_crossing). */
+static void SFX(expand_wrap)(T *col, const fo_norm_plan *p, int64_t head) {
+    SFX(expand)(col, p);
+    for (int64_t c = 0; c < head; c++) col[p->W + c] = col[c];
+}
+
 static void SFX(apply_coefs)(const SFX(norm_scratch) *s, const fo_norm_plan *p,
                              int64_t head) {
     T *arr[4] = {s->cen, s->k1, s->k2, s->k3};
-    for (int a = 0; a < 4; a++) {
-        SFX(expand)(arr[a], p);
-        for (int64_t c = 0; c < head; c++) arr[a][p->W + c] = arr[a][c];
-    }
+    for (int a = 0; a < 4; a++) SFX(expand_wrap)(arr[a], p, head);
 }
 
 /* Per-channel statistics and apply coefficients, as loops over channels that
@@ -885,7 +1003,7 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
     }
     if (a->training && M > 0) {
         SFX(expand_d)(s.center, &p);
-        SFX(expand)(s.cen, &p);
+        SFX(expand_wrap)(s.cen, &p, head);
         SFX(reduce)(&j, s.sum1, s.sum2);
         SFX(forward_coefs)(C, M, inner, a, s.sum1, s.sum2, s.center, x, weight, bias,
                            save_mean, save_invstd, running_mean, running_var, s.cen, s.k2,
@@ -921,7 +1039,7 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
     }
     if (need_sums) {
         SFX(expand_d)(s.center, &p);
-        SFX(expand)(s.cen, &p);   /* re-expanded after k1..k3 are set below */
+        SFX(expand_wrap)(s.cen, &p, head);   /* re-expanded after k1..k3 are set below */
         SFX(reduce)(&j, s.sum1, s.sum2);   /* sum(dy), sum(dy*(x - mean)) */
     }
     SFX(backward_coefs)(C, M, a, s.sum1, s.sum2, s.center, save_mean, save_invstd, weight,

@@ -656,6 +656,7 @@ def test_large_outputs_streaming_stores(shape, cl, dtype, align):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,cl", [((19, 1040), False), ((21, 2, 528), False),
                                       ((5, 1024), False), ((6, 40, 16), True),
+                                      ((8, 560), False), ((9, 560), False),
                                       # rows split between two threads
                                       ((40, 1024), False), ((10, 60, 64), True)])
 def test_every_offset_of_x_in_a_line(threads, shape, cl, dtype):
