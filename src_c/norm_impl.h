@@ -265,27 +265,29 @@ typedef int32_t SFX(ivec) __attribute__((vector_size(64)));
 
 #define FO_KEEP_LANES(v, keep) ((__typeof__(v))((__typeof__(keep))(v) & (keep)))
 
-/* *out = p[0..VL) where keep is set, 0 elsewhere; a window that leaves the
- * array (in_array 0) is read lane by lane, only where keep is set. */
-INLINE void SFX(window)(SFX(vec) *out, const T *p, const SFX(ivec) *keep,
+/* *out = p[off..off + VL) where keep is set, 0 elsewhere; a window that
+ * leaves the array (in_array 0) is read lane by lane, only where keep is set
+ * (off may then be negative). */
+INLINE void SFX(window)(SFX(vec) *out, const T *p, int64_t off, const SFX(ivec) *keep,
                         const int in_array) {
     if (in_array) {
-        *out = FO_KEEP_LANES(*(const SFX(vec) *)p, *keep);
+        *out = FO_KEEP_LANES(*(const SFX(vec) *)(p + off), *keep);
         return;
     }
     T tmp[FO_VL];
-    for (int i = 0; i < FO_VL; i++) tmp[i] = (*keep)[i] ? p[i] : 0;
+    for (int i = 0; i < FO_VL; i++) tmp[i] = (*keep)[i] ? p[off + i] : 0;
     *out = *(const SFX(vec) *)tmp;
 }
 
-/* add_vec over the lanes where keep is set (the others add 0 + 0*0). */
+/* add_vec over the lanes where keep is set (the others add 0 + 0*0), for the
+ * window at x + off (and dy + off). */
 INLINE void SFX(add_vec_kept)(SFX(vec) *p1, SFX(vec) *p2, const T *x, const T *dy,
-                              SFX(vec) c, const SFX(ivec) *keep, const int in_array,
-                              const int has_dy) {
+                              int64_t off, SFX(vec) c, const SFX(ivec) *keep,
+                              const int in_array, const int has_dy) {
     SFX(vec) u, a;
-    SFX(window)(&u, x, keep, in_array);
+    SFX(window)(&u, x, off, keep, in_array);
     u = FO_KEEP_LANES(u - c, *keep);
-    if (has_dy) SFX(window)(&a, dy, keep, in_array);
+    if (has_dy) SFX(window)(&a, dy, off, keep, in_array);
     else a = u;
     *p1 += a;
     *p2 += a * u;
@@ -318,8 +320,8 @@ INLINE void SFX(reduce_block_crossing)(const T *restrict x, const T *restrict dy
         p1[v] = p2[v] = (SFX(vec)){0};
     }
     /* row 0's first h columns, from the window of the row above */
-    SFX(add_vec_kept)(&p1[NV - 1], &p2[NV - 1], x - L + last, has_dy ? dy - L + last : 0,
-                      c[NV - 1], &wrap, up, has_dy);
+    SFX(add_vec_kept)(&p1[NV - 1], &p2[NV - 1], x, dy, last - L, c[NV - 1], &wrap, up,
+                      has_dy);
     for (int k = 0; k < R; k++)
         for (int v = 0; v < NV; v++) {
             const T *xk = x + k * L + c0 + v * FO_VL;
@@ -327,7 +329,7 @@ INLINE void SFX(reduce_block_crossing)(const T *restrict x, const T *restrict dy
             if (v < NV - 1 || k < R - 1)   /* (the last: row k + 1's first columns) */
                 SFX(add_vec)(&p1[v], &p2[v], xk, dyk, c[v], has_dy);
             else
-                SFX(add_vec_kept)(&p1[v], &p2[v], xk, dyk, c[v], &main, down, has_dy);
+                SFX(add_vec_kept)(&p1[v], &p2[v], xk, dyk, 0, c[v], &main, down, has_dy);
         }
     for (int v = 0; v < NV - 1; v++) {
         SFX(add_lanes)(s1 + c0 + v * FO_VL, p1[v]);
