@@ -360,6 +360,17 @@ INLINE void SFX(reduce_rows_from_line)(const SFX(norm_job) *j, int64_t r, double
 #undef CROSS
 }
 
+/* The sums of R rows from row r (row mode). */
+INLINE void SFX(reduce_group)(const SFX(norm_job) *j, int64_t r, double *restrict s1,
+                              double *restrict s2, const int R, const int has_dy) {
+    const int64_t L = j->plan.W;
+    if (j->head && L > FO_NORM_WIDE)
+        SFX(reduce_rows_from_line)(j, r, s1, s2, R, has_dy);
+    else
+        SFX(reduce_rows)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->cen, s1, s2, L, R,
+                         has_dy);
+}
+
 /* Sums of a segment's n elements into the lanes: up to four vectors add up in
  * T (as the row kernels' partials do), then go into the float64 lanes; the
  * tail goes lane by lane in float64. */
@@ -434,18 +445,9 @@ INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const in
         /* 8 rows, but with dy only where 8 rows span at most 4 KiB: rows
          * 4 KiB apart (1024 float32 columns) would put the 16 streams of x
          * and dy in one 8-way L1 set */
-        const int from_line = j->head && L > FO_NORM_WIDE;
         if (!has_dy || L * (int64_t)sizeof(T) <= 512)
-            for (; r + 8 <= r1; r += 8) {
-                if (from_line) SFX(reduce_rows_from_line)(j, r, s1, s2, 8, has_dy);
-                else SFX(reduce_rows)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->cen, s1,
-                                      s2, L, 8, has_dy);
-            }
-        for (; r + 4 <= r1; r += 4) {
-            if (from_line) SFX(reduce_rows_from_line)(j, r, s1, s2, 4, has_dy);
-            else SFX(reduce_rows)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->cen, s1, s2,
-                                  L, 4, has_dy);
-        }
+            for (; r + 8 <= r1; r += 8) SFX(reduce_group)(j, r, s1, s2, 8, has_dy);
+        for (; r + 4 <= r1; r += 4) SFX(reduce_group)(j, r, s1, s2, 4, has_dy);
         for (; r < r1; r++)
             SFX(reduce_row)(j->x + r * L, has_dy ? j->dy + r * L : 0, j->center,
                             s1, s2, L, has_dy);
