@@ -662,7 +662,8 @@ def test_large_outputs_streaming_stores(shape, cl, dtype, align):
 def test_every_offset_of_x_in_a_line(threads, shape, cl, dtype):
     """NumPy aligns arrays to 16 bytes only: x and dy at every offset in a
     64-byte line give the reference, and the same bits as at offset 0, on one
-    thread and on two (the apply pass runs its vectors from x's first line)."""
+    thread and on two (the apply pass and the reduction of wide rows run
+    their vectors from x's first line)."""
     C = shape[-1] if cl else shape[1]
     x0, dy0 = make(shape, dtype, 1, 2.0, 3.0), make(shape, dtype, 2)
     w, b = make((C,), dtype, 3), make((C,), dtype, 4)
@@ -675,8 +676,8 @@ def test_every_offset_of_x_in_a_line(threads, shape, cl, dtype):
         x = _aligned_empty(shape, dtype, align or 64)
         dy = _aligned_empty(shape, dtype, (align + 24) % 64 or 64)
         x[...], dy[...] = x0, dy0
-        for threads in (1, 2):
-            fo.set_num_threads(threads)
+        for nt in (1, 2):
+            fo.set_num_threads(nt)
             y, sm, si = F.batch_norm_forward(x, None, None, w, b, training=True,
                                              channels_last=cl)
             dx, dw, db = F.batch_norm_backward(dy, x, sm, si, w, channels_last=cl)
@@ -688,7 +689,7 @@ def test_every_offset_of_x_in_a_line(threads, shape, cl, dtype):
                 close(db, dbr, dtype, scale=10 * np.sqrt(x.size / C))
             for got, want in zip((y, dx, dw, db), first):
                 np.testing.assert_array_equal(
-                    got, want, err_msg=f"x at {align} bytes in a line, {threads} threads")
+                    got, want, err_msg=f"x at {align} bytes in a line, {nt} threads")
 
 
 @pytest.mark.parametrize("shape,cl", [((8, 16, 184, 184), False), ((8, 184, 184, 16), True),
