@@ -55,9 +55,10 @@ def _check_scalar(group, key, lo=None, hi=None, lo_open=False, hi_open=False):
 def _state_arrays(like, fill=0.0, data=None):
     """Arrays shaped and typed like `like` (zeros, `fill`, or copies of `data`),
     carved out of one buffer per dtype, each starting on a 64-byte line. One
-    allocation instead of one per param: a model's state then sits in huge
-    pages (NumPy asks for them from 4 MB) and in one ascending address range,
-    so a step over 150 tensors walks the TLB and the prefetchers as one array
+    allocation instead of one per param: a model's state then sits in one
+    ascending address range, and in huge pages where the kernel grants them
+    (NumPy asks from 4 MB; this benchmark machine's kernel does not), so a
+    step over 150 tensors walks the TLB and the prefetchers as one array
     does."""
     out = [None] * len(like)
     for dtype in {a.dtype for a in like}:
