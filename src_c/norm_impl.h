@@ -124,10 +124,10 @@ INLINE void SFX(reduce_row)(const T *restrict x, const T *restrict dy,
 
 /* R rows per pass over s1/s2 (16 or 8 without dy, 8 or 4 with it, as
  * reduce_unit picks; then 4, 1): the R-row partial sums in T (twice the lanes
- * of float64 for float32 data), added to the float64 sums once per pass. The center is a T value (the
- * shift K, or save_mean; read from cen, not converted per row), so x - center
- * is exact for x within a factor 2 of it (Sterbenz) and the partials of a few
- * shifted terms keep T's relative precision.
+ * of float64 for float32 data), added to the float64 sums once per pass. The
+ * center is a T value (the shift K, or save_mean; read from cen, not converted
+ * per row), so x - center is exact for x within a factor 2 of it (Sterbenz)
+ * and the partials of a few shifted terms keep T's relative precision.
  * Columns go in blocks of FO_NORM_COLS (256 bytes), each block's R rows read
  * row by row, in address order, with the partials in registers: for
  * channels-last rows of 64 float32 the R rows are then one run that the
@@ -388,7 +388,7 @@ INLINE int64_t SFX(reduce_groups)(const SFX(norm_job) *j, int64_t r, int64_t r1,
                                      : L / FO_NORM_COLS;
     const T *xb = x + c0, *dyb = has_dy ? dy + c0 : 0;
     const T *cen = j->cen + c0;
-    if (R == 16)
+    if (R == 16)   /* (without dy only) */
         SFX(reduce_blocks_16_0)(xb, dyb, cen, s1 + c0, s2 + c0, L, ng, nblocks);
     else if (R == 8 && has_dy)
         SFX(reduce_blocks_8_1)(xb, dyb, cen, s1 + c0, s2 + c0, L, ng, nblocks);
