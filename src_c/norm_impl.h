@@ -556,11 +556,14 @@ static void SFX(reduce)(const SFX(norm_job) *j, double *sum1, double *sum2) {
     const fo_norm_plan *p = &j->plan;
     int64_t nunits = p->nunits;
     int nt = p->nthreads < nunits ? p->nthreads : (int)nunits;
-    (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-    for (int64_t u = 0; u < nunits; u++) SFX(reduce_unit)(j, u);
+    /* one thread enters no OpenMP region: even with if (0), GNU OpenMP's entry
+     * and exit took 0.3 us (a futex call) of every pass */
+    if (nt <= 1) {
+        for (int64_t u = 0; u < nunits; u++) SFX(reduce_unit)(j, u);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (int64_t u = 0; u < nunits; u++) SFX(reduce_unit)(j, u);
+    }
     /* unit-major loops (vectorized over channels); each channel still adds its
      * partials in unit order, then column order within a unit */
     for (int64_t c = 0; c < p->C; c++) sum1[c] = sum2[c] = 0;
@@ -782,29 +785,35 @@ FO_DISPATCH static void SFX(apply_lines)(const SFX(norm_job) *j, int64_t s0, int
     }
 }
 
+/* Lines [s0, s1) of the apply pass. */
+static void SFX(apply_range)(const SFX(norm_job) *j, int64_t s0, int64_t s1) {
+#ifdef FO_AVX512
+    if (j->stream) {
+        SFX(apply_lines_avx512)(j, s0, s1);
+        /* each thread orders its streaming stores before the region's end */
+        _mm_sfence();
+        return;
+    }
+#endif
+    SFX(apply_lines)(j, s0, s1);
+}
+
 static void SFX(apply)(const SFX(norm_job) *j) {
     const fo_norm_plan *p = &j->plan;
     int64_t nlines = p->row_mode ? p->outer : p->outer * p->C;
     int nt = p->nthreads;
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1)
-#endif
+    if (nt <= 1) {   /* no OpenMP region (see reduce) */
+        SFX(apply_range)(j, 0, nlines);
+        return;
+    }
+#pragma omp parallel num_threads(nt)
     {
-        int tid = 0, n = 1;
+        int64_t tid = 0, n = 1;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
         n = omp_get_num_threads();
 #endif
-        (void)nt;
-        int64_t s0 = nlines * tid / n, s1 = nlines * (tid + 1) / n;   /* contiguous */
-#ifdef FO_AVX512
-        if (j->stream) {
-            SFX(apply_lines_avx512)(j, s0, s1);
-            /* each thread orders its streaming stores before the region's end */
-            _mm_sfence();
-        } else
-#endif
-            SFX(apply_lines)(j, s0, s1);
+        SFX(apply_range)(j, nlines * tid / n, nlines * (tid + 1) / n);   /* contiguous */
     }
 }
 
