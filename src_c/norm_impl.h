@@ -561,7 +561,9 @@ static void SFX(reduce)(const SFX(norm_job) *j, double *sum1, double *sum2) {
     if (nt <= 1) {
         for (int64_t u = 0; u < nunits; u++) SFX(reduce_unit)(j, u);
     } else {
+#ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nt)
+#endif
         for (int64_t u = 0; u < nunits; u++) SFX(reduce_unit)(j, u);
     }
     /* unit-major loops (vectorized over channels); each channel still adds its
@@ -806,7 +808,9 @@ static void SFX(apply)(const SFX(norm_job) *j) {
         SFX(apply_range)(j, 0, nlines);
         return;
     }
+#ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
+#endif
     {
         int64_t tid = 0, n = 1;
 #ifdef _OPENMP
