@@ -527,8 +527,9 @@ class _SequenceLayer(_Recurrent):
         self._saved = None
         dh0 = np.empty((L * D, B, S), self.dtype)
         dc0 = np.empty((L * D, B, H), self.dtype) if self.mode == "lstm" else None
-        dgates = self._scratch("dgates", (T, B, G * H))
-        dgates_hh = self._scratch("dgates_hh", (T, B, G * H)) if self.mode == "gru" else None
+        width = _fastopt.rnn_dgates_width(self.mode, H, self.dtype)
+        dgates = self._scratch("dgates", (T, B, width))
+        dgates_hh = self._scratch("dgates_hh", (T, B, width)) if self.mode == "gru" else None
         d_above = dout
         for layer in reversed(range(L)):
             if d_above is not None and self._dropped[layer]:
@@ -694,8 +695,9 @@ class _Cell(_Recurrent):
         dx = np.empty((B, self.input_size), self.dtype)
         dh0 = np.empty((B, H), self.dtype)
         dc0 = np.empty((B, H), self.dtype) if self.mode == "lstm" else None
-        dgates = np.empty((B, G * H), self.dtype)
-        dgates_hh = np.empty((B, G * H), self.dtype) if self.mode == "gru" else None
+        width = _fastopt.rnn_dgates_width(self.mode, H, self.dtype)
+        dgates = np.empty((B, width), self.dtype)
+        dgates_hh = np.empty((B, width), self.dtype) if self.mode == "gru" else None
         s.call.backward(dh1, None, dc1, dx, dh0, dc0, gw_ih, gw_hh, gb_ih, gb_hh,
                         dgates, dgates_hh)
         self._steps.pop()

@@ -48,6 +48,7 @@ cdef extern from "fastopt.h" nogil:
         void *dgates
         void *dgates_hh
         void *dw_hr
+        int64_t ld_dgates
     int fo_rnn_forward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *io,
                            fo_gemm_f32_fn gemm)
     int fo_rnn_forward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *io,
@@ -57,8 +58,16 @@ cdef extern from "fastopt.h" nogil:
     int fo_rnn_backward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *saved,
                             const fo_rnn_backward_io *io, fo_gemm_f64_fn gemm)
     int fo_rnn_num_gates(int mode)
+    int64_t fo_rnn_dgates_ld(int mode, int64_t hidden_size, int64_t elem_size)
 
 RNN_MODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3, "gru_reset_before": 4}
+
+
+def rnn_dgates_width(str mode, int64_t hidden_size, dtype):
+    """The row width to allocate backward's dgates scratch with, (T, B, width):
+    G*hidden_size, padded where rows a multiple of 4 KiB apart would slow the
+    weight-gradient GEMMs (fo_rnn_dgates_ld)."""
+    return fo_rnn_dgates_ld(RNN_MODES[mode], hidden_size, np.dtype(dtype).itemsize)
 
 # ---------------------------------------------------------------- the GEMMs
 
@@ -394,6 +403,11 @@ cdef const void *_ptr(object a, str name, object dtype, int64_t size, bint optio
     return cnp.PyArray_DATA(<cnp.ndarray>a)
 
 
+cdef int64_t _last_dim(cnp.ndarray a):
+    cdef int nd = cnp.PyArray_NDIM(a)
+    return cnp.PyArray_DIM(a, nd - 1) if nd else 0
+
+
 cdef int64_t _dim(object v, str name, int64_t minimum) except -1:
     """A size argument as int64: an integer in [minimum, 2^31) (the BLAS takes
     32-bit sizes), else TypeError/ValueError naming it."""
@@ -536,8 +550,19 @@ cdef class RnnLayerCall:
         io.dw_hr = <void *>_ptr(dw_hr, "dw_hr", dt, S * H, not P, True)
         io.db_ih = <void *>_ptr(db_ih, "db_ih", dt, G * H, self.layer.b_ih == NULL, True)
         io.db_hh = <void *>_ptr(db_hh, "db_hh", dt, G * H, self.layer.b_ih == NULL, True)
-        io.dgates = <void *>_ptr(dgates, "dgates", dt, TB * G * H, False, True)
-        io.dgates_hh = <void *>_ptr(dgates_hh, "dgates_hh", dt, TB * G * H, m != 3, True)
+        # dgates (and dgates_hh): T*B rows of G*H gradients, as many rows as
+        # the last axis is long (rnn_dgates_width: padded rows run faster)
+        _check_array(dgates, "dgates", dt, True)
+        cdef int64_t ldg = _last_dim(dgates)
+        if ldg < G * H:
+            raise ValueError(f"dgates must have rows of at least G*hidden_size = {G * H} "
+                             f"entries (its last axis), got shape {dgates.shape}")
+        if m == 3 and isinstance(dgates_hh, np.ndarray) and _last_dim(dgates_hh) != ldg:
+            raise ValueError(f"dgates_hh must have dgates' row width {ldg}, "
+                             f"got shape {dgates_hh.shape}")
+        io.dgates = <void *>_ptr(dgates, "dgates", dt, TB * ldg, False, True)
+        io.dgates_hh = <void *>_ptr(dgates_hh, "dgates_hh", dt, TB * ldg, m != 3, True)
+        io.ld_dgates = ldg
         # backward reads dout, dh_n, dc_n and everything forward read or saved
         w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all, gates, extra, w_hr = self.keep
         _check_no_overlap(

@@ -74,6 +74,7 @@ typedef struct {
     int relu;
     /* backward */
     T *dgates, *dgates_hh, *dh, *dc;
+    int64_t ldg;                /* row stride of dgates and dgates_hh (>= G*H) */
     const T *dout, *drh;        /* dout never NULL either */
 } SFX(step_ctx);
 
@@ -87,8 +88,10 @@ typedef struct {
                             j1 = (hi) - b * (H) < (H) ? (hi) - b * (H) : (H), 1); \
          b++)
 
-/* Gate k (of G) of batch row b in a (B, G*H) buffer. */
+/* Gate k (of G) of batch row b in a (B, G*H) buffer; DGATE: in dgates or
+ * dgates_hh, whose rows are c->ldg apart. */
 #define GATE(buf, G, k) ((buf) + (b * (G) + (k)) * H)
+#define DGATE(buf, k) ((buf) + b * c->ldg + (k) * H)
 #define ROW(buf) ((buf) + b * H)
 
 /* RNN forward: h = act(pre + bias). */
@@ -122,7 +125,8 @@ FO_DISPATCH static void SFX(rnn_bwd_chunk)(void *vc, int64_t unused, int64_t lo,
     const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
     const int64_t H = c->H;
     FOR_ROWS(lo, hi, H, b, j0, j1)
-        SFX(rnn_bwd_row)(ROW(c->dgates), ROW(c->out), ROW(c->dout), ROW(c->dh), c->relu, j0, j1);
+        SFX(rnn_bwd_row)(DGATE(c->dgates, 0), ROW(c->out), ROW(c->dout), ROW(c->dh), c->relu,
+                         j0, j1);
 }
 
 /* LSTM forward: i, f, o = sigmoid, g = tanh of (pre + bias);
@@ -178,8 +182,8 @@ FO_DISPATCH static void SFX(lstm_bwd_chunk)(void *vc, int64_t unused, int64_t lo
     const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
     const int64_t H = c->H;
     FOR_ROWS(lo, hi, H, b, j0, j1)
-        SFX(lstm_bwd_row)(GATE(c->dgates, 4, 0), GATE(c->dgates, 4, 1), GATE(c->dgates, 4, 2),
-                          GATE(c->dgates, 4, 3), ROW(c->dc), GATE(c->gates, 4, 0),
+        SFX(lstm_bwd_row)(DGATE(c->dgates, 0), DGATE(c->dgates, 1), DGATE(c->dgates, 2),
+                          DGATE(c->dgates, 3), ROW(c->dc), GATE(c->gates, 4, 0),
                           GATE(c->gates, 4, 1), GATE(c->gates, 4, 2), GATE(c->gates, 4, 3),
                           ROW(c->c), ROW(c->c_prev), ROW(c->dout), ROW(c->dh), j0, j1);
 }
@@ -240,9 +244,9 @@ FO_DISPATCH static void SFX(gru_bwd_chunk)(void *vc, int64_t unused, int64_t lo,
     const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
     const int64_t H = c->H;
     FOR_ROWS(lo, hi, H, b, j0, j1)
-        SFX(gru_bwd_row)(GATE(c->dgates, 3, 0), GATE(c->dgates, 3, 1), GATE(c->dgates, 3, 2),
-                         GATE(c->dgates_hh, 3, 0), GATE(c->dgates_hh, 3, 1),
-                         GATE(c->dgates_hh, 3, 2), ROW(c->dh), GATE(c->gates, 3, 0),
+        SFX(gru_bwd_row)(DGATE(c->dgates, 0), DGATE(c->dgates, 1), DGATE(c->dgates, 2),
+                         DGATE(c->dgates_hh, 0), DGATE(c->dgates_hh, 1),
+                         DGATE(c->dgates_hh, 2), ROW(c->dh), GATE(c->gates, 3, 0),
                          GATE(c->gates, 3, 1), GATE(c->gates, 3, 2), ROW(c->extra),
                          ROW(c->h_prev), ROW(c->dout), j0, j1);
 }
@@ -310,7 +314,7 @@ FO_DISPATCH static void SFX(grurb_bwd1_chunk)(void *vc, int64_t unused, int64_t 
     const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
     const int64_t H = c->H;
     FOR_ROWS(lo, hi, H, b, j0, j1)
-        SFX(grurb_bwd1_row)(GATE(c->dgates, 3, 1), GATE(c->dgates, 3, 2), ROW(c->dh),
+        SFX(grurb_bwd1_row)(DGATE(c->dgates, 1), DGATE(c->dgates, 2), ROW(c->dh),
                             GATE(c->gates, 3, 1), GATE(c->gates, 3, 2), ROW(c->h_prev),
                             ROW(c->dout), j0, j1);
 }
@@ -332,7 +336,7 @@ FO_DISPATCH static void SFX(grurb_bwd2_chunk)(void *vc, int64_t unused, int64_t 
     const SFX(step_ctx) *c = (const SFX(step_ctx) *)vc;
     const int64_t H = c->H;
     FOR_ROWS(lo, hi, H, b, j0, j1)
-        SFX(grurb_bwd2_row)(GATE(c->dgates, 3, 0), ROW(c->dh), GATE(c->gates, 3, 0),
+        SFX(grurb_bwd2_row)(DGATE(c->dgates, 0), ROW(c->dh), GATE(c->gates, 3, 0),
                             ROW(c->drh), ROW(c->h_prev), j0, j1);
 }
 
@@ -493,6 +497,8 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     T *dgates = (T *)io->dgates;
     /* gradients w.r.t. the recurrent-side pre-activations: GRU's n row differs */
     T *dgh = mode == FO_GRU ? (T *)io->dgates_hh : dgates;
+    const int64_t ldg = io->ld_dgates ? io->ld_dgates : GH;   /* their row stride */
+    if (ldg < GH) return -2;
     if (B == 0) return 0;
 
     /* scratch: dh carried to the previous step, dc likewise, GRU-RB's d(r*h),
@@ -515,19 +521,20 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     SFX(step_ctx) c;
     memset(&c, 0, sizeof c);
     c.H = H; c.dc = dc; c.drh = drh;   /* c.dh: per step (a projection swaps it) */
+    c.ldg = ldg;
     c.relu = mode == FO_RNN_RELU;
     for (int64_t t = Tn - 1; t >= 0; t--) {
         const T *hp = t ? out + (t - 1) * BS : h0;
         const int carry = t > 0 || io->dh0;   /* is dh of step t-1 wanted at all */
         c.gates = (T *)gates + t * B * GH; c.out = (T *)out + t * BS;
         c.h_prev = hp ? hp : zeros;
-        c.dgates = dgates + t * B * GH; c.dgates_hh = dgh + t * B * GH;
+        c.dgates = dgates + t * B * ldg; c.dgates_hh = dgh + t * B * ldg;
         c.dout = dout ? dout + t * BS : zeros;
         c.dh = dh;
         switch (mode) {
         case FO_RNN_TANH: case FO_RNN_RELU:
             SFX(run_step)(SFX(rnn_bwd_chunk), &c, B);
-            if (carry) gemm(0, 0, B, H, GH, c.dgates, GH, w_hh, H, 0, dh, H);
+            if (carry) gemm(0, 0, B, H, GH, c.dgates, ldg, w_hh, H, 0, dh, H);
             break;
         case FO_LSTM:
             c.c = (T *)c_all + t * BH;
@@ -540,23 +547,23 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
                 c.dh = zeros;
             }
             SFX(run_step)(SFX(lstm_bwd_chunk), &c, B);
-            if (carry) gemm(0, 0, B, S, GH, c.dgates, GH, w_hh, S, 0, dh, S);
+            if (carry) gemm(0, 0, B, S, GH, c.dgates, ldg, w_hh, S, 0, dh, S);
             break;
         case FO_GRU:
             c.extra = (T *)extra + t * BH;
             SFX(run_step)(SFX(gru_bwd_chunk), &c, B);
-            if (carry) gemm(0, 0, B, H, GH, c.dgates_hh, GH, w_hh, H, 1, dh, H);
+            if (carry) gemm(0, 0, B, H, GH, c.dgates_hh, ldg, w_hh, H, 1, dh, H);
             break;
         case FO_GRU_RESET_BEFORE:
             SFX(run_step)(SFX(grurb_bwd1_chunk), &c, B);
-            gemm(0, 0, B, H, H, c.dgates + 2 * H, GH, w_hh + 2 * H * H, H, 0, drh, H);
+            gemm(0, 0, B, H, H, c.dgates + 2 * H, ldg, w_hh + 2 * H * H, H, 0, drh, H);
             SFX(run_step)(SFX(grurb_bwd2_chunk), &c, B);
-            if (carry) gemm(0, 0, B, H, 2 * H, c.dgates, GH, w_hh, H, 1, dh, H);
+            if (carry) gemm(0, 0, B, H, 2 * H, c.dgates, ldg, w_hh, H, 1, dh, H);
             break;
         }
         if (io->db_ih) {
-            SFX(colsum_add)(db_i, c.dgates, B, GH, GH);
-            if (dgh != dgates) SFX(colsum_add)(db_h, c.dgates_hh, B, GH, GH);
+            SFX(colsum_add)(db_i, c.dgates, B, GH, ldg);
+            if (dgh != dgates) SFX(colsum_add)(db_h, c.dgates_hh, B, GH, ldg);
         }
     }
     if (io->db_ih) {   /* both biases see the same gradient unless FO_GRU */
@@ -574,19 +581,20 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     if (Tn == 0) return 0;
 
     /* the large products over all T*B rows */
-    if (io->dx) gemm(0, 0, TB, I, GH, dgates, GH, w_ih, I, 0, (T *)io->dx, I);
-    gemm(1, 0, GH, I, TB, dgates, GH, x, I, 1, (T *)io->dw_ih, I);
+    if (io->dx) gemm(0, 0, TB, I, GH, dgates, ldg, w_ih, I, 0, (T *)io->dx, I);
+    gemm(1, 0, GH, I, TB, dgates, ldg, x, I, 1, (T *)io->dw_ih, I);
     /* dW_hh += dgh^T [h0; out[0:T-1]], split at h0 (a separate buffer) */
     T *dw_hh = (T *)io->dw_hh;
     const int64_t rows_h = mode == FO_GRU_RESET_BEFORE ? 2 * H : GH;  /* rows that see h_prev */
-    if (Tn > 1) gemm(1, 0, rows_h, S, TB - B, dgh + B * GH, GH, out, S, 1, dw_hh, S);
-    if (h0) gemm(1, 0, rows_h, S, B, dgh, GH, h0, S, 1, dw_hh, S);
+    if (Tn > 1) gemm(1, 0, rows_h, S, TB - B, dgh + B * ldg, ldg, out, S, 1, dw_hh, S);
+    if (h0) gemm(1, 0, rows_h, S, B, dgh, ldg, h0, S, 1, dw_hh, S);
     if (mode == FO_GRU_RESET_BEFORE)   /* W_hn sees r*h_prev */
-        gemm(1, 0, H, H, TB, dgates + 2 * H, GH, extra, H, 1, dw_hh + 2 * H * H, H);
+        gemm(1, 0, H, H, TB, dgates + 2 * H, ldg, extra, H, 1, dw_hh + 2 * H * H, H);
     return 0;
 }
 
 #undef INLINE
 #undef FOR_ROWS
 #undef GATE
+#undef DGATE
 #undef ROW

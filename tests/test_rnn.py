@@ -124,6 +124,39 @@ def test_sequence_without_bias_and_state_matches_torch(torch, dtype, kind):
         close(g, p.grad.numpy(), dtype, name)
 
 
+def wide_hidden(kind, dtype):
+    """The smallest hidden_size whose gate rows (G*H elements) are a multiple of
+    4 KiB apart: there backward pads the rows of its gate gradients, and the
+    sequence those of its transposed W_hh."""
+    G = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
+    return next(h for h in range(1, 4097) if G * h * np.dtype(dtype).itemsize % 4096 == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_wide_gate_rows_match_torch(torch, dtype, kind):
+    T, B, I = 3, 2, 3
+    H = wide_hidden(kind, dtype)
+    rng = np.random.default_rng(5)
+    tm = getattr(torch.nn, kind)(I, H).to(torch_dtype(torch, dtype))
+    m = getattr(fo, kind)(I, H, dtype=dtype)
+    copy_to_fastopt(tm, m)
+    lstm = kind == "LSTM"
+    x, dout = rand(rng, (T, B, I), dtype), rand(rng, (T, B, H), dtype)
+    h0, c0 = rand(rng, (1, B, H), dtype), rand(rng, (1, B, H), dtype)
+    tx = torch.from_numpy(x).requires_grad_()
+    th0, tc0 = torch.from_numpy(h0).requires_grad_(), torch.from_numpy(c0).requires_grad_()
+    tout, _ = tm(tx, (th0, tc0) if lstm else th0)
+    tout.backward(torch.from_numpy(dout))
+    out, _ = m.forward(x, (h0, c0) if lstm else h0)
+    dx, dstate = m.backward(dout)
+    close(out, tout.detach().numpy(), dtype, "out")
+    close(dx, tx.grad.numpy(), dtype, "dx")
+    close(dstate[0] if lstm else dstate, th0.grad.numpy(), dtype, "dh0")
+    for (name, p), g in zip(tm.named_parameters(), m.gradients()):
+        close(g, p.grad.numpy(), dtype, name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind,kw", [("LSTMCell", {}), ("GRUCell", {}),
                                      ("RNNCell", {"nonlinearity": "tanh"}),
@@ -318,9 +351,8 @@ def test_cell_gradients_match_finite_differences(kind, kw):
 @pytest.mark.parametrize("wide", [False, True])
 def test_cell_unrolled_equals_sequence_layer(dtype, kind, kw, wide):
     T, B, I, H = 6, 3, 4, 5
-    if wide:   # gate rows a multiple of 4 KiB: the sequence pads its transposed W_hh
-        G = {"LSTM": 4, "GRU": 3, "RNN": 1}[kind]
-        H = next(h for h in range(1, 4097) if G * h * np.dtype(dtype).itemsize % 4096 == 0)
+    if wide:
+        H = wide_hidden(kind, dtype)
     rng = np.random.default_rng(8)
     seq = getattr(fo, kind)(I, H, dtype=dtype, seed=3, **kw)
     cell = getattr(fo, kind + "Cell")(I, H, dtype=dtype, **kw)
@@ -1099,6 +1131,45 @@ def test_binding_refuses_overlaps_and_backward_before_forward():
     assert all((g == 0).all() for g in grads)
     call.backward(dout, None, None, None, None, None, *grads, None, None, dgates, None)
     assert any((g != 0).any() for g in grads)
+
+
+@pytest.mark.parametrize("mode", ["rnn_relu", "lstm", "gru", "gru_reset_before"])
+def test_binding_takes_gate_gradient_rows_wider_than_the_gates(mode):
+    """backward's dgates (and GRU's dgates_hh) may have rows wider than G*H,
+    as the layers allocate them where G*H rows would be 4 KiB apart: the same
+    gradients as with rows of G*H; narrower rows, or dgates_hh rows of another
+    width, are refused."""
+    T, B, I, H = 3, 2, 4, 5
+    G = {"rnn_relu": 1, "lstm": 4, "gru": 3, "gru_reset_before": 3}[mode]
+    rng = np.random.default_rng(6)
+    w_ih, w_hh = rand(rng, (G * H, I), np.float64), rand(rng, (G * H, H), np.float64)
+    b_ih, b_hh = rand(rng, G * H, np.float64), rand(rng, G * H, np.float64)
+    x, h0, c0 = (rand(rng, s, np.float64) for s in ((T, B, I), (B, H), (B, H)))
+    dout, dh_n = rand(rng, (T, B, H), np.float64), rand(rng, (B, H), np.float64)
+
+    def gradients(width, hh_width=None):
+        lstm, gru = mode == "lstm", G == 3
+        buf = lambda *s: np.zeros(s, np.float64)
+        call = fo._fastopt.RnnLayerCall(
+            mode, T, B, I, H, w_ih, w_hh, b_ih, b_hh, x, h0, c0 if lstm else None,
+            buf(T, B, H), buf(T, B, H) if lstm else None, buf(T, B, G * H),
+            buf(T, B, H) if gru else None)
+        call.forward()
+        grads = [buf(T, B, I), buf(B, H), buf(B, H) if lstm else None,
+                 buf(G * H, I), buf(G * H, H), buf(G * H), buf(G * H)]
+        dgates = np.full((T, B, width), np.nan)
+        dgates_hh = np.full((T, B, hh_width or width), np.nan) if mode == "gru" else None
+        call.backward(dout, dh_n, None, *grads, dgates, dgates_hh)
+        return [g for g in grads if g is not None]
+
+    tight = gradients(G * H)
+    for got, want in zip(gradients(G * H + 5), tight):
+        close(got, want, np.float64, "wide rows")
+    with pytest.raises(ValueError, match="dgates must have rows of at least"):
+        gradients(G * H - 1)
+    if mode == "gru":
+        with pytest.raises(ValueError, match="dgates_hh must have dgates' row width"):
+            gradients(G * H + 5, G * H)
 
 
 @pytest.mark.parametrize("make", [lambda: fo.GRU(4, 4, num_layers=2, seed=0),

@@ -256,9 +256,11 @@ def _gemm_plan(kind, size, dtype, seq, backward):
     h0_given = not seq       # the cell benches pass a state, the sequence benches none
     calls = [(gates, x, w_ih, False, True, 0.0)]
     # the driver multiplies by a transposed copy of W_hh ("NN") from 4 steps on,
-    # its rows 64 bytes further apart when G*H elements make a multiple of 4 KiB
-    ld = GH + 64 // x.itemsize if GH * x.itemsize % 4096 == 0 else GH
+    # and its backward takes the gate gradients; rows of either are 64 bytes
+    # further apart when G*H elements make a multiple of 4 KiB
+    ld = _fastopt.rnn_dgates_width(kind, H, dtype)
     w_rec, trans = (np.zeros((H, ld), dtype)[:, :GH], False) if T >= 4 else (w_hh, True)
+    dgates = z(TB, ld)[:, :GH]
     for t in range(T):
         if t or h0_given:
             if kind == "lstm":
@@ -268,13 +270,13 @@ def _gemm_plan(kind, size, dtype, seq, backward):
                 calls.append((hh, out[t * B:(t + 1) * B], w_rec, False, trans, 0.0))
     if backward:
         for t in range(T):
-            calls.append((dh, gates[t * B:(t + 1) * B], w_hh, False, False, 0.0))
-        calls.append((dx, gates, w_ih, False, False, 0.0))
-        calls.append((dw_ih, gates, x, True, False, 1.0))
+            calls.append((dh, dgates[t * B:(t + 1) * B], w_hh, False, False, 0.0))
+        calls.append((dx, dgates, w_ih, False, False, 0.0))
+        calls.append((dw_ih, dgates, x, True, False, 1.0))
         if T > 1:
-            calls.append((dw_hh, gates[B:], out[:TB - B], True, False, 1.0))
+            calls.append((dw_hh, dgates[B:], out[:TB - B], True, False, 1.0))
         if h0_given:
-            calls.append((dw_hh, gates[:B], out[:B], True, False, 1.0))
+            calls.append((dw_hh, dgates[:B], out[:B], True, False, 1.0))
 
     def run():
         for c, a, b, ta, tb, beta in calls:
