@@ -312,7 +312,8 @@ int fo_rnn_num_gates(int mode);
 /* The row stride for backward's dgates that runs its weight-gradient GEMMs
  * fastest: G*H, or 64 bytes more when rows of G*H elements of elem_size
  * (4 or 8) bytes would be a multiple of 4 KiB apart (rows that far apart share
- * L1 sets: oneDNN's dW = dgates^T x ran 10-18% slower for LSTM H = 256, 512). */
+ * L1 sets: oneDNN's dW = dgates^T x ran 10-18% slower for LSTM H = 256, 512).
+ * 0 for an unknown mode or a hidden_size below 1. */
 int64_t fo_rnn_dgates_ld(int mode, int64_t hidden_size, int64_t elem_size);
 
 #ifdef __cplusplus

@@ -96,5 +96,6 @@ int fo_rnn_num_gates(int mode) {
 
 int64_t fo_rnn_dgates_ld(int mode, int64_t hidden_size, int64_t elem_size) {
     int64_t gh = fo_rnn_num_gates(mode) * hidden_size;
+    if (gh <= 0) return 0;
     return elem_size == 8 ? padded_ld_f64(gh) : padded_ld_f32(gh);
 }

@@ -168,6 +168,29 @@ static void test_mode(int mode) {
         }
     }
 
+    /* the same backward with gate-gradient rows 3 elements wider than G*H
+     * (ld_dgates): the same gradients */
+    enum { LD_MAX = GMAX * H + 3 };
+    const int ld = G * H + 3;
+    double wdx[T * B * I], wdh0[B * H], wdc0[B * H], wdg[T * B * LD_MAX], wdgh[T * B * LD_MAX];
+    double wdw_ih[GMAX * H * I] = {0}, wdw_hh[GMAX * H * H] = {0}, wdb_ih[GMAX * H] = {0},
+           wdb_hh[GMAX * H] = {0}, wdw_hr[H * H] = {0};
+    fo_rnn_backward_io wbw = {d.dout, d.dhn, mode == FO_LSTM ? d.dcn : NULL, wdx, wdh0,
+                              mode == FO_LSTM ? wdc0 : NULL, wdw_ih, wdw_hh, wdb_ih, wdb_hh, wdg,
+                              mode == FO_GRU ? wdgh : NULL, P ? wdw_hr : NULL, ld};
+    if (fo_rnn_backward_f64(&L, &io, &wbw, gemm_f64)) {
+        printf("FAIL wide backward rc\n");
+        failures++;
+    }
+    for (size_t w = 0; w < sizeof wrt / sizeof wrt[0]; w++) {
+        if (wrt[w].grad == dc0 && mode != FO_LSTM) continue;
+        const double *wide = wrt[w].grad == dx ? wdx : wrt[w].grad == dh0 ? wdh0
+                           : wrt[w].grad == dc0 ? wdc0 : wrt[w].grad == dw_ih ? wdw_ih
+                           : wrt[w].grad == dw_hh ? wdw_hh : wrt[w].grad == db_ih ? wdb_ih
+                           : wrt[w].grad == db_hh ? wdb_hh : wdw_hr;
+        for (int i = 0; i < wrt[w].n; i++) check(wrt[w].name, mode, wide[i], wrt[w].grad[i], 1e-12);
+    }
+
     /* float32 forward: the same layer, rounded inputs */
     float fx[T * B * I], fh0[B * H], fc0[B * H], fw_ih[GMAX * H * I], fw_hh[GMAX * H * H],
           fb_ih[GMAX * H], fb_hh[GMAX * H], fw_hr[H * H], fout[T * B * H], fc_all[T * B * H],
@@ -198,6 +221,27 @@ static void test_refused_layers(void) {
                   fo_rnn_backward_f32(&gru_proj, &io, &bio, gemm_f32)};
     for (int k = 0; k < 4; k++)
         if (rcs[k] != -2) { printf("FAIL refused layer %d: rc %d\n", k, rcs[k]); failures++; }
+    /* gate-gradient rows narrower than G*H */
+    fo_rnn_layer rnn = {FO_RNN_TANH, 1, 1, 1, 4, w, w, NULL, NULL, 0, NULL};
+    fo_rnn_backward_io narrow = {0};
+    narrow.dgates = gates;
+    narrow.ld_dgates = 3;
+    if (fo_rnn_backward_f32(&rnn, &io, &narrow, gemm_f32) != -2) {
+        printf("FAIL ld_dgates below G*H accepted\n");
+        failures++;
+    }
+    /* the stride the layers use: 64 bytes more where rows would be 4 KiB apart */
+    struct { int mode; int64_t h, elem, want; } lds[] = {
+        {FO_LSTM, 256, 4, 1040}, {FO_LSTM, 255, 4, 1020}, {FO_LSTM, 128, 8, 520},
+        {FO_GRU, 1024, 4, 3088}, {FO_RNN_RELU, 100, 4, 100}, {9, 256, 4, 0}, {FO_LSTM, 0, 4, 0}};
+    for (size_t k = 0; k < sizeof lds / sizeof lds[0]; k++) {
+        int64_t got = fo_rnn_dgates_ld(lds[k].mode, lds[k].h, lds[k].elem);
+        if (got != lds[k].want) {
+            printf("FAIL fo_rnn_dgates_ld case %zu: %lld, want %lld\n", k, (long long)got,
+                   (long long)lds[k].want);
+            failures++;
+        }
+    }
 }
 
 int main(void) {
