@@ -182,13 +182,12 @@ static void test_mode(int mode) {
         printf("FAIL wide backward rc\n");
         failures++;
     }
+    /* in wrt's order */
+    const double *wide[] = {wdx, wdh0, wdc0, wdw_ih, wdw_hh, wdb_ih, wdb_hh, wdw_hr};
     for (size_t w = 0; w < sizeof wrt / sizeof wrt[0]; w++) {
         if (wrt[w].grad == dc0 && mode != FO_LSTM) continue;
-        const double *wide = wrt[w].grad == dx ? wdx : wrt[w].grad == dh0 ? wdh0
-                           : wrt[w].grad == dc0 ? wdc0 : wrt[w].grad == dw_ih ? wdw_ih
-                           : wrt[w].grad == dw_hh ? wdw_hh : wrt[w].grad == db_ih ? wdb_ih
-                           : wrt[w].grad == db_hh ? wdb_hh : wdw_hr;
-        for (int i = 0; i < wrt[w].n; i++) check(wrt[w].name, mode, wide[i], wrt[w].grad[i], 1e-12);
+        for (int i = 0; i < wrt[w].n; i++)
+            check(wrt[w].name, mode, wide[w][i], wrt[w].grad[i], 1e-12);
     }
 
     /* float32 forward: the same layer, rounded inputs */
