@@ -357,19 +357,43 @@ static void SFX(colsum_add)(T *restrict acc, const T *restrict a, int64_t rows,
         for (int64_t j = 0; j < cols; j++) acc[j] += a[r * lda + j];
 }
 
-/* dst (cols x rows, rows ld apart) = src (rows x cols)^T in 16x16 blocks,
- * writing dst rows contiguously (strided stores measured 2x slower). With 32x32
- * blocks, the 32 source rows of a block fell into a few L1 sets when a row is
- * 2 KiB (float32 (2048, 512): 1.0-1.2 ms against 0.33 ms; (1024, 256): 85
- * against 80 us). */
-static void SFX(transpose)(T *restrict dst, int64_t ld, const T *restrict src, int64_t rows,
-                           int64_t cols) {
+/* dst (cols x rows, rows ldd apart) = src^T, or dst += src^T when acc, for src
+ * (rows x cols, rows lds apart), in 16x16 blocks writing dst rows contiguously
+ * (strided stores measured 2x slower). With 32x32 blocks, the 32 source rows
+ * of a block fell into a few L1 sets when a row is 2 KiB (float32 (2048, 512):
+ * 1.0-1.2 ms against 0.33 ms; (1024, 256): 85 against 80 us). */
+static void SFX(transpose)(T *restrict dst, int64_t ldd, const T *restrict src, int64_t lds,
+                           int64_t rows, int64_t cols, int acc) {
     for (int64_t i0 = 0; i0 < rows; i0 += 16)
         for (int64_t j0 = 0; j0 < cols; j0 += 16) {
             int64_t i1 = i0 + 16 < rows ? i0 + 16 : rows, j1 = j0 + 16 < cols ? j0 + 16 : cols;
             for (int64_t j = j0; j < j1; j++)
-                for (int64_t i = i0; i < i1; i++) dst[j * ld + i] = src[i * cols + j];
+                for (int64_t i = i0; i < i1; i++)
+                    dst[j * ldd + i] = (acc ? dst[j * ldd + i] : (T)0) + src[i * lds + j];
         }
+}
+
+/* transpose over fastopt's threads, in ranges of source rows */
+typedef struct {
+    T *dst;
+    const T *src;
+    int64_t ldd, lds, cols;
+    int acc;
+} SFX(transpose_job);
+
+static void SFX(transpose_rows)(void *ctx, int64_t unused, int64_t lo, int64_t hi) {
+    const SFX(transpose_job) *j = (const SFX(transpose_job) *)ctx;
+    (void)unused;
+    SFX(transpose)(j->dst + lo, j->ldd, j->src + lo * j->lds, j->lds, hi - lo, j->cols, j->acc);
+}
+
+/* 32768 elements (about 10 us) per thread at least: a parallel region costs a
+ * few microseconds */
+static void SFX(transpose_parallel)(T *dst, int64_t ldd, const T *src, int64_t lds,
+                                    int64_t rows, int64_t cols, int acc) {
+    SFX(transpose_job) job = {dst, src, ldd, lds, cols, acc};
+    fo_parallel_foreach_grain(&rows, 1, SFX(transpose_rows), &job,
+                              cols < 32768 ? 32768 / cols : 1);
 }
 
 /* The row stride of a scratch matrix of n columns: rows a multiple of 4 KiB
@@ -380,15 +404,37 @@ static int64_t SFX(padded_ld)(int64_t n) {
     return (n * (int64_t)sizeof(T)) % 4096 == 0 ? n + 64 / (int64_t)sizeof(T) : n;
 }
 
-/* C (B x nr) = beta*C + h W_hh[r0:r0+nr]^T, h of width S: with w_hh_t
- * (S, G*H; rows ldt apart), the transpose of w_hh, as the product "NN", which
- * the BLASes measured here run 7-27% faster than "NT" at these shapes (B
+/* Products A W^T of at most this many rows (a cell's step, a short sequence)
+ * run as C^T = W A^T, "NN" on transposed copies: oneDNN ran (64 x 512) @
+ * (512 x 2048)^T at 89 GFLOP/s as "NT" and at 106 as "NN" on C^T, (32 x 256) @
+ * (256 x 1024)^T at 89 against 115 (1 thread; 2 threads 175 -> 212, 176 ->
+ * 227). From 256 rows on, the transposes cost about what they save. */
+#define FO_RNN_FEW_ROWS 128
+
+/* C (m x n, rows ldc apart) = C (acc) or 0 (!acc), plus A W^T for A (m x k)
+ * and W (n x k), both contiguous. With few rows, through scratch (m*(k + n)
+ * elements; NULL: none was allocated). */
+INLINE void SFX(product_nt)(GEMM_FN gemm, int64_t m, int64_t n, int64_t k, const T *a,
+                            const T *w, int acc, T *c, int64_t ldc, T *scratch) {
+    if (m > FO_RNN_FEW_ROWS || !scratch) {
+        gemm(0, 1, m, n, k, a, k, w, k, acc ? 1 : 0, c, ldc);
+        return;
+    }
+    T *a_t = scratch, *c_t = scratch + m * k;
+    SFX(transpose_parallel)(a_t, m, a, k, m, k, 0);
+    gemm(0, 0, n, m, k, w, k, a_t, m, 0, c_t, m);
+    SFX(transpose_parallel)(c, ldc, c_t, m, n, m, acc);
+}
+
+/* C (B x nr) = C (acc) or 0, plus h W_hh[r0:r0+nr]^T, h of width S: with
+ * w_hh_t (S, G*H; rows ldt apart), the transpose of w_hh, as the product "NN",
+ * which the BLASes measured here run 7-27% faster than "NT" at these shapes (B
  * rows); else from w_hh directly. */
 INLINE void SFX(recurrent_product)(GEMM_FN gemm, const T *h, const T *w_hh, const T *w_hh_t,
                                    int64_t ldt, int64_t B, int64_t S, int64_t r0, int64_t nr,
-                                   T beta, T *c, int64_t ldc) {
-    if (w_hh_t) gemm(0, 0, B, nr, S, h, S, w_hh_t + r0, ldt, beta, c, ldc);
-    else gemm(0, 1, B, nr, S, h, S, w_hh + r0 * S, S, beta, c, ldc);
+                                   int acc, T *c, int64_t ldc, T *scratch) {
+    if (w_hh_t) gemm(0, 0, B, nr, S, h, S, w_hh_t + r0, ldt, acc ? 1 : 0, c, ldc);
+    else SFX(product_nt)(gemm, B, nr, S, h, w_hh + r0 * S, acc, c, ldc, scratch);
 }
 
 /* Below this many steps, transposing W_hh once costs more than it saves. */
@@ -417,6 +463,11 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     void *scratch = fo_scratch_alloc(sizes, ptr, 4, 1);
     if (!scratch) return -1;
     T *bias = (T *)ptr[0], *bias_hn = (T *)ptr[1], *zeros = (T *)ptr[2], *hh = (T *)ptr[3];
+    /* product_nt's transposes, when products have few rows (not zeroed; if
+     * malloc fails, the products run without it) */
+    const int64_t few = Tn * B <= FO_RNN_FEW_ROWS ? Tn * B
+                       : B <= FO_RNN_FEW_ROWS && Tn < FO_RNN_TRANSPOSE_MIN_STEPS ? B : 0;
+    T *few_rows = few ? (T *)malloc(z * (size_t)(few * ((I > S ? I : S) + GH))) : NULL;
     if (b_ih) {
         for (int64_t j = 0; j < GH; j++) bias[j] = b_ih[j] + b_hh[j];
         if (mode == FO_GRU)   /* b_hn stays inside r*(W_hn h + b_hn) */
@@ -430,12 +481,12 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     const int64_t ldt = SFX(padded_ld)(GH);
     if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS) {
         w_hh_t = (T *)malloc((size_t)(ldt * S) * sizeof(T));
-        if (!w_hh_t) { free(scratch); return -1; }
-        SFX(transpose)(w_hh_t, ldt, w_hh, GH, S);
+        if (!w_hh_t) { free(few_rows); free(scratch); return -1; }
+        SFX(transpose_parallel)(w_hh_t, ldt, w_hh, S, GH, S, 0);
     }
 
     /* input projection of every step in one GEMM: gates = x W_ih^T */
-    gemm(0, 1, Tn * B, GH, I, x, I, w_ih, I, 0, gates, GH);
+    SFX(product_nt)(gemm, Tn * B, GH, I, x, w_ih, 0, gates, GH, few_rows);
 
     SFX(step_ctx) c;
     memset(&c, 0, sizeof c);
@@ -448,11 +499,15 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
         c.gates = g; c.out = out + t * BS; c.h_prev = hp ? hp : zeros;
         switch (mode) {
         case FO_RNN_TANH: case FO_RNN_RELU:
-            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 1, g, GH);
+            if (hp)
+                SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 1, g, GH,
+                                       few_rows);
             SFX(run_step)(SFX(rnn_fwd_chunk), &c, B);
             break;
         case FO_LSTM:
-            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, S, 0, GH, 1, g, GH);
+            if (hp)
+                SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, S, 0, GH, 1, g, GH,
+                                       few_rows);
             c.c = c_all + t * BH;
             c.c_prev = t ? c_all + (t - 1) * BH : c0 ? c0 : zeros;
             if (P) c.out = extra + t * BH;   /* o*tanh(c), then h = it W_hr^T */
@@ -460,23 +515,28 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
             if (P) gemm(0, 1, B, P, H, c.out, H, w_hr, H, 0, out + t * BS, P);
             break;
         case FO_GRU:
-            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 0, hh, GH);
+            if (hp)
+                SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 0, hh, GH,
+                                       few_rows);
             else memset(hh, 0, (size_t)(B * GH) * sizeof(T));
             c.extra = extra + t * BH;
             SFX(run_step)(SFX(gru_fwd_chunk), &c, B);
             break;
         case FO_GRU_RESET_BEFORE:
             /* r, z need h_prev W_h{r,z}^T; n needs (r*h_prev) W_hn^T after them */
-            if (hp) SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, 2 * H, 1, g, GH);
+            if (hp)
+                SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, 2 * H, 1, g, GH,
+                                       few_rows);
             c.extra = extra + t * BH;
             SFX(run_step)(SFX(grurb_fwd1_chunk), &c, B);
             if (hp)
                 SFX(recurrent_product)(gemm, c.extra, w_hh, w_hh_t, ldt, B, H, 2 * H, H, 1,
-                                       g + 2 * H, GH);
+                                       g + 2 * H, GH, few_rows);
             SFX(run_step)(SFX(grurb_fwd2_chunk), &c, B);
             break;
         }
     }
+    free(few_rows);
     free(w_hh_t);
     free(scratch);
     return 0;

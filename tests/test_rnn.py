@@ -135,9 +135,22 @@ def wide_hidden(kind, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_wide_gate_rows_match_torch(torch, dtype, kind):
-    T, B, I = 3, 2, 3
-    H = wide_hidden(kind, dtype)
-    rng = np.random.default_rng(5)
+    check_one_layer_against_torch(torch, dtype, kind, 3, 2, 3, wide_hidden(kind, dtype), 5)
+
+
+# Products of at most 128 rows (a step's batch, or all steps' inputs of a short
+# sequence) run on transposed copies: both sides of that bound, and the
+# transposes split over two threads (H = 128: up to 512 rows of W).
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("T,B", [(1, 128), (1, 129), (2, 64), (3, 43), (3, 64), (4, 32)])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_products_of_few_and_many_rows_match_torch(torch, threads, kind, T, B, nthreads):
+    fo.set_num_threads(nthreads)
+    check_one_layer_against_torch(torch, np.float64, kind, T, B, 5, 128, 6)
+
+
+def check_one_layer_against_torch(torch, dtype, kind, T, B, I, H, seed):
+    rng = np.random.default_rng(seed)
     tm = getattr(torch.nn, kind)(I, H).to(torch_dtype(torch, dtype))
     m = getattr(fo, kind)(I, H, dtype=dtype)
     copy_to_fastopt(tm, m)

@@ -242,6 +242,9 @@ def _torch_module(kind, size, dtype, weights, seq):
     return torch, m
 
 
+FEW_ROWS = 128   # src_c/rnn_impl.h FO_RNN_FEW_ROWS
+
+
 def _gemm_plan(kind, size, dtype, seq, backward):
     """(run, flops): the GEMM calls of fastopt's driver for this case, on
     preallocated arrays, and their floating-point operations (2*M*N*K each)."""
@@ -254,20 +257,23 @@ def _gemm_plan(kind, size, dtype, seq, backward):
     dx, dw_ih, dw_hh = z(TB, I), z(GH, I), z(GH, H)
     gemm = _fastopt.gemm
     h0_given = not seq       # the cell benches pass a state, the sequence benches none
-    calls = [(gates, x, w_ih, False, True, 0.0)]
-    # the driver multiplies by a transposed copy of W_hh ("NN") from 4 steps on,
-    # and its backward takes the gate gradients; rows of either are 64 bytes
-    # further apart when G*H elements make a multiple of 4 KiB
+    # the driver multiplies products A W^T of at most FEW_ROWS rows as W A^T on
+    # transposed copies ("NN"), by a transposed copy of W_hh ("NN") from 4
+    # steps on, and its backward takes the gate gradients; rows of these are 64
+    # bytes further apart when G*H elements make a multiple of 4 KiB
+    def nt(c, a, w, beta):
+        if a.shape[0] > FEW_ROWS:
+            return (c, a, w, False, True, beta)
+        return (z(w.shape[0], a.shape[0]), w, z(a.shape[1], a.shape[0]), False, False, 0.0)
+    calls = [nt(gates, x, w_ih, 0.0)]
     ld = _fastopt.rnn_dgates_width(kind, H, dtype)
-    w_rec, trans = (np.zeros((H, ld), dtype)[:, :GH], False) if T >= 4 else (w_hh, True)
+    w_hh_t = np.zeros((H, ld), dtype)[:, :GH]
     dgates = z(TB, ld)[:, :GH]
     for t in range(T):
         if t or h0_given:
-            if kind == "lstm":
-                calls.append((gates[t * B:(t + 1) * B], out[t * B:(t + 1) * B], w_rec, False,
-                              trans, 1.0))
-            else:
-                calls.append((hh, out[t * B:(t + 1) * B], w_rec, False, trans, 0.0))
+            h, c = out[t * B:(t + 1) * B], (gates[t * B:(t + 1) * B] if kind == "lstm" else hh)
+            beta = 1.0 if kind == "lstm" else 0.0
+            calls.append((c, h, w_hh_t, False, False, beta) if T >= 4 else nt(c, h, w_hh, beta))
     if backward:
         for t in range(T):
             calls.append((dh, dgates[t * B:(t + 1) * B], w_hh, False, False, 0.0))
