@@ -412,17 +412,24 @@ static int64_t SFX(padded_ld)(int64_t n) {
 #define FO_RNN_FEW_ROWS 128
 
 /* C (m x n, rows ldc apart) = C (acc) or 0 (!acc), plus A W^T for A (m x k)
- * and W (n x k), both contiguous. With few rows, through scratch (m*(k + n)
- * elements; NULL: none was allocated). */
+ * and W (n x k), plus A2 W2^T (k2 columns) when a2 is not NULL; all contiguous.
+ * With few rows, through scratch (m*(max(k, k2) + n) elements; NULL: none was
+ * allocated), the two products summed before the one transpose back. */
 INLINE void SFX(product_nt)(GEMM_FN gemm, int64_t m, int64_t n, int64_t k, const T *a,
-                            const T *w, int acc, T *c, int64_t ldc, T *scratch) {
+                            const T *w, const T *a2, int64_t k2, const T *w2, int acc,
+                            T *c, int64_t ldc, T *scratch) {
     if (m > FO_RNN_FEW_ROWS || !scratch) {
         gemm(0, 1, m, n, k, a, k, w, k, acc ? 1 : 0, c, ldc);
+        if (a2) gemm(0, 1, m, n, k2, a2, k2, w2, k2, 1, c, ldc);
         return;
     }
-    T *a_t = scratch, *c_t = scratch + m * k;
+    T *a_t = scratch, *c_t = scratch + m * (k > k2 ? k : k2);
     SFX(transpose_parallel)(a_t, m, a, k, m, k, 0);
     gemm(0, 0, n, m, k, w, k, a_t, m, 0, c_t, m);
+    if (a2) {
+        SFX(transpose_parallel)(a_t, m, a2, k2, m, k2, 0);
+        gemm(0, 0, n, m, k2, w2, k2, a_t, m, 1, c_t, m);
+    }
     SFX(transpose_parallel)(c, ldc, c_t, m, n, m, acc);
 }
 
@@ -434,7 +441,8 @@ INLINE void SFX(recurrent_product)(GEMM_FN gemm, const T *h, const T *w_hh, cons
                                    int64_t ldt, int64_t B, int64_t S, int64_t r0, int64_t nr,
                                    int acc, T *c, int64_t ldc, T *scratch) {
     if (w_hh_t) gemm(0, 0, B, nr, S, h, S, w_hh_t + r0, ldt, acc ? 1 : 0, c, ldc);
-    else SFX(product_nt)(gemm, B, nr, S, h, w_hh + r0 * S, acc, c, ldc, scratch);
+    else SFX(product_nt)(gemm, B, nr, S, h, w_hh + r0 * S, NULL, 0, NULL, acc, c, ldc,
+                         scratch);
 }
 
 /* Below this many steps, transposing W_hh once costs more than it saves. */
@@ -485,8 +493,12 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
         SFX(transpose_parallel)(w_hh_t, ldt, w_hh, S, GH, S, 0);
     }
 
-    /* input projection of every step in one GEMM: gates = x W_ih^T */
-    SFX(product_nt)(gemm, Tn * B, GH, I, x, w_ih, 0, gates, GH, few_rows);
+    /* input projection of every step in one GEMM: gates = x W_ih^T; a single
+     * step of an LSTM or RNN adds its recurrent product h0 W_hh^T to it there
+     * (one transpose back instead of two) */
+    const T *h0_fused = Tn == 1 && (mode == FO_LSTM || G == 1) ? h0 : NULL;
+    SFX(product_nt)(gemm, Tn * B, GH, I, x, w_ih, h0_fused, S, w_hh, 0, gates, GH,
+                    few_rows);
 
     SFX(step_ctx) c;
     memset(&c, 0, sizeof c);
@@ -499,13 +511,13 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
         c.gates = g; c.out = out + t * BS; c.h_prev = hp ? hp : zeros;
         switch (mode) {
         case FO_RNN_TANH: case FO_RNN_RELU:
-            if (hp)
+            if (hp && !h0_fused)
                 SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 1, g, GH,
                                        few_rows);
             SFX(run_step)(SFX(rnn_fwd_chunk), &c, B);
             break;
         case FO_LSTM:
-            if (hp)
+            if (hp && !h0_fused)
                 SFX(recurrent_product)(gemm, hp, w_hh, w_hh_t, ldt, B, S, 0, GH, 1, g, GH,
                                        few_rows);
             c.c = c_all + t * BH;
