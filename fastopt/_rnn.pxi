@@ -197,11 +197,12 @@ cdef void _dnnl_nt_columns(void *ctx, int64_t unused, int64_t lo, int64_t hi) no
                 j.beta, j.c + lo, j.ldc)
 
 
-# "NT" products of up to this many rows (a batch times W^T: the cells, short
-# sequences) split their columns over fastopt's threads, each a one-thread
-# dnnl call (dnnl runs serially inside a parallel region): dnnl's own two
-# threads ran them at 1.0-1.4x its one, for (64 x 512) @ (512 x 2048) 90 GFLOP/s
-# against 170 split. Other shapes scale well in dnnl (1.8-2x) and stay whole.
+# "NT" products of up to this many rows (a batch times W^T; up to 128 rows the
+# layers transpose them into "NN" instead, see rnn_impl.h) split their columns
+# over fastopt's threads, each a one-thread dnnl call (dnnl runs serially
+# inside a parallel region): dnnl's own two threads ran them at 1.0-1.4x its
+# one, for (64 x 512) @ (512 x 2048) 90 GFLOP/s against 170 split. Other shapes
+# scale well in dnnl (1.8-2x) and stay whole.
 cdef enum:
     _NT_SPLIT_MAX_ROWS = 512
     _NT_SPLIT_MIN_COLUMNS = 128   # per thread
