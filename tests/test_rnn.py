@@ -269,8 +269,9 @@ def numpy_gru_reset_before(x, h0, w_ih, w_hh, b_ih, b_hh):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_gru_reset_before_matches_numpy_formula(dtype):
-    T, B, I, H = 6, 3, 4, 5
+@pytest.mark.parametrize("T,B", [(6, 3), (2, 3), (2, 130)])   # products of few and many rows
+def test_gru_reset_before_matches_numpy_formula(dtype, T, B):
+    I, H = 4, 5
     rng = np.random.default_rng(3)
     m = fo.GRU(I, H, reset_after=False, dtype=dtype, seed=7)
     x, h0 = rand(rng, (T, B, I), dtype), rand(rng, (1, B, H), dtype)
