@@ -649,7 +649,8 @@ INLINE void SFX(apply_span)(const SFX(norm_job) *j, int64_t s, const int has_dy,
 /* The apply pass for outputs too large for the cache: the same formula with
  * streaming stores straight from registers (avx512.h), which GCC-vectorized C
  * cannot emit. Used only when every line's length is a multiple of 16 bytes,
- * so that all streamed pieces stay 16-byte aligned. */
+ * so that all streamed pieces stay 16-byte aligned, or for lines written as
+ * one run (apply_run_avx512). */
 #if FO_T_IS_F64
 #define VT __m512d
 #define VN 8
@@ -659,6 +660,9 @@ INLINE void SFX(apply_span)(const SFX(norm_job) *j, int64_t s, const int has_dy,
 #define VSUB _mm512_sub_pd
 #define VFMA _mm512_fmadd_pd
 #define VBITS _mm512_castpd_si512
+#define VMASK __mmask8
+#define VBLEND _mm512_mask_blend_pd
+#define VMST _mm512_mask_storeu_pd
 #else
 #define VT __m512
 #define VN 16
@@ -668,6 +672,9 @@ INLINE void SFX(apply_span)(const SFX(norm_job) *j, int64_t s, const int has_dy,
 #define VSUB _mm512_sub_ps
 #define VFMA _mm512_fmadd_ps
 #define VBITS _mm512_castps_si512
+#define VMASK __mmask16
+#define VBLEND _mm512_mask_blend_ps
+#define VMST _mm512_mask_storeu_ps
 #endif
 
 AVX512_TARGET static inline __attribute__((always_inline))
@@ -723,11 +730,65 @@ void SFX(apply_short_rows_avx512)(const SFX(norm_job) *j, int64_t s0, int64_t s1
     }
 }
 
+/* One vector of a run (apply_run_avx512): lanes in `next` belong to line c2,
+ * the others to line c; m: the lanes to load (the run's last, partial vector). */
+AVX512_TARGET static inline __attribute__((always_inline))
+VT SFX(run_vector)(const SFX(norm_job) *j, const T *x, const T *dy, int64_t c, int64_t c2,
+                   VMASK next, VMASK m, const int has_dy, const int has_x) {
+#define COEF(a) VBLEND(next, VSET1(j->a[c]), VSET1(j->a[c2]))
+    VT v = COEF(k3);
+    if (has_x) v = VFMA(COEF(k2), VSUB(VMLD(m, x), COEF(cen)), v);
+    if (has_dy) v = VFMA(COEF(k1), VMLD(m, dy), v);
+#undef COEF
+    return v;
+}
+
+/* Segment mode with lines that are not a multiple of 16 bytes but at least a
+ * vector long (7x7 planes: 196 bytes), which apply_line_avx512 cannot stream
+ * line by line: the output of lines [s0, s1) is one contiguous run, written
+ * as consecutive vectors through the realigning stream writer (avx512.h). A
+ * vector spans at most two lines and blends their coefficients by lane. */
+AVX512_TARGET static inline __attribute__((always_inline))
+void SFX(apply_run_avx512)(const SFX(norm_job) *j, int64_t s0, int64_t s1, const int has_dy,
+                           const int has_x) {
+    const int64_t len = j->plan.inner, C = j->plan.C, n = (s1 - s0) * len;
+    const VMASK all = (VMASK)~(VMASK)0;
+    T *out = j->out + s0 * len;
+    const T *x = j->x + s0 * len, *dy = has_dy ? j->dy + s0 * len : 0;
+    fo_stream_writer w;
+    fo_writer_init(&w, out, ((uintptr_t)out & 63) ? 1 : 2);
+    int64_t c = s0 % C, r = 0;   /* the line (channel) of element i, and i's offset in it */
+    int64_t i = 0;
+    for (; i + VN <= n; i += VN) {
+        const int64_t c2 = c + 1 == C ? 0 : c + 1;
+        const VMASK next = len - r >= VN ? 0 : (VMASK)(all << (len - r));
+        fo_writer_put(&w, VBITS(SFX(run_vector)(j, x + i, has_dy ? dy + i : 0, c, c2, next,
+                                                 all, has_dy, has_x)));
+        r += VN;
+        if (r >= len) {
+            r -= len;
+            c = c2;
+        }
+    }
+    fo_writer_finish(&w);
+    if (i < n) {   /* the last n - i < VN elements, within one line: ordinary stores */
+        const VMASK m = (VMASK)~(all << (n - i));
+        VMST(out + i, m, SFX(run_vector)(j, x + i, has_dy ? dy + i : 0, c, c, 0, m, has_dy,
+                                         has_x));
+    }
+}
+
 AVX512_TARGET static void SFX(apply_lines_avx512)(const SFX(norm_job) *j, int64_t s0,
                                                    int64_t s1) {
     const fo_norm_plan *p = &j->plan;
     int64_t len = p->row_mode ? p->W : p->inner;
     int has_dy = j->dy != 0, has_x = j->has_x, st = j->stream;
+    if (!p->row_mode && (len * (int64_t)sizeof(T)) % 16 != 0) {
+        if (has_dy && has_x) SFX(apply_run_avx512)(j, s0, s1, 1, 1);
+        else if (has_dy) SFX(apply_run_avx512)(j, s0, s1, 1, 0);
+        else SFX(apply_run_avx512)(j, s0, s1, 0, 1);
+        return;
+    }
     if (p->row_mode && len % VN == 0 && len <= 4 * VN) {
 #define ROWS(nv) do { \
         if (has_dy && has_x) SFX(apply_short_rows_avx512)(j, s0, s1, nv, 1, 1); \
@@ -762,6 +823,9 @@ AVX512_TARGET static void SFX(apply_lines_avx512)(const SFX(norm_job) *j, int64_
 #undef VSUB
 #undef VFMA
 #undef VBITS
+#undef VMASK
+#undef VBLEND
+#undef VMST
 #endif
 
 /* Rows [s0, s1) as one run whose vectors start on x's lines (row_head): the
@@ -835,11 +899,13 @@ static void SFX(apply)(const SFX(norm_job) *j) {
 /* ------------------------------------------------------------ drivers */
 
 /* Streaming stores for a large output (see avx512.h), when the CPU has
- * AVX-512 and every line starts 16-byte aligned. */
+ * AVX-512 and every line starts 16-byte aligned, or, in segment mode, lines
+ * are at least 64 bytes long (apply_run_avx512 writes them as one run). */
 static int SFX(stream_mode)(const fo_norm_plan *p, const T *out) {
 #ifdef FO_AVX512
     int64_t len = p->row_mode ? p->W : p->inner;
-    if ((len * (int64_t)sizeof(T)) % 16 != 0 || !fo_cpu_has_avx512()) return 0;
+    int run = !p->row_mode && len * (int64_t)sizeof(T) >= 64;
+    if (((len * (int64_t)sizeof(T)) % 16 != 0 && !run) || !fo_cpu_has_avx512()) return 0;
     int mode = fo_stream_mode(out, p->outer * p->C * p->inner * (int64_t)sizeof(T));
     /* 64-byte stores need every line 64-byte aligned */
     return mode == 2 && (len * (int64_t)sizeof(T)) % 64 != 0 ? 1 : mode;

@@ -628,14 +628,18 @@ def _aligned_empty(shape, dtype, align):
                                             ((4, 128, 128, 64), True, np.float32),
                                             ((4, 181, 181, 24), True, np.float64),
                                             ((8, 16, 128, 128), False, np.float64),
-                                            ((4, 8, 361, 361), False, np.float32)])
+                                            ((4, 8, 361, 361), False, np.float32),
+                                            ((180, 512, 7, 7), False, np.float32),
+                                            ((90, 512, 7, 7), False, np.float64)])
 @pytest.mark.parametrize("align", [64, 16, "element"])
 def test_large_outputs_streaming_stores(shape, cl, dtype, align):
     """Outputs over 16 MB take the streaming-store apply pass (64/16-byte
-    aligned output with 16-byte multiple lines; otherwise, as for an output
-    aligned only to its element size, ordinary stores; channels-last rows of 1
-    to 4 whole vectors keep their coefficients in registers): forward and
-    backward against the float64 reference."""
+    aligned output with 16-byte multiple lines, or lines of 64 bytes or more
+    written as one run, as 7x7 planes are; otherwise, as for an
+    output aligned only to its element size, ordinary stores; channels-last
+    rows of 1 to 4 whole vectors keep their coefficients in registers): forward
+    and backward against the float64 reference, on fastopt's default threads
+    (two here: each thread's run starts and ends inside a line)."""
     if align == "element":
         align = np.dtype(dtype).itemsize
     C = shape[-1] if cl else shape[1]
