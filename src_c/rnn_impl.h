@@ -369,7 +369,7 @@ static void SFX(transpose)(T *restrict dst, int64_t ldd, const T *restrict src, 
             int64_t i1 = i0 + 16 < rows ? i0 + 16 : rows, j1 = j0 + 16 < cols ? j0 + 16 : cols;
             for (int64_t j = j0; j < j1; j++)
                 for (int64_t i = i0; i < i1; i++)
-                    dst[j * ldd + i] = (acc ? dst[j * ldd + i] : (T)0) + src[i * lds + j];
+                    dst[j * ldd + i] = acc ? dst[j * ldd + i] + src[i * lds + j] : src[i * lds + j];
         }
 }
 
