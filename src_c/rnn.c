@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "avx512.h"
 #include "fastopt.h"
 #include "parallel.h"
 
@@ -64,6 +65,10 @@ int fo_rnn_num_gates(int mode) {
 #define GEMM_FN fo_gemm_f32_fn
 #define FABS fabsf
 #define COPYSIGN copysignf
+/* on the bits of 64-byte vectors: interleave two (transpose), add as floats */
+#define VPERMUTE2 _mm512_permutex2var_epi32
+#define VADD_BITS(a, b) \
+    _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b)))
 #include "rnn_impl.h"
 #undef T
 #undef SFX
@@ -78,6 +83,8 @@ int fo_rnn_num_gates(int mode) {
 #undef GEMM_FN
 #undef FABS
 #undef COPYSIGN
+#undef VPERMUTE2
+#undef VADD_BITS
 
 #define T double
 #define SFX(x) x##_f64
@@ -92,6 +99,9 @@ int fo_rnn_num_gates(int mode) {
 #define GEMM_FN fo_gemm_f64_fn
 #define FABS fabs
 #define COPYSIGN copysign
+#define VPERMUTE2 _mm512_permutex2var_epi64
+#define VADD_BITS(a, b) \
+    _mm512_castpd_si512(_mm512_add_pd(_mm512_castsi512_pd(a), _mm512_castsi512_pd(b)))
 #include "rnn_impl.h"
 
 int64_t fo_rnn_dgates_ld(int mode, int64_t hidden_size, int64_t elem_size) {
