@@ -950,7 +950,7 @@ static int SFX(scratch_alloc)(SFX(norm_scratch) *s, const fo_norm_plan *p, int64
     size_t bytes[9] = {d * (size_t)nlanes, d * (size_t)npartial, d * (size_t)C,
                        d * (size_t)C, d * (size_t)W, coef, coef, coef, coef};
     void *ptr[9];
-    s->block = fo_scratch_alloc(bytes, ptr, 9, 0);
+    s->block = fo_scratch_alloc(bytes, ptr, 9);
     if (!s->block) return -1;
     s->lanes = (double *)ptr[0];
     s->partial = (double *)ptr[1];

@@ -19,11 +19,10 @@
 /* Split points fall on multiples of 16 elements: whole cache lines for float32. */
 #define FO_ALIGN 16
 
-void *fo_scratch_alloc(const size_t *bytes, void **ptr, int n, int zero) {
+void *fo_scratch_alloc(const size_t *bytes, void **ptr, int n) {
     size_t total = 63;
     for (int i = 0; i < n; i++) total += (bytes[i] + 63) / 64 * 64;
-    /* (not malloc + memset: GCC turns that into calloc on both paths) */
-    void *block = zero ? calloc(1, total) : malloc(total);
+    void *block = malloc(total);
     if (!block) return NULL;
     char *p = (char *)(((uintptr_t)block + 63) & ~(uintptr_t)63);
     for (int i = 0; i < n; i++) {
