@@ -536,7 +536,7 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     void *scratch = fo_scratch_alloc(sizes, ptr, 4);
     if (!scratch) return -1;
     T *bias = (T *)ptr[0], *bias_hn = (T *)ptr[1], *zeros = (T *)ptr[2], *hh = (T *)ptr[3];
-    memset(zeros, 0, sizes[2]);
+    if (!h0 || (mode == FO_LSTM && !c0)) memset(zeros, 0, sizes[2]);
     /* product_nt's transposes, when products have few rows (not zeroed; if
      * malloc fails, the products run without it) */
     const int64_t few = Tn * B <= FO_RNN_FEW_ROWS ? Tn * B
