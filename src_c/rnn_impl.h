@@ -362,7 +362,7 @@ static void SFX(colsum_add)(T *restrict acc, const T *restrict a, int64_t rows,
  * (strided stores measured 2x slower), 16 dst rows at a time down all source
  * rows. Transposing a cell's gate product back into its (64, 2048) float32
  * gates, whose rows are 8 KiB apart, right after the GEMM wrote it, took
- * 150-200 us with the blocks the other way round (all 64 destination rows in
+ * 150-220 us with the blocks the other way round (all 64 destination rows in
  * turn) and about 95 us with these (median per call inside the cell). With
  * 32x32 blocks, the 32 source rows of a block fell into a few L1 sets when a
  * row is 2 KiB (float32 (2048, 512): 1.0-1.2 ms against 0.33 ms). */
