@@ -59,6 +59,7 @@ cdef extern from "fastopt.h" nogil:
                             const fo_rnn_backward_io *io, fo_gemm_f64_fn gemm)
     int fo_rnn_num_gates(int mode)
     int64_t fo_rnn_dgates_ld(int mode, int64_t hidden_size, int64_t elem_size)
+    void fo_rnn_use_portable(int on)
 
 RNN_MODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3, "gru_reset_before": 4}
 
@@ -584,3 +585,9 @@ cdef class RnnLayerCall:
                 rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _current.f32)
             _blas_threads_restore(saved)
         _check_rc(rc, "recurrent backward")
+
+
+def _rnn_use_portable(bint on):
+    """Testing hook: the steps' recurrent products through the BLAS even where
+    fastopt's packed AVX-512 kernel would run them."""
+    fo_rnn_use_portable(on)

@@ -316,6 +316,11 @@ int fo_rnn_num_gates(int mode);
  * 0 for an unknown mode or a hidden_size below 1. */
 int64_t fo_rnn_dgates_ld(int mode, int64_t hidden_size, int64_t elem_size);
 
+/* Testing hook: 1 = the steps' recurrent products go through the caller's GEMM
+ * even where fastopt's packed AVX-512 kernel runs them (results agree to
+ * rounding, not bitwise); 0 = choose by CPU (the default). */
+void fo_rnn_use_portable(int on);
+
 #ifdef __cplusplus
 }
 #endif

@@ -25,6 +25,12 @@
 #include "fastopt.h"
 #include "parallel.h"
 
+/* fo_rnn_use_portable(): for tests, the step products through the caller's
+ * GEMM even where the packed AVX-512 kernel could run */
+static int fo_rnn_portable = 0;
+
+void fo_rnn_use_portable(int on) { fo_rnn_portable = on != 0; }
+
 /* 1/k! for the exp polynomial (used up to k = 14). */
 static const double fo_inv_factorial[15] = {
     1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040,
@@ -69,6 +75,10 @@ int fo_rnn_num_gates(int mode) {
 #define VPERMUTE2 _mm512_permutex2var_epi32
 #define VADD_BITS(a, b) \
     _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b)))
+/* the packed products' vectors: VPS(op) is _mm512_<op>_ps */
+#define VEC __m512
+#define VMASK __mmask16
+#define VPS(op) _mm512_##op##_ps
 #include "rnn_impl.h"
 #undef T
 #undef SFX
@@ -85,6 +95,9 @@ int fo_rnn_num_gates(int mode) {
 #undef COPYSIGN
 #undef VPERMUTE2
 #undef VADD_BITS
+#undef VEC
+#undef VMASK
+#undef VPS
 
 #define T double
 #define SFX(x) x##_f64
@@ -102,6 +115,9 @@ int fo_rnn_num_gates(int mode) {
 #define VPERMUTE2 _mm512_permutex2var_epi64
 #define VADD_BITS(a, b) \
     _mm512_castpd_si512(_mm512_add_pd(_mm512_castsi512_pd(a), _mm512_castsi512_pd(b)))
+#define VEC __m512d
+#define VMASK __mmask8
+#define VPS(op) _mm512_##op##_pd
 #include "rnn_impl.h"
 
 int64_t fo_rnn_dgates_ld(int mode, int64_t hidden_size, int64_t elem_size) {

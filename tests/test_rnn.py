@@ -140,6 +140,49 @@ def test_wide_gate_rows_match_torch(torch, dtype, kind):
 
 # Products of at most 128 rows (a step's batch, or all steps' inputs of a short
 # sequence) run on transposed copies: both sides of that bound, and the
+@pytest.fixture(params=["packed", "blas"])
+def step_products(request):
+    """The steps' recurrent products of sequences of 4 steps or more through
+    fastopt's packed kernel (where the CPU has AVX-512; elsewhere both
+    parameters take the BLAS) and through the BLAS."""
+    fo._fastopt._rnn_use_portable(request.param == "blas")
+    yield request.param
+    fo._fastopt._rnn_use_portable(False)
+
+
+# The packed step products' edges: register blocks of 1 to 12 rows (B rows
+# split evenly into blocks of at most 12) and panels of 32 float32 / 16
+# float64 columns cut short by H or 4H (masked loads and stores), over one and
+# two threads (whole panels per thread).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("B,H", [(1, 1), (5, 17), (12, 33), (13, 40), (37, 70)])
+@pytest.mark.parametrize("nthreads", [1, 2])
+def test_packed_step_products_match_torch(torch, threads, step_products, dtype, kind, B, H,
+                                          nthreads):
+    fo.set_num_threads(nthreads)
+    check_one_layer_against_torch(torch, dtype, kind, 5, B, 3, H, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,kw", KINDS + [("GRU", {"reset_after": False})])
+def test_packed_step_products_are_the_same_for_any_thread_count(threads, dtype, kind, kw):
+    """Each thread computes whole panels of the product, each element summed in
+    the same order: 1 and 2 threads agree bit for bit."""
+    T, B, I, H = 6, 25, 7, 200   # 4H = 800 columns: 25 float32 panels, 50 float64
+    rng = np.random.default_rng(5)
+    x, dout = rand(rng, (T, B, I), dtype), rand(rng, (T, B, H), dtype)
+    results = []
+    for n in (1, 2):
+        fo.set_num_threads(n)
+        m = getattr(fo, kind)(I, H, dtype=dtype, seed=3, **kw)
+        out, _ = m.forward(x)
+        dx, _ = m.backward(dout)
+        results.append([out, dx] + list(m.gradients()))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 # transposes split over two threads (H = 128: up to 512 rows of W). They
 # transpose whole 64-byte blocks in registers where the CPU has AVX-512 and
 # the edges (here: I = 21 inputs, 43 rows) element by element.
@@ -147,7 +190,8 @@ def test_wide_gate_rows_match_torch(torch, dtype, kind):
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("T,B", [(1, 128), (1, 129), (2, 64), (3, 43), (3, 64), (4, 32)])
 @pytest.mark.parametrize("nthreads", [1, 2])
-def test_products_of_few_and_many_rows_match_torch(torch, threads, dtype, kind, T, B, nthreads):
+def test_products_of_few_and_many_rows_match_torch(torch, threads, step_products, dtype, kind,
+                                                   T, B, nthreads):
     fo.set_num_threads(nthreads)
     check_one_layer_against_torch(torch, dtype, kind, T, B, 21, 128, 6)
 
@@ -273,7 +317,7 @@ def numpy_gru_reset_before(x, h0, w_ih, w_hh, b_ih, b_hh):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,B", [(6, 3), (2, 3), (2, 130)])   # products of few and many rows
-def test_gru_reset_before_matches_numpy_formula(dtype, T, B):
+def test_gru_reset_before_matches_numpy_formula(step_products, dtype, T, B):
     I, H = 4, 5
     rng = np.random.default_rng(3)
     m = fo.GRU(I, H, reset_after=False, dtype=dtype, seed=7)
@@ -999,8 +1043,8 @@ def test_full_lengths_equal_no_lengths_and_bad_lengths_are_refused():
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("lengths", [None, LENGTHS])
 @pytest.mark.filterwarnings("ignore:LSTM with projections")
-def test_lstm_proj_size_matches_torch(torch, dtype, num_layers, batch_first, bidirectional,
-                                      lengths):
+def test_lstm_proj_size_matches_torch(torch, step_products, dtype, num_layers, batch_first,
+                                      bidirectional, lengths):
     """LSTM(proj_size=P): h = W_hr (o*tanh(c)), out and h of width P, c of
     width H; every output and gradient (weight_hr's included) against torch,
     also with sequences of different lengths (a PackedSequence in torch)."""
