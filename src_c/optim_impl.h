@@ -13,6 +13,34 @@
 #define SIGN(x) ((T)((x) > 0) - (T)((x) < 0))
 #define INLINE static inline __attribute__((always_inline))
 
+/* The loops run in blocks of PF_BLOCK elements, each first prefetching the
+ * elements of every array that lie one page (PF_AHEAD) further on: the
+ * hardware prefetchers stop at each 4 KiB page and restart cold on the next.
+ * Interleaved A/B, 1e7 float32 in one array or in 150 tensors, 1 and 2
+ * threads (Xeon with AVX-512, 2026-11): Adam, Adagrad and RMSprop took
+ * 0.89-0.96 of the time without, SGD-momentum 0.94-0.95 on one array and
+ * about the same on 150 tensors; two pages ahead gave nothing, half a page
+ * the same as one. */
+#define PF_BLOCK 256
+#define PF_AHEAD (4096 / (int64_t)sizeof(T))
+#define PF_ARRAYS 5
+
+INLINE void SFX(prefetch_ahead)(const T *const *arrays, int64_t b1, int64_t hi) {
+    const int64_t end = b1 + PF_AHEAD < hi ? b1 + PF_AHEAD : hi;
+    for (int64_t i = b1 - PF_BLOCK + PF_AHEAD; i < end; i += 64 / (int64_t)sizeof(T))
+        for (int a = 0; a < PF_ARRAYS; a++)
+            if (arrays[a]) __builtin_prefetch(arrays[a] + i);
+}
+
+/* STMT for the blocks [b0, b1) of [lo, hi), each after prefetch_ahead of the
+ * arrays (NULL: unused) */
+#define IN_BLOCKS(arrays, lo, hi, STMT)                                        \
+    for (int64_t b0 = (lo); b0 < (hi); b0 += PF_BLOCK) {                      \
+        const int64_t b1 = b0 + PF_BLOCK < (hi) ? b0 + PF_BLOCK : (hi);       \
+        SFX(prefetch_ahead)(arrays, b0 + PF_BLOCK, hi);                       \
+        STMT;                                                                 \
+    }
+
 /* ------------------------------------------------------------------ SGD */
 
 typedef struct {
@@ -47,8 +75,10 @@ INLINE void SFX(sgd_loop)(const SFX(sgd_ctx) *c, int64_t k, int64_t lo, int64_t 
 
 FO_DISPATCH static void SFX(sgd_chunk)(void *vc, int64_t k, int64_t lo, int64_t hi) {
     const SFX(sgd_ctx) *c = (const SFX(sgd_ctx) *)vc;
-    if (c->has_momentum) SFX(sgd_loop)(c, k, lo, hi, 1);
-    else SFX(sgd_loop)(c, k, lo, hi, 0);
+    const T *arrays[PF_ARRAYS] = {c->p[k], c->g[k], c->has_momentum ? c->b[k] : NULL};
+    IN_BLOCKS(arrays, lo, hi,
+              if (c->has_momentum) SFX(sgd_loop)(c, k, b0, b1, 1);
+              else SFX(sgd_loop)(c, k, b0, b1, 0))
 }
 
 void SFX(fo_sgd_step)(T *const *param, T *const *momentum_buffer,
@@ -70,8 +100,7 @@ typedef struct {
     int maximize;
 } SFX(adagrad_ctx);
 
-FO_DISPATCH static void SFX(adagrad_chunk)(void *vc, int64_t k, int64_t lo, int64_t hi) {
-    const SFX(adagrad_ctx) *c = (const SFX(adagrad_ctx) *)vc;
+INLINE void SFX(adagrad_loop)(const SFX(adagrad_ctx) *c, int64_t k, int64_t lo, int64_t hi) {
     T *restrict p = c->p[k];
     T *restrict s = c->s[k];
     const T *restrict g = c->g[k];
@@ -86,6 +115,12 @@ FO_DISPATCH static void SFX(adagrad_chunk)(void *vc, int64_t k, int64_t lo, int6
         s[i] = si;
         p[i] = pi - clr * (gi / (SQRT(si) + eps));
     }
+}
+
+FO_DISPATCH static void SFX(adagrad_chunk)(void *vc, int64_t k, int64_t lo, int64_t hi) {
+    const SFX(adagrad_ctx) *c = (const SFX(adagrad_ctx) *)vc;
+    const T *arrays[PF_ARRAYS] = {c->p[k], c->s[k], c->g[k]};
+    IN_BLOCKS(arrays, lo, hi, SFX(adagrad_loop)(c, k, b0, b1))
 }
 
 void SFX(fo_adagrad_step)(T *const *param, T *const *sum, const T *const *grad,
@@ -143,13 +178,13 @@ INLINE void SFX(rmsprop_loop)(const SFX(rmsprop_ctx) *c, int64_t k, int64_t lo,
 
 FO_DISPATCH static void SFX(rmsprop_chunk)(void *vc, int64_t k, int64_t lo, int64_t hi) {
     const SFX(rmsprop_ctx) *c = (const SFX(rmsprop_ctx) *)vc;
-    if (c->centered) {
-        if (c->has_momentum) SFX(rmsprop_loop)(c, k, lo, hi, 1, 1);
-        else SFX(rmsprop_loop)(c, k, lo, hi, 1, 0);
-    } else {
-        if (c->has_momentum) SFX(rmsprop_loop)(c, k, lo, hi, 0, 1);
-        else SFX(rmsprop_loop)(c, k, lo, hi, 0, 0);
-    }
+    const T *arrays[PF_ARRAYS] = {c->p[k], c->s[k], c->g[k], c->centered ? c->ga[k] : NULL,
+                                  c->has_momentum ? c->b[k] : NULL};
+    IN_BLOCKS(arrays, lo, hi,
+              if (c->centered && c->has_momentum) SFX(rmsprop_loop)(c, k, b0, b1, 1, 1);
+              else if (c->centered) SFX(rmsprop_loop)(c, k, b0, b1, 1, 0);
+              else if (c->has_momentum) SFX(rmsprop_loop)(c, k, b0, b1, 0, 1);
+              else SFX(rmsprop_loop)(c, k, b0, b1, 0, 0))
 }
 
 void SFX(fo_rmsprop_step)(T *const *param, T *const *square_avg, T *const *grad_avg,
@@ -207,8 +242,11 @@ INLINE void SFX(adam_loop)(const SFX(adam_ctx) *c, int64_t k, int64_t lo, int64_
 
 FO_DISPATCH static void SFX(adam_chunk)(void *vc, int64_t k, int64_t lo, int64_t hi) {
     const SFX(adam_ctx) *c = (const SFX(adam_ctx) *)vc;
-    if (c->amsgrad) SFX(adam_loop)(c, k, lo, hi, 1);
-    else SFX(adam_loop)(c, k, lo, hi, 0);
+    const T *arrays[PF_ARRAYS] = {c->p[k], c->m[k], c->v[k], c->g[k],
+                                  c->amsgrad ? c->vmax[k] : NULL};
+    IN_BLOCKS(arrays, lo, hi,
+              if (c->amsgrad) SFX(adam_loop)(c, k, b0, b1, 1);
+              else SFX(adam_loop)(c, k, b0, b1, 0))
 }
 
 void SFX(fo_adam_step)(T *const *param, T *const *exp_avg, T *const *exp_avg_sq,
@@ -230,3 +268,7 @@ void SFX(fo_adam_step)(T *const *param, T *const *exp_avg, T *const *exp_avg_sq,
 
 #undef SIGN
 #undef INLINE
+#undef PF_BLOCK
+#undef PF_AHEAD
+#undef PF_ARRAYS
+#undef IN_BLOCKS
