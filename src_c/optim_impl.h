@@ -25,9 +25,10 @@
 #define PF_AHEAD (4096 / (int64_t)sizeof(T))
 #define PF_ARRAYS 5
 
-INLINE void SFX(prefetch_ahead)(const T *const *arrays, int64_t b1, int64_t hi) {
-    const int64_t end = b1 + PF_AHEAD < hi ? b1 + PF_AHEAD : hi;
-    for (int64_t i = b1 - PF_BLOCK + PF_AHEAD; i < end; i += 64 / (int64_t)sizeof(T))
+/* the lines of [b0, b0 + PF_BLOCK) + PF_AHEAD, short of hi, of each array */
+INLINE void SFX(prefetch_ahead)(const T *const *arrays, int64_t b0, int64_t hi) {
+    const int64_t end = b0 + PF_BLOCK + PF_AHEAD < hi ? b0 + PF_BLOCK + PF_AHEAD : hi;
+    for (int64_t i = b0 + PF_AHEAD; i < end; i += 64 / (int64_t)sizeof(T))
         for (int a = 0; a < PF_ARRAYS; a++)
             if (arrays[a]) __builtin_prefetch(arrays[a] + i);
 }
@@ -37,7 +38,7 @@ INLINE void SFX(prefetch_ahead)(const T *const *arrays, int64_t b1, int64_t hi) 
 #define IN_BLOCKS(arrays, lo, hi, STMT)                                        \
     for (int64_t b0 = (lo); b0 < (hi); b0 += PF_BLOCK) {                      \
         const int64_t b1 = b0 + PF_BLOCK < (hi) ? b0 + PF_BLOCK : (hi);       \
-        SFX(prefetch_ahead)(arrays, b0 + PF_BLOCK, hi);                       \
+        SFX(prefetch_ahead)(arrays, b0, hi);                                  \
         STMT;                                                                 \
     }
 

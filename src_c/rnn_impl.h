@@ -488,9 +488,8 @@ static int64_t SFX(packed_elems)(int64_t K, int64_t N) {
 static void SFX(pack_transposed)(T *dst, const T *w, int64_t ldw, int64_t K, int64_t N) {
     for (int64_t n0 = 0; n0 < N; n0 += PK_NR, dst += K * PK_NR) {
         int64_t nc = N - n0 < PK_NR ? N - n0 : PK_NR;
+        if (nc < PK_NR) memset(dst, 0, (size_t)(K * PK_NR) * sizeof(T));   /* the padding */
         SFX(transpose)(dst, PK_NR, w + n0 * ldw, ldw, nc, K, 0);
-        if (nc < PK_NR)
-            for (int64_t k = 0; k < K; k++) memset(dst + k * PK_NR + nc, 0, (size_t)(PK_NR - nc) * sizeof(T));
     }
 }
 
@@ -567,7 +566,8 @@ AVX512_TARGET static void SFX(packed_part)(void *ctx, int64_t unused, int64_t lo
             const T *p = j->p + n0 / PK_NR * j->pstride;
             T *c = j->c + i0 * j->ldc + n0;
             switch (i1 - i0) {
-#define PK_CASE(n) case n: SFX(packed_block)(n, j->K, a, j->lda, p, c, j->ldc, j->acc, m0, m1); break;
+#define PK_CASE(n) \
+    case n: SFX(packed_block)(n, j->K, a, j->lda, p, c, j->ldc, j->acc, m0, m1); break;
             PK_CASE(1) PK_CASE(2) PK_CASE(3) PK_CASE(4) PK_CASE(5) PK_CASE(6)
             PK_CASE(7) PK_CASE(8) PK_CASE(9) PK_CASE(10) PK_CASE(11) PK_CASE(12)
 #undef PK_CASE
@@ -625,7 +625,7 @@ static void SFX(product_packed)(const SFX(packed) *pk, int64_t M, int64_t K, con
 INLINE void SFX(product_w)(GEMM_FN gemm, const SFX(packed) *pk, int64_t M, int64_t N, int64_t K,
                            const T *a, int64_t lda, const T *w, int64_t ldw, int64_t k0, int acc,
                            T *c, int64_t ldc) {
-    if (pk && pk->p) SFX(product_packed)(pk, M, K, a, lda, k0, acc, c, ldc);
+    if (pk->p) SFX(product_packed)(pk, M, K, a, lda, k0, acc, c, ldc);
     else gemm(0, 0, M, N, K, a, lda, w + k0 * ldw, ldw, acc ? 1 : 0, c, ldc);
 }
 
@@ -667,9 +667,10 @@ INLINE void SFX(product_nt)(GEMM_FN gemm, int64_t m, int64_t n, int64_t k, const
 }
 
 /* C (B x nr) = C (acc) or 0, plus h W_hh[r0:r0+nr]^T, h of width S: with
- * pk->p, through the packed W_hh[r0:r0+nr]^T; else with w_hh_t (S, G*H; rows ldt apart), the transpose of w_hh, as the product "NN",
- * which the BLASes measured here run 7-27% faster than "NT" at these shapes (B
- * rows); else from w_hh directly. */
+ * pk->p, through the packed W_hh[r0:r0+nr]^T; else with w_hh_t (S, G*H; rows
+ * ldt apart), the transpose of w_hh, as the product "NN", which the BLASes
+ * measured here run 7-27% faster than "NT" at these shapes (B rows); else
+ * from w_hh directly. */
 INLINE void SFX(recurrent_product)(GEMM_FN gemm, const SFX(packed) *pk, const T *h,
                                    const T *w_hh, const T *w_hh_t, int64_t ldt, int64_t B,
                                    int64_t S, int64_t r0, int64_t nr, int acc, T *c, int64_t ldc,
@@ -765,14 +766,14 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
         switch (mode) {
         case FO_RNN_TANH: case FO_RNN_RELU:
             if (hp && !h0_fused)
-                SFX(recurrent_product)(gemm, &pk[0], hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 1, g, GH,
-                                       few_rows);
+                SFX(recurrent_product)(gemm, &pk[0], hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 1, g,
+                                       GH, few_rows);
             SFX(run_step)(SFX(rnn_fwd_chunk), &c, B);
             break;
         case FO_LSTM:
             if (hp && !h0_fused)
-                SFX(recurrent_product)(gemm, &pk[0], hp, w_hh, w_hh_t, ldt, B, S, 0, GH, 1, g, GH,
-                                       few_rows);
+                SFX(recurrent_product)(gemm, &pk[0], hp, w_hh, w_hh_t, ldt, B, S, 0, GH, 1, g,
+                                       GH, few_rows);
             c.c = c_all + t * BH;
             c.c_prev = t ? c_all + (t - 1) * BH : c0 ? c0 : zeros;
             if (P) c.out = extra + t * BH;   /* o*tanh(c), then h = it W_hr^T */
@@ -781,8 +782,8 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
             break;
         case FO_GRU:
             if (hp)
-                SFX(recurrent_product)(gemm, &pk[0], hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 0, hh, GH,
-                                       few_rows);
+                SFX(recurrent_product)(gemm, &pk[0], hp, w_hh, w_hh_t, ldt, B, H, 0, GH, 0, hh,
+                                       GH, few_rows);
             else memset(hh, 0, (size_t)(B * GH) * sizeof(T));
             c.extra = extra + t * BH;
             SFX(run_step)(SFX(gru_fwd_chunk), &c, B);
@@ -790,13 +791,13 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
         case FO_GRU_RESET_BEFORE:
             /* r, z need h_prev W_h{r,z}^T; n needs (r*h_prev) W_hn^T after them */
             if (hp)
-                SFX(recurrent_product)(gemm, &pk[0], hp, w_hh, w_hh_t, ldt, B, H, 0, 2 * H, 1, g, GH,
-                                       few_rows);
+                SFX(recurrent_product)(gemm, &pk[0], hp, w_hh, w_hh_t, ldt, B, H, 0, 2 * H, 1, g,
+                                       GH, few_rows);
             c.extra = extra + t * BH;
             SFX(run_step)(SFX(grurb_fwd1_chunk), &c, B);
             if (hp)
-                SFX(recurrent_product)(gemm, &pk[1], c.extra, w_hh, w_hh_t, ldt, B, H, 2 * H, H, 1,
-                                       g + 2 * H, GH, few_rows);
+                SFX(recurrent_product)(gemm, &pk[1], c.extra, w_hh, w_hh_t, ldt, B, H, 2 * H, H,
+                                       1, g + 2 * H, GH, few_rows);
             SFX(run_step)(SFX(grurb_fwd2_chunk), &c, B);
             break;
         }
