@@ -54,10 +54,6 @@ int fo_rnn_num_gates(int mode) {
     }
 }
 
-/* Per precision: UT the same-width unsigned integer, MANT/BIAS the IEEE
- * mantissa bits and exponent bias; EXP_LO..EXP_HI the range where e^x is a
- * normal number; LN2_HI + LN2_LO = ln 2 with LN2_HI*n exact; POLY_DEG the
- * Taylor degree whose truncation error is below half an ulp on |r| <= ln2/2. */
 /* Memory a packed product fetches into L2 for the pointwise work after it
  * (rnn_impl.h, product_packed): up to two byte ranges. */
 typedef struct {
@@ -65,6 +61,10 @@ typedef struct {
     int64_t bytes[2];
 } fo_rnn_ahead;
 
+/* Per precision: UT the same-width unsigned integer, MANT/BIAS the IEEE
+ * mantissa bits and exponent bias; EXP_LO..EXP_HI the range where e^x is a
+ * normal number; LN2_HI + LN2_LO = ln 2 with LN2_HI*n exact; POLY_DEG the
+ * Taylor degree whose truncation error is below half an ulp on |r| <= ln2/2. */
 #define T float
 #define SFX(x) x##_f32
 #define UT uint32_t

@@ -893,12 +893,12 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
         const T *hp = t ? out + (t - 1) * BS : h0;
         memset(&ahead, 0, sizeof ahead);
         if (t > 0) {
-            const int64_t rows = B * ldg * (int64_t)sizeof(T);
+            const int64_t bytes = B * ldg * (int64_t)sizeof(T);   /* step t-1's rows */
             ahead.p[0] = (const char *)(dgates + (t - 1) * B * ldg);
-            ahead.bytes[0] = rows;
+            ahead.bytes[0] = bytes;
             if (dgh != dgates) {
                 ahead.p[1] = (const char *)(dgh + (t - 1) * B * ldg);
-                ahead.bytes[1] = rows;
+                ahead.bytes[1] = bytes;
             }
         }
         pk.ahead = &ahead;
