@@ -568,13 +568,13 @@ AVX512_TARGET static void SFX(packed_part)(void *ctx, int64_t unused, int64_t lo
     const int64_t r0 = j->by_rows ? lo : 0, rows = (j->by_rows ? hi : j->M) - r0;
     const int64_t c0 = j->by_rows ? 0 : lo, c1 = j->by_rows ? j->N : hi;
     const int64_t nblk = (rows + PK_MR - 1) / PK_MR;
-    const int64_t first = (c0 + PK_NR - 1) / PK_NR * PK_NR;
+    const int64_t first = (c0 + PK_NR - 1) / PK_NR * PK_NR;   /* the first panel's column */
     const int64_t npanels = (c1 - first + PK_NR - 1) / PK_NR;
     const int64_t span = j->by_rows ? j->M : j->N;
     for (int64_t r = 0; r < nblk; r++) {
         const int64_t i0 = r0 + r * rows / nblk, i1 = r0 + (r + 1) * rows / nblk;   /* even */
         const T *a = j->a + i0 * j->lda;
-        for (int64_t n0 = (c0 + PK_NR - 1) / PK_NR * PK_NR; n0 < c1; n0 += PK_NR) {
+        for (int64_t n0 = first; n0 < c1; n0 += PK_NR) {
             const int64_t w0 = j->N - n0, w1 = w0 - PK_LANES;
             const VMASK m0 = w0 >= PK_LANES ? (VMASK)-1 : (VMASK)((1u << w0) - 1);
             const VMASK m1 = w1 >= PK_LANES ? (VMASK)-1 : w1 <= 0 ? 0 : (VMASK)((1u << w1) - 1);

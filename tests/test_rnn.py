@@ -138,8 +138,6 @@ def test_wide_gate_rows_match_torch(torch, dtype, kind):
     check_one_layer_against_torch(torch, dtype, kind, 3, 2, 3, wide_hidden(kind, dtype), 5)
 
 
-# Products of at most 128 rows (a step's batch, or all steps' inputs of a short
-# sequence) run on transposed copies: both sides of that bound, and the
 @pytest.fixture(params=["packed", "blas"])
 def step_products(request):
     """The steps' recurrent products of sequences of 4 steps or more through
@@ -183,6 +181,8 @@ def test_packed_step_products_are_the_same_for_any_thread_count(threads, dtype, 
         np.testing.assert_array_equal(a, b)
 
 
+# Products of at most 128 rows (a step's batch, or all steps' inputs of a short
+# sequence) run on transposed copies: both sides of that bound, and the
 # transposes split over two threads (H = 128: up to 512 rows of W). They
 # transpose whole 64-byte blocks in registers where the CPU has AVX-512 and
 # the edges (here: I = 21 inputs, 43 rows) element by element.
