@@ -862,7 +862,12 @@ FO_DISPATCH static void SFX(apply_lines)(const SFX(norm_job) *j, int64_t s0, int
     }
 }
 
-/* Lines [s0, s1) of the apply pass. */
+/* Lines [s0, s1) of the apply pass. Row mode (not streamed) takes them from
+ * the end, in runs of about FO_NORM_RUN_BYTES of x read in address order:
+ * the reduction before it read the same rows from the start, so its last
+ * rows are still in L2 when the apply begins ((256, 1024) float32 training
+ * forward+backward, 1 thread: 0.92-0.95 of the time in address order). */
+#define FO_NORM_RUN_BYTES 65536
 static void SFX(apply_range)(const SFX(norm_job) *j, int64_t s0, int64_t s1) {
 #ifdef FO_AVX512
     if (j->stream) {
@@ -872,7 +877,13 @@ static void SFX(apply_range)(const SFX(norm_job) *j, int64_t s0, int64_t s1) {
         return;
     }
 #endif
-    SFX(apply_lines)(j, s0, s1);
+    if (!j->plan.row_mode) {
+        SFX(apply_lines)(j, s0, s1);
+        return;
+    }
+    const int64_t row_bytes = j->plan.W * (int64_t)sizeof(T);
+    const int64_t run = row_bytes < FO_NORM_RUN_BYTES ? FO_NORM_RUN_BYTES / row_bytes : 1;
+    for (int64_t e = s1; e > s0; e -= run) SFX(apply_lines)(j, e - run > s0 ? e - run : s0, e);
 }
 
 static void SFX(apply)(const SFX(norm_job) *j) {
