@@ -30,6 +30,7 @@
 #define FO_NORM_SHORT 256              /* segment mode: shorter segments (of 128 bytes or more)
                                           sum across lanes (reduce_short_segment) */
 #define FO_NORM_MIN_PER_THREAD 32768   /* below: one thread (a parallel region costs us) */
+#define FO_NORM_RUN_BYTES 65536        /* apply pass: runs read in address order (apply_range) */
 #define FO_NORM_MAX_PARTIALS ((int64_t)1 << 20)   /* float64 partial sums (8 MB) at most */
 /* The apply coefficient arrays (cen, k1, k2, k3) start this many bytes apart
  * beyond their length (rounded up to a line): with W*sizeof(T) a multiple of
@@ -870,7 +871,6 @@ FO_DISPATCH static void SFX(apply_lines)(const SFX(norm_job) *j, int64_t s0, int
  * at 1 thread, 0.96 at 2; (16, 64, 28, 28) 0.93-0.94, (64, 256, 7, 7)
  * 0.94-0.95. (Streamed outputs are far larger than L2; there runs of 16
  * lines, whatever their length, were up to 1.2 times slower.) */
-#define FO_NORM_RUN_BYTES 65536
 static void SFX(apply_range)(const SFX(norm_job) *j, int64_t s0, int64_t s1) {
 #ifdef FO_AVX512
     if (j->stream) {
@@ -881,7 +881,7 @@ static void SFX(apply_range)(const SFX(norm_job) *j, int64_t s0, int64_t s1) {
     }
 #endif
     const int64_t line = (j->plan.row_mode ? j->plan.W : j->plan.inner) * (int64_t)sizeof(T);
-    const int64_t run = line < FO_NORM_RUN_BYTES ? FO_NORM_RUN_BYTES / line : 1;
+    const int64_t run = line > 0 && line < FO_NORM_RUN_BYTES ? FO_NORM_RUN_BYTES / line : 1;
     for (int64_t e = s1; e > s0; e -= run) SFX(apply_lines)(j, e - run > s0 ? e - run : s0, e);
 }
 
