@@ -61,6 +61,19 @@ typedef struct {
     int64_t bytes[2];
 } fo_rnn_ahead;
 
+#ifdef FO_AVX512
+/* The lines of ahead's ranges from fraction f0/den to f1/den of each (bytes,
+ * so one copy serves both precisions). */
+static void fo_rnn_fetch_ahead(const fo_rnn_ahead *ahead, int64_t f0, int64_t f1,
+                               int64_t den) {
+    for (int g = 0; g < 2; g++) {
+        const int64_t lines = (ahead->bytes[g] + 63) / 64;
+        for (int64_t l = f0 * lines / den; l < f1 * lines / den; l++)
+            __builtin_prefetch(ahead->p[g] + 64 * l, 0, 2);
+    }
+}
+#endif
+
 /* Per precision: UT the same-width unsigned integer, MANT/BIAS the IEEE
  * mantissa bits and exponent bias; EXP_LO..EXP_HI the range where e^x is a
  * normal number; LN2_HI + LN2_LO = ln 2 with LN2_HI*n exact; POLY_DEG the

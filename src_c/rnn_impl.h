@@ -549,15 +549,6 @@ typedef struct {
     const fo_rnn_ahead *ahead;
 } SFX(packed_job);
 
-/* The lines of ahead's ranges from fraction f0/den to f1/den of each. */
-static void SFX(fetch_ahead)(const fo_rnn_ahead *ahead, int64_t f0, int64_t f1, int64_t den) {
-    for (int g = 0; g < 2; g++) {
-        const int64_t lines = (ahead->bytes[g] + 63) / 64;
-        for (int64_t l = f0 * lines / den; l < f1 * lines / den; l++)
-            __builtin_prefetch(ahead->p[g] + 64 * l, 0, 2);
-    }
-}
-
 /* Rows [lo, hi) (by_rows) or the panels that start in columns [lo, hi),
  * register block by register block: a block's rows of A stay in L1 while
  * the panels stream from L2. The share [lo, hi) of j->ahead is fetched a
@@ -582,8 +573,8 @@ AVX512_TARGET static void SFX(packed_part)(void *ctx, int64_t unused, int64_t lo
             T *c = j->c + i0 * j->ldc + n0;
             if (j->ahead && r == 0) {
                 const int64_t q = (n0 - first) / PK_NR;
-                SFX(fetch_ahead)(j->ahead, lo * npanels + q * (hi - lo),
-                                 lo * npanels + (q + 1) * (hi - lo), span * npanels);
+                fo_rnn_fetch_ahead(j->ahead, lo * npanels + q * (hi - lo),
+                                   lo * npanels + (q + 1) * (hi - lo), span * npanels);
             }
             switch (i1 - i0) {
 #define PK_CASE(n) \
@@ -889,6 +880,7 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
      * to write) 0.945-0.96. Fetching what it reads too, or doing the same
      * in the forward, gained nothing. */
     fo_rnn_ahead ahead;
+    pk.ahead = &ahead;
     for (int64_t t = Tn - 1; t >= 0; t--) {
         const T *hp = t ? out + (t - 1) * BS : h0;
         memset(&ahead, 0, sizeof ahead);
@@ -901,7 +893,6 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
                 ahead.bytes[1] = bytes;
             }
         }
-        pk.ahead = &ahead;
         const int carry = t > 0 || io->dh0;   /* is dh of step t-1 wanted at all */
         c.gates = (T *)gates + t * B * GH; c.out = (T *)out + t * BS;
         c.h_prev = hp ? hp : zeros;
