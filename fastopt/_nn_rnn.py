@@ -205,6 +205,14 @@ class _Recurrent(Layer):
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
         return ([p.get(n + sfx) for n in names], [g.get(n + sfx) for n in names])
 
+    def _scratch(self, name, shape):
+        """A reused buffer (fresh memory only when the shape changes): a
+        sequence's saved gates and states, backward's gate gradients."""
+        a = self._work.get(name)
+        if a is None or a.shape != shape:
+            a = self._work[name] = np.empty(shape, self.dtype)
+        return a
+
     def parameters(self):
         """The parameter arrays in torch's order (updated in place by optimizers)."""
         return list(self._params.values())
@@ -256,14 +264,6 @@ class _SequenceLayer(_Recurrent):
         self._unbatched = False  # the last forward's input was 2-D (T, I)
         self._batch_first = False  # the last forward's layout, which backward takes
         self._work = {}          # reused scratch: name -> array
-
-    def _scratch(self, name, shape):
-        """A reused buffer (fresh memory only when the shape changes): the saved
-        gates and states of the last forward, backward's gate gradients."""
-        a = self._work.get(name)
-        if a is None or a.shape != shape:
-            a = self._work[name] = np.empty(shape, self.dtype)
-        return a
 
     # the names of a state's parts in messages: forward's state, backward's dstate
     _STATE_NAMES = {"state": ("h0", "c0"), "dstate": ("dh_n", "dc_n")}
@@ -631,6 +631,7 @@ class _Cell(_Recurrent):
         self._init_params(mode, input_size, hidden_size, 1, bias, dtype, seed, [""])
         self._steps = []        # saved steps, newest last
         self._free = []         # gate buffers of popped steps, reused
+        self._work = {}         # reused scratch: backward's gate gradients
 
     def _state_input(self, a, name, unbatched, B):
         """A state (h0, c0) checked against x: (H,) when x is unbatched, else
@@ -696,8 +697,8 @@ class _Cell(_Recurrent):
         dh0 = np.empty((B, H), self.dtype)
         dc0 = np.empty((B, H), self.dtype) if self.mode == "lstm" else None
         width = _fastopt.rnn_dgates_width(self.mode, H, self.dtype)
-        dgates = np.empty((B, width), self.dtype)
-        dgates_hh = np.empty((B, width), self.dtype) if self.mode == "gru" else None
+        dgates = self._scratch("dgates", (B, width))
+        dgates_hh = self._scratch("dgates_hh", (B, width)) if self.mode == "gru" else None
         s.call.backward(dh1, None, dc1, dx, dh0, dc0, gw_ih, gw_hh, gb_ih, gb_hh,
                         dgates, dgates_hh)
         self._steps.pop()
@@ -708,6 +709,9 @@ class _Cell(_Recurrent):
 
     def reset(self):
         """Forget the saved steps (e.g. after truncating backpropagation)."""
+        # their gate buffers are reused, as backward's popped ones are (memory
+        # stays at its peak): a forward-only loop then allocates none per step
+        self._free.extend(s.gates for s in self._steps)
         self._steps.clear()
 
 

@@ -22,7 +22,9 @@
  *
  * Return codes of the int kernels: 0; -1 when scratch memory cannot be
  * allocated; -2 when the arguments break a rule stated here (nothing is
- * written then).
+ * written then). Batch norm and the recurrent layers take their scratch from
+ * malloc; each calling thread keeps its largest scratch block of at most 8 MB
+ * for its next call, freed when the thread exits.
  */
 #ifndef FASTOPT_H
 #define FASTOPT_H

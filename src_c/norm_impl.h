@@ -1159,7 +1159,7 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
         SFX(apply_coefs)(&s, &p, head);
         SFX(apply)(&j);
     }
-    free(s.block);
+    fo_scratch_free(s.block);
     return 0;
 }
 
@@ -1194,7 +1194,7 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
         SFX(apply_coefs)(&s, &p, head);
         SFX(apply)(&j);
     }
-    free(s.block);
+    fo_scratch_free(s.block);
     return 0;
 }
 

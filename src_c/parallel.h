@@ -30,9 +30,12 @@ FO_INTERNAL void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensor
 /* One block of scratch holding n arrays of bytes[i] bytes, each starting on
  * a 64-byte line (at malloc's 16-byte alignment, a vector load splits across
  * two lines; such loads of per-column coefficients made the batch-norm apply
- * pass 1.5x slower), not zeroed. Sets ptr[i]; returns what free() takes, or
- * NULL. */
+ * pass 1.5x slower), not zeroed. Sets ptr[i]; returns the block for
+ * fo_scratch_free, or NULL. */
 FO_INTERNAL void *fo_scratch_alloc(const size_t *bytes, void **ptr, int n);
+/* Releases a block of fo_scratch_alloc (NULL: none); the calling thread may
+ * keep it for its next fo_scratch_alloc (see parallel.c). */
+FO_INTERNAL void fo_scratch_free(void *block);
 
 /* Compile a function for baseline x86-64, AVX2+FMA and AVX-512, picked at
  * load time by the CPU (GCC ifunc), so one build is fast on every x86-64 and

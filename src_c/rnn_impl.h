@@ -710,22 +710,22 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     if (Tn == 0 || B == 0) return 0;
 
     /* scratch: the bias row (G*H), b_hn (H), a zero state row (B, H) standing
-     * for an absent h0/c0 (branch-free kernels), GRU's h W_hh^T (B, 3H). Only
-     * what is read before it is written gets zeroed: calloc of the whole block
-     * cost a GRU cell (B64 H512) a 400 KB memset per step. */
-    const size_t z = sizeof(T);
-    size_t sizes[4] = {z * (size_t)GH, z * (size_t)H, z * (size_t)BH,
-                       mode == FO_GRU ? z * (size_t)(B * GH) : 0};
-    void *ptr[4];
-    void *scratch = fo_scratch_alloc(sizes, ptr, 4);
-    if (!scratch) return -1;
-    T *bias = (T *)ptr[0], *bias_hn = (T *)ptr[1], *zeros = (T *)ptr[2], *hh = (T *)ptr[3];
-    if (!h0 || (mode == FO_LSTM && !c0)) memset(zeros, 0, sizes[2]);
-    /* product_nt's transposes, when products have few rows (not zeroed; if
-     * malloc fails, the products run without it) */
+     * for an absent h0/c0 (branch-free kernels), GRU's h W_hh^T (B, 3H), and
+     * product_nt's transposes when products have few rows. Only what is read
+     * before it is written gets zeroed: calloc of the whole block cost a GRU
+     * cell (B64 H512) a 400 KB memset per step. */
     const int64_t few = Tn * B <= FO_RNN_FEW_ROWS ? Tn * B
                        : B <= FO_RNN_FEW_ROWS && Tn < FO_RNN_TRANSPOSE_MIN_STEPS ? B : 0;
-    T *few_rows = few ? (T *)malloc(z * (size_t)(few * ((I > S ? I : S) + GH))) : NULL;
+    const size_t z = sizeof(T);
+    size_t sizes[5] = {z * (size_t)GH, z * (size_t)H, z * (size_t)BH,
+                       mode == FO_GRU ? z * (size_t)(B * GH) : 0,
+                       z * (size_t)(few * ((I > S ? I : S) + GH))};
+    void *ptr[5];
+    void *scratch = fo_scratch_alloc(sizes, ptr, 5);
+    if (!scratch) return -1;
+    T *bias = (T *)ptr[0], *bias_hn = (T *)ptr[1], *zeros = (T *)ptr[2], *hh = (T *)ptr[3];
+    T *few_rows = few ? (T *)ptr[4] : NULL;
+    if (!h0 || (mode == FO_LSTM && !c0)) memset(zeros, 0, sizes[2]);
     if (!b_ih) {
         memset(bias, 0, sizes[0]);
         memset(bias_hn, 0, sizes[1]);
@@ -754,7 +754,7 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
         free(pk[0].p);
         memset(pk, 0, sizeof pk);
         w_hh_t = (T *)malloc((size_t)(ldt * S) * sizeof(T));
-        if (!w_hh_t) { free(few_rows); free(scratch); return -1; }
+        if (!w_hh_t) { fo_scratch_free(scratch); return -1; }
         SFX(transpose_parallel)(w_hh_t, ldt, w_hh, S, GH, S, 0);
     }
 
@@ -813,11 +813,10 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
             break;
         }
     }
-    free(few_rows);
     free(w_hh_t);
     free(pk[0].p);
     free(pk[1].p);
-    free(scratch);
+    fo_scratch_free(scratch);
     return 0;
 }
 
@@ -946,7 +945,7 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     /* dW_hr += dh_all^T (o*tanh(c)) over all T*B rows */
     if (P && Tn) gemm(1, 0, P, H, TB, dh_all, P, extra, H, 1, (T *)io->dw_hr, H);
     free(pk.p);
-    free(scratch);
+    fo_scratch_free(scratch);
     if (Tn == 0) return 0;
 
     /* the large products over all T*B rows */

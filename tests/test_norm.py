@@ -870,3 +870,50 @@ def test_num_batches_tracked_is_checked_when_loaded_and_cannot_wrap():
     bn.train().num_batches_tracked = 0
     bn.forward(x)
     assert bn.num_batches_tracked == 1
+
+
+def test_scratch_kept_between_calls_and_threads():
+    """Each calling thread keeps a scratch block between calls (src_c/parallel.c):
+    calls whose scratch shrinks and grows, made from several Python threads at
+    once (the kernels release the GIL), agree with the float64 reference and
+    give bitwise what the same call gives alone."""
+    import threading
+    shapes = [(256, 1024), (4, 7), (32, 64, 9, 9), (64, 300), (8, 16, 5, 5), (2, 3)]
+
+    def train_step(shape, seed):
+        x, dy = make(shape, np.float32, seed), make(shape, np.float32, seed + 1)
+        w, b = make((shape[1],), np.float32, seed + 2), make((shape[1],), np.float32, seed + 3)
+        y, mean, invstd = F.batch_norm_forward(x, None, None, w, b, training=True)
+        dx, dw, db = F.batch_norm_backward(dy, x, mean, invstd, w, training=True)
+        return x, dy, w, b, y, dx, dw, db
+
+    alone = [train_step(s, 10 * i) for i, s in enumerate(shapes)]
+    for (x, dy, w, b, y, dx, dw, db), shape in zip(alone, shapes):
+        ry, _, _ = ref_forward(x, w, b, None, None, True, 0.1, 1e-5, False)
+        axes = reduce_axes(x, False)
+        rdx, rdw, rdb = ref_backward(dy, x, w, x.astype(np.float64).mean(axes),
+                                     x.astype(np.float64).var(axes), 1e-5, True, False)
+        np.testing.assert_allclose(y, ry, rtol=1e-4, atol=1e-4, err_msg=str(shape))
+        np.testing.assert_allclose(dx, rdx, rtol=1e-3, atol=1e-4, err_msg=str(shape))
+        np.testing.assert_allclose(dw, rdw, rtol=1e-3, atol=1e-3, err_msg=str(shape))
+    results, errors = {}, []
+
+    def worker(t):
+        try:
+            for rep in range(3):
+                order = list(range(len(shapes)))[::1 if (t + rep) % 2 else -1]
+                for i in order:
+                    results[(t, rep, i)] = train_step(shapes[i], 10 * i)
+        except Exception as e:   # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len(results) == 4 * 3 * len(shapes)
+    for (t, rep, i), got in results.items():
+        for a, b in zip(got[4:], alone[i][4:]):
+            np.testing.assert_array_equal(a, b, err_msg=f"thread {t} round {rep} {shapes[i]}")
