@@ -296,14 +296,15 @@ typedef struct {
 } fo_rnn_backward_io;
 
 /* Forward over the whole sequence. Returns 0; -1 when scratch memory (B*G*H
- * elements, plus (G*H + 16)*S at most for a transposed copy of w_hh when
+ * elements, plus about G*H*S for a packed or transposed copy of w_hh when
  * T >= 4) cannot be allocated; -2 for an unknown mode, T or B < 0, I or H < 1,
  * or a proj_size other than 0 outside an LSTM (P must be in [1, H) there). */
 int fo_rnn_forward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *io, fo_gemm_f32_fn gemm);
 int fo_rnn_forward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *io, fo_gemm_f64_fn gemm);
 /* Backward through the whole sequence, newest step first, from the buffers
  * that the matching forward filled. Returns 0, -1 out of memory (scratch of
- * O(B*G*H) elements, plus T*B*P with a projection), or -2 as forward and for
+ * O(B*G*H) elements, plus T*B*P with a projection, plus about G*H*(S + I) for
+ * packed copies of w_hh and w_ih when T >= 4), or -2 as forward and for
  * an ld_dgates below G*H (other than 0). */
 int fo_rnn_backward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *saved,
                         const fo_rnn_backward_io *io, fo_gemm_f32_fn gemm);

@@ -606,24 +606,35 @@ static void SFX(product_packed)(const SFX(packed) *pk, int64_t M, int64_t K, con
 #undef PK_MR
 #undef PK_AHEAD
 
-/* pk (zeroed when it returns 0: no packed path) = W^T (transposed) or W, for
- * W (rows x cols, contiguous) in a new buffer pk->p */
-static int SFX(pack_new)(SFX(packed) *pk, const T *w, int64_t rows, int64_t cols, int transposed) {
-    memset(pk, 0, sizeof *pk);
+/* The bytes that W^T (transposed) or W packed takes, for W (rows x cols); 0
+ * where the packed path does not run. */
+static size_t SFX(pack_bytes)(int64_t rows, int64_t cols, int transposed) {
     if (fo_rnn_portable || !fo_cpu_has_avx512()) return 0;
+    return (size_t)SFX(packed_elems)(transposed ? cols : rows, transposed ? rows : cols) *
+           sizeof(T);
+}
+
+/* pk = W^T (transposed) or W, for W (rows x cols, contiguous), packed into
+ * buf (pack_bytes of it); buf NULL: pk zeroed, no packed path */
+static void SFX(pack)(SFX(packed) *pk, T *buf, const T *w, int64_t rows, int64_t cols,
+                      int transposed) {
+    memset(pk, 0, sizeof *pk);
+    if (!buf) return;
     pk->K = transposed ? cols : rows;
     pk->N = transposed ? rows : cols;
-    pk->p = (T *)malloc((size_t)SFX(packed_elems)(pk->K, pk->N) * sizeof(T));
-    if (!pk->p) return 0;
+    pk->p = buf;
     if (transposed) SFX(pack_transposed)(pk->p, w, cols, pk->K, pk->N);
     else SFX(pack_rows)(pk->p, w, cols, pk->K, pk->N);
-    return 1;
 }
 #else
-static int SFX(pack_new)(SFX(packed) *pk, const T *w, int64_t rows, int64_t cols, int transposed) {
-    (void)w; (void)rows; (void)cols; (void)transposed;
-    memset(pk, 0, sizeof *pk);
+static size_t SFX(pack_bytes)(int64_t rows, int64_t cols, int transposed) {
+    (void)rows; (void)cols; (void)transposed;
     return 0;
+}
+static void SFX(pack)(SFX(packed) *pk, T *buf, const T *w, int64_t rows, int64_t cols,
+                      int transposed) {
+    (void)buf; (void)w; (void)rows; (void)cols; (void)transposed;
+    memset(pk, 0, sizeof *pk);
 }
 static void SFX(product_packed)(const SFX(packed) *pk, int64_t M, int64_t K, const T *a,
                                 int64_t lda, int64_t k0, int acc, T *c, int64_t ldc) {
@@ -710,21 +721,31 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
     if (Tn == 0 || B == 0) return 0;
 
     /* scratch: the bias row (G*H), b_hn (H), a zero state row (B, H) standing
-     * for an absent h0/c0 (branch-free kernels), GRU's h W_hh^T (B, 3H), and
-     * product_nt's transposes when products have few rows. Only what is read
-     * before it is written gets zeroed: calloc of the whole block cost a GRU
-     * cell (B64 H512) a 400 KB memset per step. */
+     * for an absent h0/c0 (branch-free kernels), GRU's h W_hh^T (B, 3H),
+     * product_nt's transposes when products have few rows, and W_hh^T for the
+     * steps' products from FO_RNN_TRANSPOSE_MIN_STEPS steps on: packed (all
+     * its columns, or GRU-RB's r,z columns and its n columns apart), else
+     * transposed (w_hh_t). Only what is read before it is written gets
+     * zeroed: calloc of the whole block cost a GRU cell (B64 H512) a 400 KB
+     * memset per step. */
     const int64_t few = Tn * B <= FO_RNN_FEW_ROWS ? Tn * B
                        : B <= FO_RNN_FEW_ROWS && Tn < FO_RNN_TRANSPOSE_MIN_STEPS ? B : 0;
+    const int64_t ldt = SFX(padded_ld)(GH);
+    const int64_t cols = mode == FO_GRU_RESET_BEFORE ? 2 * H : GH;   /* of the first pack */
+    const int steps_w = Tn >= FO_RNN_TRANSPOSE_MIN_STEPS;
     const size_t z = sizeof(T);
-    size_t sizes[5] = {z * (size_t)GH, z * (size_t)H, z * (size_t)BH,
+    const size_t pack0 = steps_w ? SFX(pack_bytes)(cols, S, 1) : 0;
+    size_t sizes[8] = {z * (size_t)GH, z * (size_t)H, z * (size_t)BH,
                        mode == FO_GRU ? z * (size_t)(B * GH) : 0,
-                       z * (size_t)(few * ((I > S ? I : S) + GH))};
-    void *ptr[5];
-    void *scratch = fo_scratch_alloc(sizes, ptr, 5);
+                       z * (size_t)(few * ((I > S ? I : S) + GH)),
+                       pack0, pack0 ? SFX(pack_bytes)(GH - cols, S, 1) : 0,
+                       steps_w && !pack0 ? z * (size_t)(ldt * S) : 0};
+    void *ptr[8];
+    void *scratch = fo_scratch_alloc(sizes, ptr, 8);
     if (!scratch) return -1;
     T *bias = (T *)ptr[0], *bias_hn = (T *)ptr[1], *zeros = (T *)ptr[2], *hh = (T *)ptr[3];
     T *few_rows = few ? (T *)ptr[4] : NULL;
+    T *w_hh_t = sizes[7] ? (T *)ptr[7] : NULL;
     if (!h0 || (mode == FO_LSTM && !c0)) memset(zeros, 0, sizes[2]);
     if (!b_ih) {
         memset(bias, 0, sizes[0]);
@@ -738,25 +759,10 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
             }
     }
 
-    /* W_hh^T for the steps' products: packed (all its columns, or GRU-RB's
-     * r,z columns and its n columns apart), else transposed (w_hh_t) */
     SFX(packed) pk[2];
-    memset(pk, 0, sizeof pk);
-    T *w_hh_t = NULL;
-    const int64_t ldt = SFX(padded_ld)(GH);
-    int packed = 0;
-    if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS) {
-        const int64_t cols = mode == FO_GRU_RESET_BEFORE ? 2 * H : GH;
-        packed = SFX(pack_new)(&pk[0], w_hh, cols, S, 1) &&
-                 (cols == GH || SFX(pack_new)(&pk[1], w_hh + cols * S, GH - cols, S, 1));
-    }
-    if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS && !packed) {
-        free(pk[0].p);
-        memset(pk, 0, sizeof pk);
-        w_hh_t = (T *)malloc((size_t)(ldt * S) * sizeof(T));
-        if (!w_hh_t) { fo_scratch_free(scratch); return -1; }
-        SFX(transpose_parallel)(w_hh_t, ldt, w_hh, S, GH, S, 0);
-    }
+    SFX(pack)(&pk[0], sizes[5] ? (T *)ptr[5] : NULL, w_hh, cols, S, 1);
+    SFX(pack)(&pk[1], sizes[6] ? (T *)ptr[6] : NULL, w_hh + cols * S, GH - cols, S, 1);
+    if (w_hh_t) SFX(transpose_parallel)(w_hh_t, ldt, w_hh, S, GH, S, 0);
 
     /* input projection of every step in one GEMM: gates = x W_ih^T; a single
      * step of an LSTM or RNN adds its recurrent product h0 W_hh^T to it there
@@ -813,9 +819,6 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
             break;
         }
     }
-    free(w_hh_t);
-    free(pk[0].p);
-    free(pk[1].p);
     fo_scratch_free(scratch);
     return 0;
 }
@@ -843,13 +846,18 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
      * a zero row standing for an absent h0/c0/dout, the column sums of the
      * gate gradients (the bias gradients), taken step by step while each
      * step's rows are still in cache; with a projection, the gradient of
-     * o*tanh(c) of a step and that of every step's h (for dW_hr) */
+     * o*tanh(c) of a step and that of every step's h (for dW_hr); from
+     * FO_RNN_TRANSPOSE_MIN_STEPS steps on, W_hh and W_ih packed for the
+     * steps' products dgates W_hh and for dX = dgates W_ih */
     const size_t z = sizeof(T);
-    size_t sizes[8] = {z * (size_t)BH, z * (size_t)BH, z * (size_t)BH, z * (size_t)BH,
-                       z * (size_t)BH, z * (size_t)GH, z * (size_t)GH,
-                       P ? z * (size_t)(TB * P) : 0};
-    void *ptr[8];
-    void *scratch = fo_scratch_alloc(sizes, ptr, 8);
+    const int packs = Tn >= FO_RNN_TRANSPOSE_MIN_STEPS;
+    size_t sizes[10] = {z * (size_t)BH, z * (size_t)BH, z * (size_t)BH, z * (size_t)BH,
+                        z * (size_t)BH, z * (size_t)GH, z * (size_t)GH,
+                        P ? z * (size_t)(TB * P) : 0,
+                        packs ? SFX(pack_bytes)(GH, S, 0) : 0,
+                        packs && io->dx ? SFX(pack_bytes)(GH, I, 0) : 0};
+    void *ptr[10];
+    void *scratch = fo_scratch_alloc(sizes, ptr, 10);
     if (!scratch) return -1;
     T *dh = (T *)ptr[0], *dc = (T *)ptr[1], *drh = (T *)ptr[2], *zeros = (T *)ptr[3];
     T *dhf = (T *)ptr[4], *db_i = (T *)ptr[5], *db_h = (T *)ptr[6], *dh_all = (T *)ptr[7];
@@ -863,8 +871,7 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     memset(db_i, 0, sizes[5]);
     memset(db_h, 0, sizes[6]);
     SFX(packed) pk;   /* W_hh for the steps' products dgates W_hh */
-    memset(&pk, 0, sizeof pk);
-    if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS) SFX(pack_new)(&pk, w_hh, GH, S, 0);
+    SFX(pack)(&pk, sizes[8] ? (T *)ptr[8] : NULL, w_hh, GH, S, 0);
 
     SFX(step_ctx) c;
     memset(&c, 0, sizeof c);
@@ -944,19 +951,16 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
     if (io->dc0) memcpy(io->dc0, dc, (size_t)BH * sizeof(T));
     /* dW_hr += dh_all^T (o*tanh(c)) over all T*B rows */
     if (P && Tn) gemm(1, 0, P, H, TB, dh_all, P, extra, H, 1, (T *)io->dw_hr, H);
-    free(pk.p);
-    fo_scratch_free(scratch);
-    if (Tn == 0) return 0;
 
     /* the large products over all T*B rows */
-    if (io->dx) {   /* packed too: (1600 x 1024) @ (1024 x 128) at 164 GFLOP/s against
-                     * oneDNN's 140; LSTM, GRU T50 layers 0.99 of the time */
+    if (io->dx && Tn) {   /* packed too: (1600 x 1024) @ (1024 x 128) at 164 GFLOP/s
+                           * against oneDNN's 140; LSTM, GRU T50 layers 0.99 of the time */
         SFX(packed) pk_ih;
-        memset(&pk_ih, 0, sizeof pk_ih);
-        if (Tn >= FO_RNN_TRANSPOSE_MIN_STEPS) SFX(pack_new)(&pk_ih, w_ih, GH, I, 0);
+        SFX(pack)(&pk_ih, sizes[9] ? (T *)ptr[9] : NULL, w_ih, GH, I, 0);
         SFX(product_w)(gemm, &pk_ih, TB, I, GH, dgates, ldg, w_ih, I, 0, 0, (T *)io->dx, I);
-        free(pk_ih.p);
     }
+    fo_scratch_free(scratch);
+    if (Tn == 0) return 0;
     gemm(1, 0, GH, I, TB, dgates, ldg, x, I, 1, (T *)io->dw_ih, I);
     /* dW_hh += dgh^T [h0; out[0:T-1]], split at h0 (a separate buffer) */
     T *dw_hh = (T *)io->dw_hh;
