@@ -732,14 +732,14 @@ int SFX(fo_rnn_forward)(const fo_rnn_layer *L, const fo_rnn_forward_io *io, GEMM
                        : B <= FO_RNN_FEW_ROWS && Tn < FO_RNN_TRANSPOSE_MIN_STEPS ? B : 0;
     const int64_t ldt = SFX(padded_ld)(GH);
     const int64_t cols = mode == FO_GRU_RESET_BEFORE ? 2 * H : GH;   /* of the first pack */
-    const int steps_w = Tn >= FO_RNN_TRANSPOSE_MIN_STEPS;
+    const int copy_w_hh = Tn >= FO_RNN_TRANSPOSE_MIN_STEPS;
     const size_t z = sizeof(T);
-    const size_t pack0 = steps_w ? SFX(pack_bytes)(cols, S, 1) : 0;
+    const size_t pack0 = copy_w_hh ? SFX(pack_bytes)(cols, S, 1) : 0;
     size_t sizes[8] = {z * (size_t)GH, z * (size_t)H, z * (size_t)BH,
                        mode == FO_GRU ? z * (size_t)(B * GH) : 0,
                        z * (size_t)(few * ((I > S ? I : S) + GH)),
                        pack0, pack0 ? SFX(pack_bytes)(GH - cols, S, 1) : 0,
-                       steps_w && !pack0 ? z * (size_t)(ldt * S) : 0};
+                       copy_w_hh && !pack0 ? z * (size_t)(ldt * S) : 0};
     void *ptr[8];
     void *scratch = fo_scratch_alloc(sizes, ptr, 8);
     if (!scratch) return -1;
@@ -850,12 +850,12 @@ int SFX(fo_rnn_backward)(const fo_rnn_layer *L, const fo_rnn_forward_io *sv,
      * FO_RNN_TRANSPOSE_MIN_STEPS steps on, W_hh and W_ih packed for the
      * steps' products dgates W_hh and for dX = dgates W_ih */
     const size_t z = sizeof(T);
-    const int packs = Tn >= FO_RNN_TRANSPOSE_MIN_STEPS;
+    const int pack_w = Tn >= FO_RNN_TRANSPOSE_MIN_STEPS;
     size_t sizes[10] = {z * (size_t)BH, z * (size_t)BH, z * (size_t)BH, z * (size_t)BH,
                         z * (size_t)BH, z * (size_t)GH, z * (size_t)GH,
                         P ? z * (size_t)(TB * P) : 0,
-                        packs ? SFX(pack_bytes)(GH, S, 0) : 0,
-                        packs && io->dx ? SFX(pack_bytes)(GH, I, 0) : 0};
+                        pack_w ? SFX(pack_bytes)(GH, S, 0) : 0,
+                        pack_w && io->dx ? SFX(pack_bytes)(GH, I, 0) : 0};
     void *ptr[10];
     void *scratch = fo_scratch_alloc(sizes, ptr, 10);
     if (!scratch) return -1;
