@@ -163,6 +163,7 @@ class _Recurrent(Layer):
                                          f"{shape}") from None
                     self._params[name + sfx + ("_reverse" if d else "")] = w
         self._grads = OrderedDict((k, np.zeros_like(v)) for k, v in self._params.items())
+        self._work = {}          # reused scratch (_scratch): name -> array
         return rng
 
     def _check_flags(self):
@@ -263,7 +264,6 @@ class _SequenceLayer(_Recurrent):
         self._dropped = []       # per layer: whether its output went through dropout
         self._unbatched = False  # the last forward's input was 2-D (T, I)
         self._batch_first = False  # the last forward's layout, which backward takes
-        self._work = {}          # reused scratch: name -> array
 
     # the names of a state's parts in messages: forward's state, backward's dstate
     _STATE_NAMES = {"state": ("h0", "c0"), "dstate": ("dh_n", "dc_n")}
@@ -631,7 +631,6 @@ class _Cell(_Recurrent):
         self._init_params(mode, input_size, hidden_size, 1, bias, dtype, seed, [""])
         self._steps = []        # saved steps, newest last
         self._free = []         # gate buffers of popped steps, reused
-        self._work = {}         # reused scratch: backward's gate gradients
 
     def _state_input(self, a, name, unbatched, B):
         """A state (h0, c0) checked against x: (H,) when x is unbatched, else
