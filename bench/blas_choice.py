@@ -1,7 +1,7 @@
 """Which BLAS for the recurrent layers: every GEMM shape that the LSTM/GRU
-benchmarks issue, timed through each provider in interleaved rounds (1 thread).
+benchmarks issue, timed through each provider in interleaved rounds.
 
-    python bench/blas_choice.py [--rounds 15] [--layers]
+    python bench/blas_choice.py [--rounds 15] [--layers] [--threads 1]
 
 --layers times whole layers instead (forward+backward, the benchmark sizes),
 each provider in turn within every round.
@@ -80,7 +80,7 @@ def layer_runs(rng):
     return runs
 
 
-def time_layers(rounds):
+def time_layers(rounds, threads):
     names = []
     for name in ("scipy", "numpy", "dnnl", "mkl"):
         try:
@@ -95,6 +95,8 @@ def time_layers(rounds):
             for n in names:
                 fo.set_blas(n)
                 run()                       # untimed: the hand-over between libraries
+                if threads > 1:   # OpenBLAS's pool spins ~70 ms after its last call
+                    time.sleep(0.1)
                 t0 = time.perf_counter()
                 run()
                 samples[n].append(time.perf_counter() - t0)
@@ -106,18 +108,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--layers", action="store_true", help="time whole layers per provider")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    fo.set_num_threads(1)
+    fo.set_num_threads(args.threads)
     try:
         from threadpoolctl import threadpool_limits
-        threadpool_limits(1)
+        threadpool_limits(args.threads)
     except ImportError:
         pass
     if args.layers:
-        time_layers(args.rounds)
+        time_layers(args.rounds, args.threads)
         fo.set_blas("auto")
         return
-    print(f"FMA peak of one core: {_fastopt.fma_peak():.1f} GFLOP/s (the roof of every column)")
+    print(f"FMA peak of one core: {_fastopt.fma_peak():.1f} GFLOP/s (the roof of every column"
+          f" at 1 thread)")
     rng = np.random.default_rng(0)
     header = None
     for M, K, N, ta, tb, where in SHAPES:

@@ -223,6 +223,123 @@ cdef void _dnnl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
                 beta, c, ldc)
 
 
+# OpenBLAS (scipy's and NumPy's) threads with a pthreads pool of its own,
+# whose threads spin for ~2^28 cycles (~70 ms here) after every call: between
+# fastopt's OpenMP kernels they took the cores from them (LSTM T50 B32 I128
+# H256 forward+backward at 2 threads: 123 ms, against 30 ms at 1 thread and
+# 20 ms with OPENBLAS_THREAD_TIMEOUT=4). So during a call of fastopt's its
+# count is 1 (_blas_threads; openblas_set_num_threads_local is process-wide
+# in these builds, so it is set there, outside any parallel region), and
+# large products split over fastopt's threads instead: by rows or columns of
+# C, each element made by one call with all of K, so results do not depend on
+# the thread count.
+cdef enum:
+    _OB_SPLIT_MIN = 64                 # rows or columns of C per thread at least
+    _OB_SPLIT_MIN_MULS = 1 << 21       # m*n*k below this: one call
+
+
+cdef struct _OBCall:    # c = op(a) op(b) + beta*c through OpenBLAS
+    void *fn            # fo_gemm_f32_fn or fo_gemm_f64_fn
+    bint split          # OpenBLAS's count is 1 (its setter was found)
+    bint f64, by_rows
+    int ta, tb
+    int64_t m, n, k, lda, ldb, ldc, isz
+    const char *a
+    const char *b
+    char *c
+    double beta
+
+
+cdef void _ob_part(void *ctx, int64_t unused, int64_t lo, int64_t hi) noexcept nogil:
+    """Rows (by_rows) or columns [lo, hi) of c."""
+    cdef _OBCall *j = <_OBCall *>ctx
+    cdef int64_t m = j.m, n = j.n
+    cdef const char *a = j.a
+    cdef const char *b = j.b
+    cdef char *c = j.c
+    if j.by_rows:
+        m = hi - lo
+        a += (lo if j.ta else lo * j.lda) * j.isz
+        c += lo * j.ldc * j.isz
+    else:
+        n = hi - lo
+        b += (lo * j.ldb if j.tb else lo) * j.isz
+        c += lo * j.isz
+    if j.f64:
+        (<fo_gemm_f64_fn>j.fn)(j.ta, j.tb, m, n, j.k, <const double *>a, j.lda,
+                               <const double *>b, j.ldb, j.beta, <double *>c, j.ldc)
+    else:
+        (<fo_gemm_f32_fn>j.fn)(j.ta, j.tb, m, n, j.k, <const float *>a, j.lda,
+                               <const float *>b, j.ldb, <float>j.beta, <float *>c, j.ldc)
+
+
+cdef void _ob_gemm(_OBCall *j) noexcept nogil:
+    j.by_rows = j.m >= j.n
+    cdef int64_t span = j.m if j.by_rows else j.n
+    if (not j.split or fo_get_num_threads() <= 1 or span < 2 * _OB_SPLIT_MIN
+            or j.m * j.n * j.k < _OB_SPLIT_MIN_MULS):
+        _ob_part(j, 0, 0, span)
+    else:
+        fo_parallel_foreach_grain(&span, 1, _ob_part, j, _OB_SPLIT_MIN)
+
+
+cdef void _ob_gemm_f32(fo_gemm_f32_fn fn, set_threads_fn set_threads, int ta, int tb,
+                       int64_t m, int64_t n, int64_t k, const float *a, int64_t lda,
+                       const float *b, int64_t ldb, float beta, float *c,
+                       int64_t ldc) noexcept nogil:
+    cdef _OBCall j
+    j.fn = <void *>fn; j.split = set_threads != NULL; j.f64 = False
+    j.ta = ta; j.tb = tb
+    j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc; j.isz = 4
+    j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
+    _ob_gemm(&j)
+
+
+cdef void _ob_gemm_f64(fo_gemm_f64_fn fn, set_threads_fn set_threads, int ta, int tb,
+                       int64_t m, int64_t n, int64_t k, const double *a, int64_t lda,
+                       const double *b, int64_t ldb, double beta, double *c,
+                       int64_t ldc) noexcept nogil:
+    cdef _OBCall j
+    j.fn = <void *>fn; j.split = set_threads != NULL; j.f64 = True
+    j.ta = ta; j.tb = tb
+    j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc; j.isz = 8
+    j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
+    _ob_gemm(&j)
+
+
+# the two OpenBLAS libraries' thread-count setters (NULL: none found)
+cdef set_threads_fn _scipy_ob_threads = NULL
+cdef set_threads_fn _npy_ob_threads = NULL
+
+
+cdef void _scipy_split_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                           const float *a, int64_t lda, const float *b, int64_t ldb,
+                           float beta, float *c, int64_t ldc) noexcept nogil:
+    _ob_gemm_f32(_scipy_gemm_f32, _scipy_ob_threads, ta, tb, m, n, k, a, lda, b, ldb, beta,
+                 c, ldc)
+
+
+cdef void _scipy_split_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                           const double *a, int64_t lda, const double *b, int64_t ldb,
+                           double beta, double *c, int64_t ldc) noexcept nogil:
+    _ob_gemm_f64(_scipy_gemm_f64, _scipy_ob_threads, ta, tb, m, n, k, a, lda, b, ldb, beta,
+                 c, ldc)
+
+
+cdef void _npy_split_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                         const float *a, int64_t lda, const float *b, int64_t ldb,
+                         float beta, float *c, int64_t ldc) noexcept nogil:
+    _ob_gemm_f32(_npy_gemm_f32, _npy_ob_threads, ta, tb, m, n, k, a, lda, b, ldb, beta,
+                 c, ldc)
+
+
+cdef void _npy_split_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                         const double *a, int64_t lda, const double *b, int64_t ldb,
+                         double beta, double *c, int64_t ldc) noexcept nogil:
+    _ob_gemm_f64(_npy_gemm_f64, _npy_ob_threads, ta, tb, m, n, k, a, lda, b, ldb, beta,
+                 c, ldc)
+
+
 cdef int _dnnl_set_threads(int n) noexcept nogil:
     # dnnl threads with omp_get_max_threads() of the calling thread
     cdef int previous = _omp_get_max_threads()
@@ -234,12 +351,19 @@ cdef struct _Provider:
     fo_gemm_f32_fn f32
     fo_gemm_f64_fn f64
     set_threads_fn set_threads      # NULL: the thread count cannot be set from here
+    set_threads_fn *openblas32      # the OpenBLAS behind its float32 products, or NULL
+    set_threads_fn *openblas64      # and behind its float64 ones
 
 # index: 0 scipy, 1 numpy, 2 mkl, 3 dnnl
 cdef _Provider _providers[4]
-_providers[0].f32 = _scipy_gemm_f32
-_providers[0].f64 = _scipy_gemm_f64
+_providers[0].f32 = _scipy_split_f32
+_providers[0].f64 = _scipy_split_f64
 _providers[0].set_threads = NULL
+_providers[0].openblas32 = _providers[0].openblas64 = &_scipy_ob_threads
+_providers[1].openblas32 = _providers[1].openblas64 = &_npy_ob_threads
+_providers[2].openblas32 = _providers[2].openblas64 = NULL
+_providers[3].openblas32 = NULL
+_providers[3].openblas64 = &_scipy_ob_threads   # oneDNN has no float64 GEMM
 _providers[1].f32 = NULL
 _providers[2].f32 = NULL
 _providers[3].f32 = NULL
@@ -280,7 +404,7 @@ def load_mkl(str path):
 def load_numpy_openblas(str path):
     """Resolve the ILP64 CBLAS GEMMs of the OpenBLAS that NumPy has already
     loaded from `path` (NumPy's wheels: scipy_cblas_?gemm64_)."""
-    global _npy_sgemm, _npy_dgemm
+    global _npy_sgemm, _npy_dgemm, _npy_ob_threads
     cdef void *h = _dlopen_checked(path, True)
     cdef void *s = dlsym(h, b"scipy_cblas_sgemm64_")
     cdef void *d = dlsym(h, b"scipy_cblas_dgemm64_")
@@ -288,9 +412,9 @@ def load_numpy_openblas(str path):
         raise OSError(f"{path} does not export scipy_cblas_sgemm64_/dgemm64_")
     _npy_sgemm = <sgemm64_t>s
     _npy_dgemm = <dgemm64_t>d
-    _providers[1].f32 = _npy_gemm_f32
-    _providers[1].f64 = _npy_gemm_f64
-    _providers[1].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+    _npy_ob_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+    _providers[1].f32 = _npy_split_f32
+    _providers[1].f64 = _npy_split_f64
 
 
 def load_dnnl(str path):
@@ -308,16 +432,17 @@ def load_dnnl(str path):
     _omp_set_num_threads = <omp_set_t>oset
     _omp_get_max_threads = <omp_get_t>oget
     _providers[3].f32 = _dnnl_gemm_f32
-    _providers[3].f64 = _scipy_gemm_f64
+    _providers[3].f64 = _scipy_split_f64
     _providers[3].set_threads = _dnnl_set_threads
 
 
 def find_scipy_openblas_threads(str path):
     """Let fastopt size scipy's OpenBLAS pool (openblas_set_num_threads_local
     of the library already loaded from `path`); False when it has none."""
+    global _scipy_ob_threads
     cdef void *h = _dlopen_checked(path, True)
-    _providers[0].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
-    return _providers[0].set_threads != NULL
+    _scipy_ob_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+    return _scipy_ob_threads != NULL
 
 
 def set_blas_provider(str name):
@@ -337,18 +462,29 @@ def blas_provider():
     return _blas_name
 
 
-cdef inline int _blas_threads(int n) noexcept nogil:
-    # At the start of every call: the BLAS follows fastopt's thread count;
-    # _blas_threads_restore puts the previous count back (-1: none was set),
-    # so that the user's own BLAS calls are unaffected.
-    if _current.set_threads == NULL:
-        return -1
-    return _current.set_threads(n)
+cdef struct _SavedThreads:   # the counts to put back (-1: none was set)
+    int own, openblas
+    set_threads_fn *openblas_setter
 
 
-cdef inline void _blas_threads_restore(int previous) noexcept nogil:
-    if previous >= 0:
-        _current.set_threads(previous)
+cdef inline _SavedThreads _blas_threads(int n, bint f64) noexcept nogil:
+    # At the start of every call: the BLAS follows fastopt's thread count
+    # (OpenBLAS: 1, see _ob_gemm); _blas_threads_restore puts the previous
+    # counts back, so that the user's own BLAS calls are unaffected.
+    cdef _SavedThreads saved
+    saved.own = _current.set_threads(n) if _current.set_threads != NULL else -1
+    saved.openblas = -1
+    saved.openblas_setter = _current.openblas64 if f64 else _current.openblas32
+    if saved.openblas_setter != NULL and saved.openblas_setter[0] != NULL:
+        saved.openblas = saved.openblas_setter[0](1)
+    return saved
+
+
+cdef inline void _blas_threads_restore(_SavedThreads saved) noexcept nogil:
+    if saved.own >= 0:
+        _current.set_threads(saved.own)
+    if saved.openblas >= 0:
+        saved.openblas_setter[0](saved.openblas)
 
 
 def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
@@ -377,9 +513,9 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
     cdef void *pb = cnp.PyArray_DATA(b)
     cdef void *pc = cnp.PyArray_DATA(c)
     cdef bint f64 = c.dtype == np.float64
-    cdef int saved
+    cdef _SavedThreads saved
     with nogil:
-        saved = _blas_threads(fo_get_num_threads())
+        saved = _blas_threads(fo_get_num_threads(), f64)
         if f64:
             _current.f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
                          beta, <double *>pc, ldc)
@@ -516,9 +652,9 @@ cdef class RnnLayerCall:
     def forward(self):
         """Run the layer forward over the sequence, filling out and the saved buffers."""
         cdef int rc
-        cdef int saved
+        cdef _SavedThreads saved
         with nogil:
-            saved = _blas_threads(fo_get_num_threads())
+            saved = _blas_threads(fo_get_num_threads(), self.is_f64)
             if self.is_f64:
                 rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _current.f64)
             else:
@@ -576,9 +712,9 @@ cdef class RnnLayerCall:
              ("x", x), ("h0", h0), ("c0", c0 if m == 2 else None), ("out", out),
              ("c_all", c_all), ("gates", gates), ("extra", extra)])
         cdef int rc
-        cdef int saved
+        cdef _SavedThreads saved
         with nogil:
-            saved = _blas_threads(fo_get_num_threads())
+            saved = _blas_threads(fo_get_num_threads(), self.is_f64)
             if self.is_f64:
                 rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _current.f64)
             else:

@@ -26,12 +26,16 @@ not pay: with 2 threads their two thread pools spinning on the same cores
 slowed layers 2-4x.
 
 Threads: at the start of each layer call fastopt sets the thread count of
-the provider to ``fastopt.get_num_threads()`` (oneDNN and MKL
-through GNU OpenMP, the runtime fastopt itself uses; OpenBLAS through
-``openblas_set_num_threads_local``) and puts the previous count back at
+the provider to ``fastopt.get_num_threads()`` (oneDNN and MKL through GNU
+OpenMP, the runtime fastopt itself uses) and puts the previous count back at
 the end, so ``fastopt.set_num_threads(n)`` governs the whole layer and the
-user's own BLAS calls are unaffected. The GEMMs and fastopt's pointwise
-kernels run one after the other, never at the same time.
+user's own BLAS calls are unaffected. OpenBLAS (scipy's, NumPy's, and
+oneDNN's float64 fallback) runs one thread per call instead, its count set
+to 1 for the layer call and put back after: its own pool's threads spin after
+each call and took the cores from fastopt's kernels (a 2-thread LSTM ran 4x
+slower than at 1 thread). Its large products split over fastopt's threads.
+The GEMMs and fastopt's pointwise kernels run one after the other, never at
+the same time.
 """
 import ctypes.util
 import glob

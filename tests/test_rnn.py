@@ -285,16 +285,72 @@ def test_each_blas_matches_torch(torch, threads, blas, nthreads):
         fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
 
 
-def test_layer_calls_leave_the_blas_thread_counts_as_they_were(threads):
+@pytest.mark.parametrize("blas", ["scipy", "numpy", "dnnl", "auto"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_calls_leave_the_blas_thread_counts_as_they_were(threads, blas, nthreads, dtype):
+    """Layers set the BLAS's thread counts for their own products (OpenBLAS:
+    1, while fastopt's threads split its products) and put them back after,
+    also with two of fastopt's threads calling OpenBLAS at once."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    m = fo.GRU(3, 4)
-    m.forward(np.zeros((2, 2, 3), np.float32))       # loads the providers
-    with threadpoolctl.threadpool_limits(2, user_api="blas"):
-        before = [d["num_threads"] for d in threadpoolctl.threadpool_info()]
-        fo.set_num_threads(1)
-        out, _ = m.forward(np.zeros((2, 2, 3), np.float32))
-        m.backward(out)
-        assert [d["num_threads"] for d in threadpoolctl.threadpool_info()] == before
+    try:
+        try:
+            fo.set_blas(blas)
+        except OSError as e:
+            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":
+                raise
+            pytest.skip(f"{blas} not available: {e}")
+        fo.set_num_threads(nthreads)
+        m = fo.GRU(40, 64, dtype=dtype)     # products large enough to be split
+        x = np.zeros((8, 16, 40), dtype)
+        m.forward(x)                       # loads the providers
+        for limit in (2, 1):
+            with threadpoolctl.threadpool_limits(limit, user_api="blas"):
+                before = [d["num_threads"] for d in threadpoolctl.threadpool_info()]
+                for _ in range(5):
+                    out, _ = m.forward(x)
+                    m.backward(out)
+                    assert [d["num_threads"] for d in threadpoolctl.threadpool_info()] == before
+    finally:
+        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
+
+
+@pytest.mark.parametrize("blas", ["scipy", "numpy"])
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_openblas_products_split_over_threads(threads, blas, nthreads, dtype):
+    """With OpenBLAS, large products split their rows or columns over
+    fastopt's threads: every row and column, ragged ends included, in every
+    transpose, equal to one call's result bit for bit."""
+    from fastopt import _fastopt
+    try:
+        try:
+            fo.set_blas(blas)
+        except OSError as e:
+            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":
+                raise
+            pytest.skip(f"{blas} not available: {e}")
+        rng = np.random.default_rng(6)
+        # (m, n, k): split by rows, by columns, and too small to split
+        for m, n, k in [(1000, 130, 40), (129, 1001, 33), (300, 300, 300), (64, 100, 7)]:
+            for ta in (False, True):
+                for tb in (False, True):
+                    a = rand(rng, (k, m) if ta else (m, k), dtype)
+                    b = rand(rng, (n, k) if tb else (k, n), dtype)
+                    c0 = rand(rng, (m, n), dtype)
+                    A, B = (a.T if ta else a), (b.T if tb else b)
+                    want = A.astype(np.float64) @ B.astype(np.float64) + 2.0 * c0
+                    got = {}
+                    for nt in (1, nthreads):
+                        fo.set_num_threads(nt)
+                        c = c0.copy()
+                        _fastopt.gemm(c, a, b, ta, tb, 2.0)
+                        got[nt] = c
+                    tol = 1e-4 if dtype == np.float32 else 1e-12
+                    np.testing.assert_allclose(got[nthreads], want, rtol=tol, atol=tol * k)
+                    np.testing.assert_array_equal(got[nthreads], got[1])
+    finally:
+        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
 
 
 # --------------------------------------- GRU with the reset gate before W_hn
