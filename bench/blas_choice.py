@@ -80,7 +80,7 @@ def layer_runs(rng):
     return runs
 
 
-def time_layers(rounds, threads):
+def time_layers(rounds):
     names = []
     for name in ("scipy", "numpy", "dnnl", "mkl"):
         try:
@@ -95,8 +95,6 @@ def time_layers(rounds, threads):
             for n in names:
                 fo.set_blas(n)
                 run()                       # untimed: the hand-over between libraries
-                if threads > 1:   # OpenBLAS's pool spins ~70 ms after its last call
-                    time.sleep(0.1)
                 t0 = time.perf_counter()
                 run()
                 samples[n].append(time.perf_counter() - t0)
@@ -117,7 +115,7 @@ def main():
     except ImportError:
         pass
     if args.layers:
-        time_layers(args.rounds, args.threads)
+        time_layers(args.rounds)
         fo.set_blas("auto")
         return
     print(f"FMA peak of one core: {_fastopt.fma_peak():.1f} GFLOP/s (the roof of every column"
