@@ -2,6 +2,7 @@
 torch.nn modules with autograd (weights copied by name), a NumPy GRU with the
 reset gate before the recurrent product written here from the formula, and
 central finite differences in float64."""
+import contextlib
 import os
 
 import numpy as np
@@ -22,6 +23,23 @@ def close(a, b, dtype, what):
 
 def rand(rng, shape, dtype, scale=1.0):
     return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+@contextlib.contextmanager
+def using_blas(name):
+    """fo.set_blas(name) for the block, then the default again. A provider
+    that does not load skips the test, or fails it under FASTOPT_REQUIRE_BLAS=1
+    (CI installs them all)."""
+    try:
+        try:
+            fo.set_blas(name)
+        except OSError as e:
+            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":
+                raise
+            pytest.skip(f"{name} not available: {e}")
+        yield
+    finally:
+        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
 
 
 def torch_dtype(torch, dtype):
@@ -270,19 +288,11 @@ def test_cell_stepped_then_backpropagated_matches_torch(torch, dtype, kind, kw):
 @pytest.mark.parametrize("nthreads", [1, 2])
 def test_each_blas_matches_torch(torch, threads, blas, nthreads):
     fo.set_num_threads(nthreads)
-    try:
-        try:
-            fo.set_blas(blas)
-        except OSError as e:
-            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":   # CI installs them all
-                raise
-            pytest.skip(f"{blas} not available: {e}")   # MKL, oneDNN: optional wheels
+    with using_blas(blas):
         assert fo.get_blas() == blas or blas == "auto"
         test_sequence_matches_torch(torch, np.float32, "LSTM", {}, 2, False, False)
         test_sequence_matches_torch(torch, np.float64, "GRU", {}, 1, True, True)
         test_cell_stepped_then_backpropagated_matches_torch(torch, np.float32, "LSTMCell", {})
-    finally:
-        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
 
 
 @pytest.mark.parametrize("blas", ["scipy", "numpy", "dnnl", "auto"])
@@ -293,13 +303,7 @@ def test_layer_calls_leave_the_blas_thread_counts_as_they_were(threads, blas, nt
     1, while fastopt's threads split its products) and put them back after,
     also with two of fastopt's threads calling OpenBLAS at once."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    try:
-        try:
-            fo.set_blas(blas)
-        except OSError as e:
-            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":
-                raise
-            pytest.skip(f"{blas} not available: {e}")
+    with using_blas(blas):
         fo.set_num_threads(nthreads)
         m = fo.GRU(40, 64, dtype=dtype)     # products large enough to be split
         x = np.zeros((8, 16, 40), dtype)
@@ -311,8 +315,6 @@ def test_layer_calls_leave_the_blas_thread_counts_as_they_were(threads, blas, nt
                     out, _ = m.forward(x)
                     m.backward(out)
                     assert [d["num_threads"] for d in threadpoolctl.threadpool_info()] == before
-    finally:
-        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
 
 
 @pytest.mark.parametrize("blas", ["scipy", "numpy"])
@@ -323,13 +325,7 @@ def test_openblas_products_split_over_threads(threads, blas, nthreads, dtype):
     fastopt's threads: every row and column, ragged ends included, in every
     transpose, equal to one call's result bit for bit."""
     from fastopt import _fastopt
-    try:
-        try:
-            fo.set_blas(blas)
-        except OSError as e:
-            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":
-                raise
-            pytest.skip(f"{blas} not available: {e}")
+    with using_blas(blas):
         rng = np.random.default_rng(6)
         # (m, n, k): split by rows, by columns, and too small to split
         for m, n, k in [(1000, 130, 40), (129, 1001, 33), (300, 300, 300), (64, 100, 7)]:
@@ -349,8 +345,6 @@ def test_openblas_products_split_over_threads(threads, blas, nthreads, dtype):
                     tol = 1e-4 if dtype == np.float32 else 1e-12
                     np.testing.assert_allclose(got[nthreads], want, rtol=tol, atol=tol * k)
                     np.testing.assert_array_equal(got[nthreads], got[1])
-    finally:
-        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
 
 
 # --------------------------------------- GRU with the reset gate before W_hn
@@ -1714,13 +1708,7 @@ def test_gemm_nt_split_over_threads(threads, blas, nthreads):
     fastopt's threads with oneDNN: every column, ragged ends included."""
     from fastopt import _fastopt
     fo.set_num_threads(nthreads)
-    try:
-        try:
-            fo.set_blas(blas)
-        except OSError as e:
-            if os.environ.get("FASTOPT_REQUIRE_BLAS") == "1":
-                raise
-            pytest.skip(f"{blas} not available: {e}")
+    with using_blas(blas):
         rng = np.random.default_rng(5)
         for m, n, k in [(64, 1000, 40), (3, 257, 5), (512, 300, 7), (513, 300, 7)]:
             a, b = rand(rng, (m, k), np.float32), rand(rng, (n, k), np.float32)
@@ -1728,5 +1716,3 @@ def test_gemm_nt_split_over_threads(threads, blas, nthreads):
             want = a.astype(np.float64) @ b.T.astype(np.float64) + 2.0 * c
             _fastopt.gemm(c, a, b, False, True, 2.0)
             np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
-    finally:
-        fo.set_blas(os.environ.get("FASTOPT_BLAS", "auto"))
