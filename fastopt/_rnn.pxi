@@ -283,61 +283,43 @@ cdef void _ob_gemm(_OBCall *j) noexcept nogil:
         fo_parallel_foreach_grain(&span, 1, _ob_part, j, _OB_SPLIT_MIN)
 
 
-cdef void _ob_gemm_f32(fo_gemm_f32_fn fn, set_threads_fn set_threads, int ta, int tb,
-                       int64_t m, int64_t n, int64_t k, const float *a, int64_t lda,
-                       const float *b, int64_t ldb, float beta, float *c,
-                       int64_t ldc) noexcept nogil:
+cdef struct _OpenBLAS:      # one of the two OpenBLAS libraries
+    fo_gemm_f32_fn f32
+    fo_gemm_f64_fn f64
+    set_threads_fn set_threads  # openblas_set_num_threads_local; NULL: not found, no split
+
+# 0: scipy's (cython_blas), 1: NumPy's (its ILP64 CBLAS, once loaded)
+cdef _OpenBLAS _openblas[2]
+_openblas[0].f32 = _scipy_gemm_f32
+_openblas[0].f64 = _scipy_gemm_f64
+_openblas[0].set_threads = NULL
+_openblas[1].f32 = _npy_gemm_f32
+_openblas[1].f64 = _npy_gemm_f64
+_openblas[1].set_threads = NULL
+
+
+cdef void _ob_split_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                        const float *a, int64_t lda, const float *b, int64_t ldb,
+                        float beta, float *c, int64_t ldc) noexcept nogil:
+    """The current provider's float32 product through its OpenBLAS."""
     cdef _OBCall j
-    j.fn = <void *>fn; j.split = set_threads != NULL; j.f64 = False
-    j.ta = ta; j.tb = tb
-    j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc; j.isz = 4
+    j.fn = <void *>_current.ob32.f32; j.split = _current.ob32.set_threads != NULL
+    j.f64 = False; j.isz = 4
+    j.ta = ta; j.tb = tb; j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc
     j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
     _ob_gemm(&j)
 
 
-cdef void _ob_gemm_f64(fo_gemm_f64_fn fn, set_threads_fn set_threads, int ta, int tb,
-                       int64_t m, int64_t n, int64_t k, const double *a, int64_t lda,
-                       const double *b, int64_t ldb, double beta, double *c,
-                       int64_t ldc) noexcept nogil:
+cdef void _ob_split_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                        const double *a, int64_t lda, const double *b, int64_t ldb,
+                        double beta, double *c, int64_t ldc) noexcept nogil:
+    """The current provider's float64 product through its OpenBLAS."""
     cdef _OBCall j
-    j.fn = <void *>fn; j.split = set_threads != NULL; j.f64 = True
-    j.ta = ta; j.tb = tb
-    j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc; j.isz = 8
+    j.fn = <void *>_current.ob64.f64; j.split = _current.ob64.set_threads != NULL
+    j.f64 = True; j.isz = 8
+    j.ta = ta; j.tb = tb; j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc
     j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
     _ob_gemm(&j)
-
-
-# the two OpenBLAS libraries' thread-count setters (NULL: none found)
-cdef set_threads_fn _scipy_ob_threads = NULL
-cdef set_threads_fn _npy_ob_threads = NULL
-
-
-cdef void _scipy_split_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
-                           const float *a, int64_t lda, const float *b, int64_t ldb,
-                           float beta, float *c, int64_t ldc) noexcept nogil:
-    _ob_gemm_f32(_scipy_gemm_f32, _scipy_ob_threads, ta, tb, m, n, k, a, lda, b, ldb, beta,
-                 c, ldc)
-
-
-cdef void _scipy_split_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
-                           const double *a, int64_t lda, const double *b, int64_t ldb,
-                           double beta, double *c, int64_t ldc) noexcept nogil:
-    _ob_gemm_f64(_scipy_gemm_f64, _scipy_ob_threads, ta, tb, m, n, k, a, lda, b, ldb, beta,
-                 c, ldc)
-
-
-cdef void _npy_split_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
-                         const float *a, int64_t lda, const float *b, int64_t ldb,
-                         float beta, float *c, int64_t ldc) noexcept nogil:
-    _ob_gemm_f32(_npy_gemm_f32, _npy_ob_threads, ta, tb, m, n, k, a, lda, b, ldb, beta,
-                 c, ldc)
-
-
-cdef void _npy_split_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
-                         const double *a, int64_t lda, const double *b, int64_t ldb,
-                         double beta, double *c, int64_t ldc) noexcept nogil:
-    _ob_gemm_f64(_npy_gemm_f64, _npy_ob_threads, ta, tb, m, n, k, a, lda, b, ldb, beta,
-                 c, ldc)
 
 
 cdef int _dnnl_set_threads(int n) noexcept nogil:
@@ -351,19 +333,19 @@ cdef struct _Provider:
     fo_gemm_f32_fn f32
     fo_gemm_f64_fn f64
     set_threads_fn set_threads      # NULL: the thread count cannot be set from here
-    set_threads_fn *openblas32      # the OpenBLAS behind its float32 products, or NULL
-    set_threads_fn *openblas64      # and behind its float64 ones
+    _OpenBLAS *ob32                 # the OpenBLAS behind its float32 products, or NULL
+    _OpenBLAS *ob64                 # and behind its float64 ones
 
 # index: 0 scipy, 1 numpy, 2 mkl, 3 dnnl
 cdef _Provider _providers[4]
-_providers[0].f32 = _scipy_split_f32
-_providers[0].f64 = _scipy_split_f64
+_providers[0].f32 = _ob_split_f32
+_providers[0].f64 = _ob_split_f64
 _providers[0].set_threads = NULL
-_providers[0].openblas32 = _providers[0].openblas64 = &_scipy_ob_threads
-_providers[1].openblas32 = _providers[1].openblas64 = &_npy_ob_threads
-_providers[2].openblas32 = _providers[2].openblas64 = NULL
-_providers[3].openblas32 = NULL
-_providers[3].openblas64 = &_scipy_ob_threads   # oneDNN has no float64 GEMM
+_providers[0].ob32 = _providers[0].ob64 = &_openblas[0]
+_providers[1].ob32 = _providers[1].ob64 = &_openblas[1]
+_providers[2].ob32 = _providers[2].ob64 = NULL
+_providers[3].ob32 = NULL
+_providers[3].ob64 = &_openblas[0]   # oneDNN has no float64 GEMM
 _providers[1].f32 = NULL
 _providers[2].f32 = NULL
 _providers[3].f32 = NULL
@@ -404,7 +386,7 @@ def load_mkl(str path):
 def load_numpy_openblas(str path):
     """Resolve the ILP64 CBLAS GEMMs of the OpenBLAS that NumPy has already
     loaded from `path` (NumPy's wheels: scipy_cblas_?gemm64_)."""
-    global _npy_sgemm, _npy_dgemm, _npy_ob_threads
+    global _npy_sgemm, _npy_dgemm
     cdef void *h = _dlopen_checked(path, True)
     cdef void *s = dlsym(h, b"scipy_cblas_sgemm64_")
     cdef void *d = dlsym(h, b"scipy_cblas_dgemm64_")
@@ -412,9 +394,9 @@ def load_numpy_openblas(str path):
         raise OSError(f"{path} does not export scipy_cblas_sgemm64_/dgemm64_")
     _npy_sgemm = <sgemm64_t>s
     _npy_dgemm = <dgemm64_t>d
-    _npy_ob_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
-    _providers[1].f32 = _npy_split_f32
-    _providers[1].f64 = _npy_split_f64
+    _openblas[1].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+    _providers[1].f32 = _ob_split_f32
+    _providers[1].f64 = _ob_split_f64
 
 
 def load_dnnl(str path):
@@ -432,17 +414,16 @@ def load_dnnl(str path):
     _omp_set_num_threads = <omp_set_t>oset
     _omp_get_max_threads = <omp_get_t>oget
     _providers[3].f32 = _dnnl_gemm_f32
-    _providers[3].f64 = _scipy_split_f64
+    _providers[3].f64 = _ob_split_f64
     _providers[3].set_threads = _dnnl_set_threads
 
 
 def find_scipy_openblas_threads(str path):
     """Let fastopt size scipy's OpenBLAS pool (openblas_set_num_threads_local
     of the library already loaded from `path`); False when it has none."""
-    global _scipy_ob_threads
     cdef void *h = _dlopen_checked(path, True)
-    _scipy_ob_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
-    return _scipy_ob_threads != NULL
+    _openblas[0].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+    return _openblas[0].set_threads != NULL
 
 
 def set_blas_provider(str name):
@@ -464,7 +445,7 @@ def blas_provider():
 
 cdef struct _SavedThreads:   # the counts to put back (-1: none was set)
     int own, openblas
-    set_threads_fn *openblas_setter
+    _OpenBLAS *ob
 
 
 cdef inline _SavedThreads _blas_threads(int n, bint f64) noexcept nogil:
@@ -474,9 +455,9 @@ cdef inline _SavedThreads _blas_threads(int n, bint f64) noexcept nogil:
     cdef _SavedThreads saved
     saved.own = _current.set_threads(n) if _current.set_threads != NULL else -1
     saved.openblas = -1
-    saved.openblas_setter = _current.openblas64 if f64 else _current.openblas32
-    if saved.openblas_setter != NULL and saved.openblas_setter[0] != NULL:
-        saved.openblas = saved.openblas_setter[0](1)
+    saved.ob = _current.ob64 if f64 else _current.ob32
+    if saved.ob != NULL and saved.ob.set_threads != NULL:
+        saved.openblas = saved.ob.set_threads(1)
     return saved
 
 
@@ -484,7 +465,7 @@ cdef inline void _blas_threads_restore(_SavedThreads saved) noexcept nogil:
     if saved.own >= 0:
         _current.set_threads(saved.own)
     if saved.openblas >= 0:
-        saved.openblas_setter[0](saved.openblas)
+        saved.ob.set_threads(saved.openblas)
 
 
 def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
