@@ -21,7 +21,9 @@ that loads, in the order measured here (bench/blas_choice.py and whole
 layers, 1 thread, AMD Zen 4): oneDNN (whole layers 10-20% faster than the
 next), NumPy's OpenBLAS, scipy's OpenBLAS. MKL measured about even with
 NumPy's OpenBLAS (within +-7% per layer, either way), so it is used only
-when asked for. Splitting one layer's products between two libraries did
+when asked for. On the Xeon (AVX-512) where fastopt's own kernel runs the
+per-step products, all four came within about 10% of each other per layer,
+oneDNN and MKL within 5% either way (README, "Which BLAS"). Splitting one layer's products between two libraries did
 not pay: with 2 threads their two thread pools spinning on the same cores
 slowed layers 2-4x.
 
