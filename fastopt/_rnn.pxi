@@ -238,9 +238,23 @@ cdef enum:
     _OB_SPLIT_MIN_MULS = 1 << 21       # m*n*k below this: one call
 
 
+cdef struct _OpenBLAS:      # one of the two OpenBLAS libraries
+    fo_gemm_f32_fn f32
+    fo_gemm_f64_fn f64
+    set_threads_fn set_threads  # openblas_set_num_threads_local; NULL: not found, no split
+
+# 0: scipy's (cython_blas), 1: NumPy's (its ILP64 CBLAS, once loaded)
+cdef _OpenBLAS _openblas[2]
+_openblas[0].f32 = _scipy_gemm_f32
+_openblas[0].f64 = _scipy_gemm_f64
+_openblas[0].set_threads = NULL
+_openblas[1].f32 = _npy_gemm_f32
+_openblas[1].f64 = _npy_gemm_f64
+_openblas[1].set_threads = NULL
+
+
 cdef struct _OBCall:    # c = op(a) op(b) + beta*c through OpenBLAS
-    void *fn            # fo_gemm_f32_fn or fo_gemm_f64_fn
-    bint split          # OpenBLAS's count is 1 (its setter was found)
+    _OpenBLAS *ob
     bint f64, by_rows
     int ta, tb
     int64_t m, n, k, lda, ldb, ldc, isz
@@ -266,60 +280,43 @@ cdef void _ob_part(void *ctx, int64_t unused, int64_t lo, int64_t hi) noexcept n
         b += (lo * j.ldb if j.tb else lo) * j.isz
         c += lo * j.isz
     if j.f64:
-        (<fo_gemm_f64_fn>j.fn)(j.ta, j.tb, m, n, j.k, <const double *>a, j.lda,
-                               <const double *>b, j.ldb, j.beta, <double *>c, j.ldc)
+        j.ob.f64(j.ta, j.tb, m, n, j.k, <const double *>a, j.lda, <const double *>b, j.ldb,
+                 j.beta, <double *>c, j.ldc)
     else:
-        (<fo_gemm_f32_fn>j.fn)(j.ta, j.tb, m, n, j.k, <const float *>a, j.lda,
-                               <const float *>b, j.ldb, <float>j.beta, <float *>c, j.ldc)
+        j.ob.f32(j.ta, j.tb, m, n, j.k, <const float *>a, j.lda, <const float *>b, j.ldb,
+                 <float>j.beta, <float *>c, j.ldc)
 
 
-cdef void _ob_gemm(_OBCall *j) noexcept nogil:
-    j.by_rows = j.m >= j.n
-    cdef int64_t span = j.m if j.by_rows else j.n
-    if (not j.split or fo_get_num_threads() <= 1 or span < 2 * _OB_SPLIT_MIN
-            or j.m * j.n * j.k < _OB_SPLIT_MIN_MULS):
-        _ob_part(j, 0, 0, span)
+cdef void _ob_gemm(_OpenBLAS *ob, bint f64, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                   const void *a, int64_t lda, const void *b, int64_t ldb, double beta,
+                   void *c, int64_t ldc) noexcept nogil:
+    """c = op(a) op(b) + beta*c through ob, split over fastopt's threads when
+    large and ob's count could be set to 1 (its setter was found)."""
+    cdef _OBCall j
+    j.ob = ob; j.f64 = f64; j.isz = 8 if f64 else 4
+    j.ta = ta; j.tb = tb; j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc
+    j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
+    j.by_rows = m >= n
+    cdef int64_t span = m if j.by_rows else n
+    if (ob.set_threads == NULL or fo_get_num_threads() <= 1 or span < 2 * _OB_SPLIT_MIN
+            or m * n * k < _OB_SPLIT_MIN_MULS):
+        _ob_part(&j, 0, 0, span)
     else:
-        fo_parallel_foreach_grain(&span, 1, _ob_part, j, _OB_SPLIT_MIN)
-
-
-cdef struct _OpenBLAS:      # one of the two OpenBLAS libraries
-    fo_gemm_f32_fn f32
-    fo_gemm_f64_fn f64
-    set_threads_fn set_threads  # openblas_set_num_threads_local; NULL: not found, no split
-
-# 0: scipy's (cython_blas), 1: NumPy's (its ILP64 CBLAS, once loaded)
-cdef _OpenBLAS _openblas[2]
-_openblas[0].f32 = _scipy_gemm_f32
-_openblas[0].f64 = _scipy_gemm_f64
-_openblas[0].set_threads = NULL
-_openblas[1].f32 = _npy_gemm_f32
-_openblas[1].f64 = _npy_gemm_f64
-_openblas[1].set_threads = NULL
+        fo_parallel_foreach_grain(&span, 1, _ob_part, &j, _OB_SPLIT_MIN)
 
 
 cdef void _ob_split_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
                         const float *a, int64_t lda, const float *b, int64_t ldb,
                         float beta, float *c, int64_t ldc) noexcept nogil:
     """The current provider's float32 product through its OpenBLAS."""
-    cdef _OBCall j
-    j.fn = <void *>_current.ob32.f32; j.split = _current.ob32.set_threads != NULL
-    j.f64 = False; j.isz = 4
-    j.ta = ta; j.tb = tb; j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc
-    j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
-    _ob_gemm(&j)
+    _ob_gemm(_current.ob32, False, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef void _ob_split_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
                         const double *a, int64_t lda, const double *b, int64_t ldb,
                         double beta, double *c, int64_t ldc) noexcept nogil:
     """The current provider's float64 product through its OpenBLAS."""
-    cdef _OBCall j
-    j.fn = <void *>_current.ob64.f64; j.split = _current.ob64.set_threads != NULL
-    j.f64 = True; j.isz = 8
-    j.ta = ta; j.tb = tb; j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc
-    j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
-    _ob_gemm(&j)
+    _ob_gemm(_current.ob64, True, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef int _dnnl_set_threads(int n) noexcept nogil:
