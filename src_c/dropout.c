@@ -26,9 +26,6 @@
 #include "avx512.h"
 #include "rng.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -248,21 +245,23 @@ void fo_dropout_use_portable(int on) {
  * body(ctx, g0, g1) on each. */
 typedef void (*group_fn)(void *ctx, int64_t g0, int64_t g1);
 
+typedef struct {
+    int64_t ngroups;
+    group_fn body;
+    void *ctx;
+} groups_job;
+
+static void groups_part(void *vjob, int t, int n) {
+    const groups_job *j = (const groups_job *)vjob;
+    j->body(j->ctx, j->ngroups * t / n, j->ngroups * (t + 1) / n);
+}
+
 static void for_groups(int64_t ngroups, group_fn body, void *ctx) {
     if (ngroups <= 0) return;
-    int64_t nt = fo_get_num_threads();
+    int64_t nt = fo_kernel_threads();
     if (nt > ngroups / FO_DROPOUT_MIN_GROUPS) nt = ngroups / FO_DROPOUT_MIN_GROUPS;
-    if (nt <= 1) {
-        body(ctx, 0, ngroups);
-        return;
-    }
-#ifdef _OPENMP
-#pragma omp parallel num_threads((int)nt)
-    {
-        int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-        body(ctx, ngroups * t / n, ngroups * (t + 1) / n);
-    }
-#endif
+    groups_job job = {ngroups, body, ctx};
+    fo_parallel_parts(nt < 1 ? 1 : (int)nt, groups_part, &job);
 }
 
 #define T float

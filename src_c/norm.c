@@ -35,9 +35,6 @@
 #include "fastopt.h"
 #include "parallel.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #define T float
 #define SFX(x) x##_f32

@@ -80,7 +80,7 @@ static fo_norm_plan fo_norm_make_plan(int64_t outer, int64_t C, int64_t inner) {
     p.nblocks = (outer + p.per_unit - 1) / p.per_unit;
     p.nchunks = p.row_mode ? 1 : (C + FO_NORM_CHUNK - 1) / FO_NORM_CHUNK;
     p.nunits = p.nblocks * p.nchunks;
-    int64_t nt = fo_get_num_threads();
+    int64_t nt = fo_kernel_threads();
     int64_t total = outer * L;
     if (nt > total / FO_NORM_MIN_PER_THREAD) nt = total / FO_NORM_MIN_PER_THREAD;
     if (nt < 1) nt = 1;
@@ -474,7 +474,8 @@ INLINE void SFX(reduce_short_segment)(const T *restrict x, const T *restrict dy,
 }
 #undef FO_VL
 
-INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const int has_dy) {
+INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, int tid,
+                                  const int has_dy) {
     const fo_norm_plan *p = &j->plan;
     int64_t L = p->C * p->inner;
     if (p->row_mode) {
@@ -501,10 +502,6 @@ INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const in
          * each channel's lanes summed into its partial slot (b, c) */
         int64_t b = unit / p->nchunks, c0 = unit % p->nchunks * FO_NORM_CHUNK;
         int64_t nc = p->C - c0 < FO_NORM_CHUNK ? p->C - c0 : FO_NORM_CHUNK;
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
         int64_t slab = 2 * FO_NORM_LANES * (p->C < FO_NORM_CHUNK ? p->C : FO_NORM_CHUNK);
         double (*acc)[2][FO_NORM_LANES] =
             (double (*)[2][FO_NORM_LANES])(j->lanes + tid * slab);
@@ -547,9 +544,10 @@ INLINE void SFX(reduce_unit_impl)(const SFX(norm_job) *j, int64_t unit, const in
     }
 }
 
-FO_DISPATCH static void SFX(reduce_unit)(const SFX(norm_job) *j, int64_t unit) {
-    if (j->dy) SFX(reduce_unit_impl)(j, unit, 1);
-    else SFX(reduce_unit_impl)(j, unit, 0);
+/* unit `unit` on thread tid (whose lanes it uses in segment mode) */
+FO_DISPATCH static void SFX(reduce_unit)(const SFX(norm_job) *j, int64_t unit, int tid) {
+    if (j->dy) SFX(reduce_unit_impl)(j, unit, tid, 1);
+    else SFX(reduce_unit_impl)(j, unit, tid, 0);
 }
 
 /* a1 += s1, a2 += s2 over n entries (restrict: vectorized; as one loop with
@@ -562,27 +560,24 @@ INLINE void SFX(add_pairs)(double *restrict a1, double *restrict a2,
     }
 }
 
+/* thread t of n: a contiguous range of the units */
+static void SFX(reduce_part)(void *vj, int t, int n) {
+    const SFX(norm_job) *j = (const SFX(norm_job) *)vj;
+    const int64_t nunits = j->plan.nunits;
+    for (int64_t u = nunits * t / n; u < nunits * (t + 1) / n; u++) SFX(reduce_unit)(j, u, t);
+}
+
 /* Runs every unit (threads take contiguous ranges; each unit writes only its
  * own partial slot), then adds the partials per channel in unit order. */
 static void SFX(reduce)(const SFX(norm_job) *j, double *sum1, double *sum2) {
     const fo_norm_plan *p = &j->plan;
-    int64_t nunits = p->nunits;
-    int nt = p->nthreads < nunits ? p->nthreads : (int)nunits;
-    /* one thread enters no OpenMP region: even with if (0), GNU OpenMP's entry
-     * and exit took 0.3 us (a futex call) of every pass */
-    if (nt <= 1) {
-        for (int64_t u = 0; u < nunits; u++) SFX(reduce_unit)(j, u);
-    } else {
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt)
-#endif
-        for (int64_t u = 0; u < nunits; u++) SFX(reduce_unit)(j, u);
-    }
+    int nt = p->nthreads < p->nunits ? p->nthreads : (int)p->nunits;
+    fo_parallel_parts(nt, SFX(reduce_part), (void *)j);
     /* unit-major loops (vectorized over channels); each channel still adds its
      * partials in unit order, then column order within a unit */
     for (int64_t c = 0; c < p->C; c++) sum1[c] = sum2[c] = 0;
     if (p->row_mode) {
-        for (int64_t u = 0; u < nunits; u++) {
+        for (int64_t u = 0; u < p->nunits; u++) {
             const double *s1 = j->partial + u * 2 * p->PW, *s2 = s1 + p->PW;
             if (p->inner == 1)   /* (N, C) and channels-last: a vectorized loop */
                 SFX(add_pairs)(sum1, sum2, s1, s2, p->C);
@@ -885,25 +880,15 @@ static void SFX(apply_range)(const SFX(norm_job) *j, int64_t s0, int64_t s1) {
     for (int64_t e = s1; e > s0; e -= run) SFX(apply_lines)(j, e - run > s0 ? e - run : s0, e);
 }
 
+/* thread t of n: a contiguous range of the lines */
+static void SFX(apply_part)(void *vj, int t, int n) {
+    const SFX(norm_job) *j = (const SFX(norm_job) *)vj;
+    const int64_t nlines = j->plan.row_mode ? j->plan.outer : j->plan.outer * j->plan.C;
+    SFX(apply_range)(j, nlines * t / n, nlines * (t + 1) / n);
+}
+
 static void SFX(apply)(const SFX(norm_job) *j) {
-    const fo_norm_plan *p = &j->plan;
-    int64_t nlines = p->row_mode ? p->outer : p->outer * p->C;
-    int nt = p->nthreads;
-    if (nt <= 1) {   /* no OpenMP region (see reduce) */
-        SFX(apply_range)(j, 0, nlines);
-        return;
-    }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-    {
-        int64_t tid = 0, n = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        n = omp_get_num_threads();
-#endif
-        SFX(apply_range)(j, nlines * tid / n, nlines * (tid + 1) / n);   /* contiguous */
-    }
+    fo_parallel_parts(j->plan.nthreads, SFX(apply_part), (void *)j);
 }
 
 /* ------------------------------------------------------------ drivers */
