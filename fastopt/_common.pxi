@@ -7,10 +7,6 @@ cdef extern from "fastopt.h" nogil:
     void fo_set_num_threads(int n)
     int fo_get_num_threads()
     int fo_has_openmp()
-    int64_t fo_monotonic_ns()
-    int fo_kernel_threads_at(int64_t now_ns)
-    void fo_note_late_start(int64_t now_ns)
-    void fo_forget_late_starts()
     void fo_copy(void *dst, const void *src, int64_t nbytes)
     void fo_stream_add_f32(float *a, const float *b, int64_t n)
     float fo_fma_peak_f32(int64_t rounds)
@@ -28,22 +24,6 @@ def set_num_threads(n):
 def get_num_threads():
     """The number of threads fastopt kernels use (1 without OpenMP)."""
     return fo_get_num_threads()
-
-
-def _late_start_rule(str what, int64_t now_ns=0):
-    """For tests of the late-start rule (src_c/parallel.c): 'threads_at' (the
-    threads a kernel would use at now_ns), 'note' (a late start at now_ns),
-    'forget' (clear the rule's state), 'now' (the clock, ns)."""
-    if what == "threads_at":
-        return fo_kernel_threads_at(now_ns)
-    if what == "note":
-        fo_note_late_start(now_ns)
-    elif what == "forget":
-        fo_forget_late_starts()
-    elif what == "now":
-        return fo_monotonic_ns()
-    else:
-        raise ValueError(f"unknown what: {what!r}")
 
 
 def has_openmp():

@@ -154,19 +154,15 @@ cdef inline int _tr(int t) noexcept nogil:
 cdef void _mkl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
                         const float *a, int64_t lda, const float *b, int64_t ldb,
                         float beta, float *c, int64_t ldc) noexcept nogil:
-    cdef int solo = _solo_begin()
     _mkl_sgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), <int32_t>m, <int32_t>n, <int32_t>k,
                1.0, a, <int32_t>lda, b, <int32_t>ldb, beta, c, <int32_t>ldc)
-    _solo_end(solo)
 
 
 cdef void _mkl_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
                         const double *a, int64_t lda, const double *b, int64_t ldb,
                         double beta, double *c, int64_t ldc) noexcept nogil:
-    cdef int solo = _solo_begin()
     _mkl_dgemm(CBLAS_ROW_MAJOR, _tr(ta), _tr(tb), <int32_t>m, <int32_t>n, <int32_t>k,
                1.0, a, <int32_t>lda, b, <int32_t>ldb, beta, c, <int32_t>ldc)
-    _solo_end(solo)
 
 
 cdef void _npy_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
@@ -184,7 +180,6 @@ cdef void _npy_gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
 cdef extern from "parallel.h" nogil:
     ctypedef void (*fo_chunk_fn)(void *ctx, int64_t tensor, int64_t begin,
                                  int64_t end) noexcept nogil
-    int fo_kernel_threads()
     void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensors, fo_chunk_fn body,
                                    void *ctx, int64_t grain)
 
@@ -218,16 +213,14 @@ cdef void _dnnl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
                          const float *a, int64_t lda, const float *b, int64_t ldb,
                          float beta, float *c, int64_t ldc) noexcept nogil:
     cdef _NTColumns job
-    if (not ta and tb and m <= _NT_SPLIT_MAX_ROWS and fo_kernel_threads() > 1
+    if (not ta and tb and m <= _NT_SPLIT_MAX_ROWS and fo_get_num_threads() > 1
             and n >= 2 * _NT_SPLIT_MIN_COLUMNS):
         job.m = m; job.k = k; job.lda = lda; job.ldb = ldb; job.ldc = ldc
         job.a = a; job.b = b; job.beta = beta; job.c = c
         fo_parallel_foreach_grain(&n, 1, _dnnl_nt_columns, &job, _NT_SPLIT_MIN_COLUMNS)
         return
-    cdef int solo = _solo_begin()
     _dnnl_sgemm(b'T' if ta else b'N', b'T' if tb else b'N', m, n, k, 1.0, a, lda, b, ldb,
                 beta, c, ldc)
-    _solo_end(solo)
 
 
 # OpenBLAS (scipy's and NumPy's) threads with a pthreads pool of its own,
@@ -305,7 +298,7 @@ cdef void _ob_gemm(_OpenBLAS *ob, bint f64, int ta, int tb, int64_t m, int64_t n
     j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
     j.by_rows = m >= n
     cdef int64_t span = m if j.by_rows else n
-    if (ob.set_threads == NULL or fo_kernel_threads() <= 1 or span < 2 * _OB_SPLIT_MIN
+    if (ob.set_threads == NULL or fo_get_num_threads() <= 1 or span < 2 * _OB_SPLIT_MIN
             or m * n * k < _OB_SPLIT_MIN_MULS):
         _ob_part(&j, 0, 0, span)
     else:
@@ -472,22 +465,6 @@ cdef inline void _blas_threads_restore(_SavedThreads saved) noexcept nogil:
         saved.ob.set_threads(saved.openblas)
 
 
-cdef inline int _solo_begin() noexcept nogil:
-    # Since the layer call set the BLAS's count (_blas_threads), a thread of
-    # fastopt's may have started late and put the kernels on one thread
-    # (src_c/parallel.c): the BLAS's own threads would wait for a core too.
-    # Returns the count to put back, or -1.
-    if (_current.set_threads != NULL and fo_get_num_threads() > 1
-            and fo_kernel_threads() == 1):
-        return _current.set_threads(1)
-    return -1
-
-
-cdef inline void _solo_end(int previous) noexcept nogil:
-    if previous >= 0:
-        _current.set_threads(previous)
-
-
 def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
          bint trans_b=False, double beta=0.0):
     """c = op(a) @ op(b) + beta*c through the selected BLAS (2-D, one dtype, rows
@@ -516,7 +493,7 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
     cdef bint f64 = c.dtype == np.float64
     cdef _SavedThreads saved
     with nogil:
-        saved = _blas_threads(fo_kernel_threads(), f64)
+        saved = _blas_threads(fo_get_num_threads(), f64)
         if f64:
             _current.f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
                          beta, <double *>pc, ldc)
@@ -655,7 +632,7 @@ cdef class RnnLayerCall:
         cdef int rc
         cdef _SavedThreads saved
         with nogil:
-            saved = _blas_threads(fo_kernel_threads(), self.is_f64)
+            saved = _blas_threads(fo_get_num_threads(), self.is_f64)
             if self.is_f64:
                 rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _current.f64)
             else:
@@ -715,7 +692,7 @@ cdef class RnnLayerCall:
         cdef int rc
         cdef _SavedThreads saved
         with nogil:
-            saved = _blas_threads(fo_kernel_threads(), self.is_f64)
+            saved = _blas_threads(fo_get_num_threads(), self.is_f64)
             if self.is_f64:
                 rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _current.f64)
             else:

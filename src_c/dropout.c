@@ -258,7 +258,7 @@ static void groups_part(void *vjob, int t, int n) {
 
 static void for_groups(int64_t ngroups, group_fn body, void *ctx) {
     if (ngroups <= 0) return;
-    int64_t nt = fo_kernel_threads();
+    int64_t nt = fo_get_num_threads();
     if (nt > ngroups / FO_DROPOUT_MIN_GROUPS) nt = ngroups / FO_DROPOUT_MIN_GROUPS;
     groups_job job = {ngroups, body, ctx};
     fo_parallel_parts(nt < 1 ? 1 : (int)nt, groups_part, &job);

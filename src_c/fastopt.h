@@ -12,12 +12,9 @@
  * may overlap (params, grads and state are restrict pointers).
  *
  * Threads: kernels split their work over fo_get_num_threads() OpenMP threads
- * (1 when built without OpenMP), or over one for a while after a thread of
- * theirs started late because another library's spinning threads held the
- * cores (see parallel.c; fo_get_num_threads() still returns the setting).
- * Element-wise kernels give bitwise identical results for every thread
- * count; reductions reduce fixed-size blocks in a fixed order so that they
- * do too. The thread count is one process-wide
+ * (1 when built without OpenMP). Element-wise kernels give bitwise identical
+ * results for every thread count; reductions reduce fixed-size blocks in a
+ * fixed order so that they do too. The thread count is one process-wide
  * setting; kernels may be called from several threads at once on separate
  * buffers. In a process forked after kernels ran on several threads, every
  * kernel runs on one thread (fo_get_num_threads() returns 1): GNU OpenMP's
@@ -43,13 +40,6 @@ extern "C" {
 void fo_set_num_threads(int n);  /* n < 1 is taken as 1; no upper clamp: n is used as given */
 int fo_get_num_threads(void);
 int fo_has_openmp(void);         /* 1 when built with OpenMP */
-/* For tests of the late-start rule (parallel.c): the threads a kernel would
- * use at time now_ns (CLOCK_MONOTONIC), a late start noted at now_ns, and
- * the rule's state cleared. */
-int64_t fo_monotonic_ns(void);
-int fo_kernel_threads_at(int64_t now_ns);
-void fo_note_late_start(int64_t now_ns);
-void fo_forget_late_starts(void);
 
 /* dst[0:nbytes] = src[0:nbytes] with the kernels' threads: the copy-bandwidth
  * baseline that the benchmarks measure against. */

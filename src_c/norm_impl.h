@@ -80,7 +80,7 @@ static fo_norm_plan fo_norm_make_plan(int64_t outer, int64_t C, int64_t inner) {
     p.nblocks = (outer + p.per_unit - 1) / p.per_unit;
     p.nchunks = p.row_mode ? 1 : (C + FO_NORM_CHUNK - 1) / FO_NORM_CHUNK;
     p.nunits = p.nblocks * p.nchunks;
-    int64_t nt = fo_kernel_threads();
+    int64_t nt = fo_get_num_threads();
     int64_t total = outer * L;
     if (nt > total / FO_NORM_MIN_PER_THREAD) nt = total / FO_NORM_MIN_PER_THREAD;
     if (nt < 1) nt = 1;

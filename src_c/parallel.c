@@ -1,12 +1,7 @@
 /* parallel.c -- thread count, the shared work splitter, and the baselines the
  * benchmarks measure against (a threaded copy and stream, the FMA peak). */
-#if !defined(_POSIX_C_SOURCE) || _POSIX_C_SOURCE < 199309L
-#undef _POSIX_C_SOURCE
-#define _POSIX_C_SOURCE 199309L   /* clock_gettime under -std=c99 */
-#endif
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -142,70 +137,7 @@ int fo_has_openmp(void) {
 #endif
 }
 
-/* ------------------------------------------------- threads that came late */
-
-/* A thread that starts its part more than FO_LATE_NS after its region began
- * found no free core: another library's threads held it (OpenBLAS's pool
- * spins for about 70 ms after each NumPy matmul, GNU OpenMP's for about a
- * millisecond). On a 2-core Xeon guest the woken thread then waited for the
- * end of a scheduler time slice (4 ms) at every region: right after a NumPy
- * matmul, an Adam step of 10^6 float32 took 3.4-6.4 ms at 2 threads against
- * 0.65 at 1, and an LSTM layer's forward+backward 47-118 ms against 31. So
- * after a late start the kernels run on the calling thread alone for a
- * window, then try all their threads again. The first window is
- * FO_SOLO_MIN_NS; a late start less than FO_SOLO_MAX_NS after the last
- * window's end doubles it, up to FO_SOLO_MAX_NS, so that a pool that keeps
- * spinning (a NumPy loop's matmul every iteration) costs one slow region per
- * long window, while one that stops soon costs a short window. (A fixed 100 ms made
- * the 2-thread GRU cell forward 1.7-1.9x slower in the benchmark, whose
- * competitors' pools were still spinning for its first region; windows up
- * to 1.6 s kept kernels on one thread that long after contention ended.)
- * Results do not depend on the thread count. On this machine, without a
- * competing pool, the second thread started within 0.5 ms in all but 1 of
- * about 4000 regions. */
-#define FO_LATE_NS ((int64_t)1000000)
-#define FO_SOLO_MIN_NS ((int64_t)10000000)
-#define FO_SOLO_MAX_NS ((int64_t)320000000)
-
-static int64_t fo_solo_until = 0;    /* kernels run on one thread until then */
-static int64_t fo_solo_window = 0;   /* the length of the last such window */
-
-int64_t fo_monotonic_ns(void) {
-#ifdef CLOCK_MONOTONIC
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-#else
-    return 0;   /* no clock: never late */
-#endif
-}
-
-/* Concurrent callers may race here; any of their windows will do. */
-void fo_note_late_start(int64_t now_ns) {
-    int64_t until = __atomic_load_n(&fo_solo_until, __ATOMIC_RELAXED);
-    int64_t window = __atomic_load_n(&fo_solo_window, __ATOMIC_RELAXED);
-    if (now_ns < until) return;   /* a region that began before the window */
-    window = window > 0 && now_ns - until < FO_SOLO_MAX_NS
-                 ? (2 * window < FO_SOLO_MAX_NS ? 2 * window : FO_SOLO_MAX_NS)
-                 : FO_SOLO_MIN_NS;
-    __atomic_store_n(&fo_solo_window, window, __ATOMIC_RELAXED);
-    __atomic_store_n(&fo_solo_until, now_ns + window, __ATOMIC_RELAXED);
-}
-
-void fo_forget_late_starts(void) {
-    __atomic_store_n(&fo_solo_until, 0, __ATOMIC_RELAXED);
-    __atomic_store_n(&fo_solo_window, 0, __ATOMIC_RELAXED);
-}
-
-int fo_kernel_threads_at(int64_t now_ns) {
-    int n = fo_get_num_threads();
-    return n > 1 && now_ns < __atomic_load_n(&fo_solo_until, __ATOMIC_RELAXED) ? 1 : n;
-}
-
-int fo_kernel_threads(void) {
-    int n = fo_get_num_threads();
-    return n > 1 ? fo_kernel_threads_at(fo_monotonic_ns()) : n;
-}
+/* ---------------------------------------------------------- parallel parts */
 
 void fo_parallel_parts(int nthreads, fo_part_fn body, void *ctx) {
     if (nthreads <= 1) {   /* no OpenMP region: even a one-thread region costs a futex call */
@@ -213,16 +145,8 @@ void fo_parallel_parts(int nthreads, fo_part_fn body, void *ctx) {
         return;
     }
 #ifdef _OPENMP
-    const int64_t start = fo_monotonic_ns();
 #pragma omp parallel num_threads(nthreads)
-    {
-        int t = omp_get_thread_num(), n = omp_get_num_threads();
-        if (t > 0) {
-            int64_t now = fo_monotonic_ns();
-            if (now - start > FO_LATE_NS) fo_note_late_start(now);
-        }
-        body(ctx, t, n);
-    }
+    body(ctx, omp_get_thread_num(), omp_get_num_threads());
 #else
     body(ctx, 0, 1);
 #endif
@@ -266,7 +190,7 @@ void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensors,
     int64_t total = 0;
     for (int64_t k = 0; k < ntensors; k++) total += numel[k];
     if (total == 0) return;
-    int64_t nt = fo_kernel_threads();
+    int64_t nt = fo_get_num_threads();
     if (nt > total / grain) nt = total / grain;
     if (nt <= 1) {
         run_range(numel, ntensors, body, ctx, 0, total);

@@ -29,13 +29,9 @@ FO_INTERNAL void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensor
 
 /* body(ctx, t, n) on each thread t of a region of n <= nthreads (the
  * calling thread is t = 0), returning when all are done: the one place that
- * opens a parallel region. A thread that starts late makes the kernels run
- * on one thread for a while (fo_kernel_threads; see parallel.c). */
+ * opens a parallel region. */
 typedef void (*fo_part_fn)(void *ctx, int t, int n);
 FO_INTERNAL void fo_parallel_parts(int nthreads, fo_part_fn body, void *ctx);
-/* The threads a kernel starting now uses: fo_get_num_threads(), or 1 for a
- * while after a thread of a region started late. */
-FO_INTERNAL int fo_kernel_threads(void);
 
 /* One block of scratch holding n arrays of bytes[i] bytes, each starting on
  * a 64-byte line (at malloc's 16-byte alignment, a vector load splits across

@@ -594,7 +594,7 @@ AVX512_TARGET static void SFX(packed_part)(void *ctx, int64_t unused, int64_t lo
  * count. */
 static void SFX(product_packed)(const SFX(packed) *pk, int64_t M, int64_t K, const T *a,
                                 int64_t lda, int64_t k0, int acc, T *c, int64_t ldc) {
-    const int by_rows = (pk->N + PK_NR - 1) / PK_NR < 4 * (int64_t)fo_kernel_threads();
+    const int by_rows = (pk->N + PK_NR - 1) / PK_NR < 4 * (int64_t)fo_get_num_threads();
     SFX(packed_job) j = {M, K, pk->N, pk->K * PK_NR, lda, ldc, a, pk->p + k0 * PK_NR, c, acc,
                          by_rows, pk->ahead};
     const int64_t n = by_rows ? M : pk->N;   /* ~2 MFLOP a thread at least */

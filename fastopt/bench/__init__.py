@@ -106,10 +106,7 @@ def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, settle=0.0,
     spinning pool takes the core that the next library's second thread needs;
     the pause lets it go to sleep first. The callables on fastopt's own pool
     (OWN_POOL: fastopt and the copy and stream baselines) count as one library
-    and run back to back. Before each of their timed blocks the runner clears
-    fastopt's record of late thread starts (src_c/parallel.c): a competitor's
-    pool still spinning through the untimed first call (torch's, 100 ms after
-    its GRU cell) would otherwise put the timed block on one thread."""
+    and run back to back."""
     order = [k for k in fns if k in OWN_POOL] + [k for k in fns if k not in OWN_POOL]
     number = {}
     for k in order:
@@ -131,8 +128,6 @@ def time_interleaved(fns, min_time=0.2, rounds=None, target=0.005, settle=0.0,
                 time.sleep(settle)
             prev = lib
             f()
-            if lib == "own":
-                _fastopt._late_start_rule("forget")
             t0 = time.perf_counter()
             for _ in range(n):
                 f()
