@@ -26,7 +26,6 @@
 #include "avx512.h"
 #include "rng.h"
 
-
 #define INLINE static inline __attribute__((always_inline))
 
 /* Below this many groups per thread (32K elements) an extra thread does not pay. */

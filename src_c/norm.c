@@ -35,7 +35,6 @@
 #include "fastopt.h"
 #include "parallel.h"
 
-
 #define T float
 #define SFX(x) x##_f32
 #define FO_T_IS_F64 0
