@@ -23,9 +23,9 @@ next), NumPy's OpenBLAS, scipy's OpenBLAS. MKL measured about even with
 NumPy's OpenBLAS (within +-7% per layer, either way), so it is used only
 when asked for. On the Xeon (AVX-512) where fastopt's own kernel runs the
 per-step products, all four came within about 10% of each other per layer,
-oneDNN and MKL within 5% either way (README, "Which BLAS"). Splitting one layer's products between two libraries did
-not pay: with 2 threads their two thread pools spinning on the same cores
-slowed layers 2-4x.
+oneDNN and MKL within 5% either way (README, "Which BLAS"). Splitting one
+layer's products between two libraries did not pay: with 2 threads their
+two thread pools spinning on the same cores slowed layers 2-4x.
 
 Threads: at the start of each layer call fastopt sets the thread count of
 the provider to ``fastopt.get_num_threads()`` (oneDNN and MKL through GNU
