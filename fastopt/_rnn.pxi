@@ -9,6 +9,8 @@ from posix.dlfcn cimport dlopen, dlsym, dlerror, RTLD_NOW, RTLD_LOCAL
 cdef extern from "<dlfcn.h>" nogil:
     const int RTLD_NOLOAD      # glibc: the handle of an already loaded library, or NULL
 from scipy.linalg.cython_blas cimport sgemm as _blas_sgemm, dgemm as _blas_dgemm
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
+                               PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
 
 cdef extern from "fastopt.h" nogil:
     ctypedef void (*fo_gemm_f32_fn)(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
@@ -242,15 +244,21 @@ cdef struct _OpenBLAS:      # one of the two OpenBLAS libraries
     fo_gemm_f32_fn f32
     fo_gemm_f64_fn f64
     set_threads_fn set_threads  # openblas_set_num_threads_local; NULL: not found, no split
+    int users                   # fastopt calls in flight that hold its count at 1
+    int saved                   # the count they put back, when the last one ends
 
 # 0: scipy's (cython_blas), 1: NumPy's (its ILP64 CBLAS, once loaded)
 cdef _OpenBLAS _openblas[2]
 _openblas[0].f32 = _scipy_gemm_f32
 _openblas[0].f64 = _scipy_gemm_f64
 _openblas[0].set_threads = NULL
+_openblas[0].users = 0
 _openblas[1].f32 = _npy_gemm_f32
 _openblas[1].f64 = _npy_gemm_f64
 _openblas[1].set_threads = NULL
+_openblas[1].users = 0
+# guards users/saved: layers run from several Python threads at once
+cdef PyThread_type_lock _openblas_lock = PyThread_allocate_lock()
 
 
 cdef struct _OBCall:    # c = op(a) op(b) + beta*c through OpenBLAS
@@ -440,9 +448,10 @@ def blas_provider():
     return _blas_name
 
 
-cdef struct _SavedThreads:   # the counts to put back (-1: none was set)
-    int own, openblas
-    _OpenBLAS *ob
+cdef struct _SavedThreads:   # what a call puts back at its end
+    set_threads_fn own_set   # the provider's own setter (fastopt.set_blas may switch)
+    int own                  # and the count it had (-1: none was set)
+    _OpenBLAS *ob            # the OpenBLAS whose count the call holds at 1, or NULL
 
 
 cdef inline _SavedThreads _blas_threads(int n, bint f64) noexcept nogil:
@@ -450,19 +459,32 @@ cdef inline _SavedThreads _blas_threads(int n, bint f64) noexcept nogil:
     # (OpenBLAS: 1, see _ob_gemm); _blas_threads_restore puts the previous
     # counts back, so that the user's own BLAS calls are unaffected.
     cdef _SavedThreads saved
-    saved.own = _current.set_threads(n) if _current.set_threads != NULL else -1
-    saved.openblas = -1
+    saved.own_set = _current.set_threads
+    saved.own = saved.own_set(n) if saved.own_set != NULL else -1
     saved.ob = _current.ob64 if f64 else _current.ob32
-    if saved.ob != NULL and saved.ob.set_threads != NULL:
-        saved.openblas = saved.ob.set_threads(1)
+    if saved.ob != NULL and saved.ob.set_threads == NULL:
+        saved.ob = NULL
+    if saved.ob != NULL:
+        # OpenBLAS's count is process-wide: the first call in flight lowers it
+        # and the last one puts it back (each saving its own left it at 1 when
+        # calls from two Python threads overlapped)
+        PyThread_acquire_lock(_openblas_lock, WAIT_LOCK)
+        if saved.ob.users == 0:
+            saved.ob.saved = saved.ob.set_threads(1)
+        saved.ob.users += 1
+        PyThread_release_lock(_openblas_lock)
     return saved
 
 
 cdef inline void _blas_threads_restore(_SavedThreads saved) noexcept nogil:
     if saved.own >= 0:
-        _current.set_threads(saved.own)
-    if saved.openblas >= 0:
-        saved.ob.set_threads(saved.openblas)
+        saved.own_set(saved.own)
+    if saved.ob != NULL:
+        PyThread_acquire_lock(_openblas_lock, WAIT_LOCK)
+        saved.ob.users -= 1
+        if saved.ob.users == 0:
+            saved.ob.set_threads(saved.ob.saved)
+        PyThread_release_lock(_openblas_lock)
 
 
 def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,

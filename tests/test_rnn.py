@@ -317,6 +317,47 @@ def test_layer_calls_leave_the_blas_thread_counts_as_they_were(threads, blas, nt
                     assert [d["num_threads"] for d in threadpoolctl.threadpool_info()] == before
 
 
+@pytest.mark.parametrize("blas", ["scipy", "numpy", "dnnl", "mkl"])
+def test_layers_in_python_threads_leave_the_blas_thread_counts_as_they_were(threads, blas):
+    """Layers called from several Python threads at once (the GIL is released)
+    give what each call gives alone, and the BLAS thread counts are the user's
+    again after: OpenBLAS's count is process-wide, so the calls in flight share
+    one lowered count instead of each saving and restoring it."""
+    import threading
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with using_blas(blas):
+        fo.set_num_threads(2)
+        layers = [fo.LSTM(40, 64, seed=s) for s in range(4)]
+        x = np.random.default_rng(3).standard_normal((8, 16, 40)).astype(np.float32)
+
+        def run(m):
+            out, _ = m.forward(x)
+            return out, m.backward(out)[0]
+
+        alone = [run(m) for m in layers]
+        before = [d["num_threads"] for d in threadpoolctl.threadpool_info()]
+        results, errors = [[] for _ in layers], []
+
+        def worker(i):
+            try:
+                for _ in range(30):
+                    results[i].append(run(layers[i]))
+            except Exception as e:   # pragma: no cover - reported below
+                errors.append(e)
+
+        workers = [threading.Thread(target=worker, args=(i,)) for i in range(len(layers))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert not errors
+        assert [d["num_threads"] for d in threadpoolctl.threadpool_info()] == before
+        for i, got in enumerate(results):
+            for out, dx in got:
+                np.testing.assert_array_equal(out, alone[i][0])
+                np.testing.assert_array_equal(dx, alone[i][1])
+
+
 @pytest.mark.parametrize("blas", ["scipy", "numpy"])
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
