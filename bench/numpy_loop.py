@@ -2,7 +2,8 @@
 
 Each iteration is a NumPy matmul (standing in for the forward and backward
 passes a NumPy model computes with OpenBLAS) followed by one fastopt call: an
-Adam step, or an LSTM forward+backward. Printed: medians over the iterations
+Adam step, or an LSTM forward+backward. With torch installed, the same again
+after a torch matmul (a torch model whose `.numpy()` views fastopt updates). Printed: medians over the iterations
 of the matmul's time and of fastopt's, at 1 and 2 fastopt threads, in a fresh
 process for each environment below (OpenBLAS and GNU OpenMP read these
 variables when they load, so they cannot be changed in a running process):
@@ -28,6 +29,18 @@ ENVS = [
 ]
 
 
+def matmul_libraries():
+    """NumPy's matmul, and torch's when torch is installed (its own OpenMP pool)"""
+    import numpy as np
+    libs = [("numpy", lambda a: a)]
+    try:
+        import torch
+        libs.append(("torch", lambda a: torch.from_numpy(np.ascontiguousarray(a))))
+    except ImportError:
+        pass
+    return libs
+
+
 def measure(reps):
     import numpy as np
     import fastopt as fo
@@ -35,7 +48,11 @@ def measure(reps):
     rows = []
 
     def run(name, matmul_size, call):
-        a = rng.standard_normal((matmul_size, matmul_size)).astype(np.float32)
+        for lib, wrap in matmul_libraries():
+            run_after(name, lib, wrap, matmul_size, call)
+
+    def run_after(name, lib, wrap, matmul_size, call):
+        a = wrap(rng.standard_normal((matmul_size, matmul_size)).astype(np.float32))
         for threads in (1, 2):
             fo.set_num_threads(threads)
             call()
@@ -48,7 +65,7 @@ def measure(reps):
                 t2 = time.perf_counter()
                 t_mm.append(t1 - t0)
                 t_fo.append(t2 - t1)
-            rows.append({"case": name, "matmul": matmul_size, "threads": threads,
+            rows.append({"case": name, "matmul": f"{lib} {matmul_size}", "threads": threads,
                          "matmul_ms": 1e3 * float(np.median(t_mm)),
                          "fastopt_ms": 1e3 * float(np.median(t_fo))})
 
