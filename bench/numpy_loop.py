@@ -3,10 +3,11 @@
 Each iteration is a NumPy matmul (standing in for the forward and backward
 passes a NumPy model computes with OpenBLAS) followed by one fastopt call: an
 Adam step, or an LSTM forward+backward. With torch installed, the same again
-after a torch matmul (a torch model whose `.numpy()` views fastopt updates). Printed: medians over the iterations
-of the matmul's time and of fastopt's, at 1 and 2 fastopt threads, in a fresh
-process for each environment below (OpenBLAS and GNU OpenMP read these
-variables when they load, so they cannot be changed in a running process):
+after a torch matmul (a torch model whose `.numpy()` views fastopt updates).
+Printed: medians over the iterations of the matmul's time and of fastopt's, at
+1 and 2 fastopt threads, in a fresh process for each environment below
+(OpenBLAS and GNU OpenMP read these variables when they load, so they cannot be
+changed in a running process):
 
     python bench/numpy_loop.py [--reps 40]
 
@@ -30,7 +31,7 @@ ENVS = [
 
 
 def matmul_libraries():
-    """NumPy's matmul, and torch's when torch is installed (its own OpenMP pool)"""
+    """NumPy's matmul, and torch's when torch is installed (its own OpenMP pool)."""
     import numpy as np
     libs = [("numpy", lambda a: a)]
     try:
