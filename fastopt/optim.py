@@ -297,6 +297,28 @@ class Optimizer:
                 if n not in g["state"]:
                     g["state"][n] = self._new_state(n, g["params"], group)
 
+    # ---- pickle and copy.deepcopy ------------------------------------------
+    # The pointer tables (TensorTable, ParamIndex) hold raw addresses; they
+    # travel as their arrays and are rebuilt over the copies, which pickle's
+    # memo keeps the same objects as those in param_groups.
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_index"]
+        state["_groups"] = [dict(g, params=g["params"].arrays,
+                                 state={n: t.arrays for n, t in g["state"].items()})
+                            for g in self._groups]
+        return state
+
+    def __setstate__(self, state):
+        groups = state.pop("_groups")
+        self.__dict__.update(state)
+        self._groups = []
+        for g in groups:
+            table = _fastopt.TensorTable(g["params"], "params")
+            self._groups.append(dict(g, params=table, state={
+                n: _fastopt.TensorTable(arrays, n, table) for n, arrays in g["state"].items()}))
+        self._index = _fastopt.ParamIndex([g["params"] for g in self._groups])
+
     def __repr__(self):
         lines = [type(self).__name__ + " ("]
         for i, g in enumerate(self.param_groups):

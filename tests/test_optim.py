@@ -280,6 +280,35 @@ def test_state_dict_round_trip_is_exact(case, dtype):
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_pickled_or_deep_copied_optimizer_continues_exactly_and_alone(case, how):
+    """An optimizer copied after 10 steps (pickle, copy.deepcopy: params and
+    state copied, as torch's) continues the uninterrupted trajectory on its own
+    copies of the params, which are the arrays in its param_groups, and leaves
+    the original's params alone."""
+    import copy
+    import pickle
+    name, i = case
+    dtype = np.float32
+    groups = split_groups(name, CONFIGS[name][1][i], SHAPES)
+    full = init_params(SHAPES, dtype)
+    run_fastopt(name, groups, full, STEPS, dtype)
+
+    part = init_params(SHAPES, dtype)
+    opt = run_fastopt(name, groups, part, 10, dtype)
+    at10 = [p.copy() for p in part]
+    clone = pickle.loads(pickle.dumps(opt)) if how == "pickle" else copy.deepcopy(opt)
+    mine = [p for g in clone.param_groups for p in g["params"]]
+    # split_groups numbers params in order, so the groups' params are `part` in order
+    assert not any(np.shares_memory(a, b) for a in mine for b in part)
+    run_fastopt(name, groups, mine, STEPS, dtype, opt=clone, start=11)
+    for x, y in zip(mine, full):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(part, at10):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_state_arrays_are_separate_aligned_and_initialized():
     """State lives in one buffer per dtype (huge pages, one address range):
     every array must still be its param's shape, start on a 64-byte line,
