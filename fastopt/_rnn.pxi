@@ -610,6 +610,13 @@ def check_layer(str mode, seq_len, batch, input_size, hidden_size, w_ih, w_hh, b
                  b_ih, b_hh, proj_size, w_hr)
 
 
+def _rebuilt_rnn_layer_call(bint forwarded, *args):
+    """RnnLayerCall(*args) that forward() has run for (RnnLayerCall.__reduce__)."""
+    cdef RnnLayerCall call = RnnLayerCall(*args)
+    call.forwarded = forwarded
+    return call
+
+
 cdef class RnnLayerCall:
     """The checked arguments of one layer over one sequence: weights, dims and
     the buffers of forward (kept, so that backward reads what forward saved)."""
@@ -648,6 +655,16 @@ cdef class RnnLayerCall:
              ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh), ("w_hr", w_hr)])
         self.keep = (w_ih, w_hh, b_ih, b_hh, x, h0, c0, out, c_all, gates, extra, w_hr)
         self.forwarded = False
+
+    def __reduce__(self):
+        # pickle, copy.deepcopy (of a layer between forward and backward): the
+        # pointers do not travel, so the copy is checked and built again over
+        # the copies of the arrays it keeps, with forward's state
+        mode = next(k for k, v in RNN_MODES.items() if v == self.layer.mode)
+        return (_rebuilt_rnn_layer_call,
+                (self.forwarded, mode, self.layer.seq_len, self.layer.batch,
+                 self.layer.input_size, self.layer.hidden_size) + self.keep[:11]
+                + (self.layer.proj_size, self.keep[11]))
 
     def forward(self):
         """Run the layer forward over the sequence, filling out and the saved buffers."""
