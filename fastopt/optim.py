@@ -300,7 +300,8 @@ class Optimizer:
     # ---- pickle and copy.deepcopy ------------------------------------------
     # The pointer tables (TensorTable, ParamIndex) hold raw addresses; they
     # travel as their arrays and are rebuilt over the copies, which pickle's
-    # memo keeps the same objects as those in param_groups.
+    # memo keeps the same objects as those in param_groups. The state arrays
+    # arrive as separate copies and are carved out of one buffer again.
     def __getstate__(self):
         state = dict(self.__dict__)
         del state["_index"]
@@ -316,7 +317,8 @@ class Optimizer:
         for g in groups:
             table = _fastopt.TensorTable(g["params"], "params")
             self._groups.append(dict(g, params=table, state={
-                n: _fastopt.TensorTable(arrays, n, table) for n, arrays in g["state"].items()}))
+                n: _fastopt.TensorTable(_state_arrays(table.arrays, data=arrays), n, table)
+                for n, arrays in g["state"].items()}))
         self._index = _fastopt.ParamIndex([g["params"] for g in self._groups])
 
     def __repr__(self):

@@ -312,7 +312,9 @@ def test_pickled_or_deep_copied_optimizer_continues_exactly_and_alone(case, how)
 def test_state_arrays_are_separate_aligned_and_initialized():
     """State lives in one buffer per dtype (huge pages, one address range):
     every array must still be its param's shape, start on a 64-byte line,
-    overlap no other, and hold its initial value; after load_state_dict too."""
+    overlap no other, and hold its initial value; after load_state_dict and
+    in a pickled copy too."""
+    import pickle
     shapes = [(5,), (3, 2), (0,), (17, 3), (1,)]
     for cls, kw, names, fill in [(fo.Adam, {"amsgrad": True},
                                   ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), 0.0),
@@ -323,9 +325,9 @@ def test_state_arrays_are_separate_aligned_and_initialized():
             opt = cls(p, **kw)
             opt.step([np.zeros_like(x) for x in p] if cls is fo.Adagrad else
                      [np.ones_like(x) for x in p])
-            for opt_ in (opt, cls(init_params(shapes, dtype), **kw)):
-                if opt_ is not opt:
-                    opt_.load_state_dict(opt.state_dict())
+            loaded = cls(init_params(shapes, dtype), **kw)
+            loaded.load_state_dict(opt.state_dict())
+            for opt_ in (opt, loaded, pickle.loads(pickle.dumps(opt))):
                 arrays = [a for n in names for a in opt_._groups[0]["state"][n].arrays]
                 for k, a in enumerate(arrays):
                     assert a.shape == shapes[k % len(shapes)] and a.dtype == dtype
