@@ -54,3 +54,18 @@ def test_gemm_rows_report_the_fraction_of_the_fma_peak():
     flops = row["gflops"] * 1e9 * row["seconds"]["fastopt"]
     assert abs(flops - 2 * B * 3 * H * (I + H)) < 1e-6 * flops
     assert row["frac_fma_peak"] == row["gflops"] / peak
+
+
+def test_bad_options_are_refused_by_name(capsys):
+    """Thread counts that are not whole numbers >= 1, and --only names that
+    match no family or kernel, stop the runner with a usage error that says
+    what was expected (instead of a traceback, or a table with no rows)."""
+    import pytest
+    for argv, words in ((["--threads", "x"], ["--threads", "'x'"]),
+                        (["--threads", "1,0"], ["--threads", "'1,0'"]),
+                        (["--only", "adam,adamm"], ["--only", "adamm", "known:", "rmsprop"])):
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err

@@ -254,22 +254,38 @@ def _fmt_time(s):
     return f"{s * 1e3:.2f} ms"
 
 
+def _thread_counts(text):
+    import argparse
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected thread counts >= 1 like 1,2, got {text!r}")
+    return counts
+
+
 def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(prog="python -m fastopt bench",
                                  description="Time fastopt's kernels against NumPy and torch.")
-    ap.add_argument("--threads", default="1,2",
+    ap.add_argument("--threads", default=[1, 2], type=_thread_counts,
                     help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--quick", action="store_true",
                     help="one or a few sizes per kernel, fewer rounds (under a minute)")
     ap.add_argument("--only", default="",
                     help="comma-separated families or kernels (optim, norm, rnn, adam, ...)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="the arrays' dtype (default float32)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH ('-': stdout)")
     args = ap.parse_args(argv)
-    threads = [int(x) for x in args.threads.split(",") if x]
     families = [x for x in args.only.split(",") if x] or None
-    res = run(threads=threads, quick=args.quick, families=families, dtype=np.dtype(args.dtype),
+    load_cases()
+    known = {name for family, kernel, *_ in REGISTRY for name in (family, kernel)}
+    unknown = sorted(set(families or ()) - known)
+    if unknown:
+        ap.error(f"--only: unknown {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    res = run(threads=args.threads, quick=args.quick, families=families, dtype=np.dtype(args.dtype),
               out=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         text = json.dumps(res, indent=1)
