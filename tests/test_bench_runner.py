@@ -5,6 +5,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 
 from fastopt import bench
 
@@ -60,7 +61,6 @@ def test_bad_options_are_refused_by_name(capsys):
     """Thread counts that are not whole numbers >= 1, and --only names that
     match no family or kernel, stop the runner with a usage error that says
     what was expected (instead of a traceback, or a table with no rows)."""
-    import pytest
     for argv, words in ((["--threads", "x"], ["--threads", "'x'"]),
                         (["--threads", "1,0"], ["--threads", "'1,0'"]),
                         (["--only", "adam,adamm"], ["--only", "adamm", "known:", "rmsprop"])):
