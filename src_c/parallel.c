@@ -192,12 +192,8 @@ void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensors,
     if (total == 0) return;
     int64_t nt = fo_get_num_threads();
     if (nt > total / grain) nt = total / grain;
-    if (nt <= 1) {
-        run_range(numel, ntensors, body, ctx, 0, total);
-        return;
-    }
     foreach_job job = {numel, ntensors, body, ctx, total};
-    fo_parallel_parts((int)nt, foreach_part, &job);
+    fo_parallel_parts(nt < 1 ? 1 : (int)nt, foreach_part, &job);   /* 1: on this thread */
 }
 
 typedef struct { char *dst; const char *src; } copy_ctx;
