@@ -177,6 +177,9 @@ def check_grads(TensorTable params not None, object grads, ParamIndex index=None
     cdef list held = None     # grads converted to arrays here, kept alive by the table
     for i in range(n):
         obj = grads[i]
+        if obj is None:   # torch skips a param whose .grad is None; the table steps every one
+            raise TypeError(f"grads[{first + i}] is None: step() takes a gradient for every "
+                            "param (leave params that get none out of the optimizer)")
         if not isinstance(obj, cnp.ndarray):
             try:      # any buffer or sequence: read, never written
                 obj = np.asarray(obj)
