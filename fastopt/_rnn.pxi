@@ -8,7 +8,7 @@ from libc.stdint cimport int32_t
 from posix.dlfcn cimport dlopen, dlsym, dlerror, RTLD_NOW, RTLD_LOCAL
 cdef extern from "<dlfcn.h>" nogil:
     const int RTLD_NOLOAD      # glibc: the handle of an already loaded library, or NULL
-from scipy.linalg.cython_blas cimport sgemm as _blas_sgemm, dgemm as _blas_dgemm
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_GetName
 from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
                                PyThread_acquire_lock, PyThread_release_lock, WAIT_LOCK)
 
@@ -91,8 +91,36 @@ cdef enum:
 ctypedef int (*set_threads_fn)(int) noexcept nogil
 
 
-# scipy's BLAS is Fortran (column-major, 32-bit ints). A row-major product
-# C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T: swap the operands.
+# scipy's BLAS is Fortran (column-major, 32-bit ints). Its GEMMs are taken from
+# scipy.linalg.cython_blas at the first product, not cimported: importing
+# scipy.linalg took 230 ms of `import fastopt`'s 400 here, for users who never
+# run a recurrent layer.
+ctypedef void (*fortran_sgemm_t)(char *ta, char *tb, int *m, int *n, int *k, float *alpha,
+                                 float *a, int *lda, float *b, int *ldb, float *beta,
+                                 float *c, int *ldc) noexcept nogil
+ctypedef void (*fortran_dgemm_t)(char *ta, char *tb, int *m, int *n, int *k, double *alpha,
+                                 double *a, int *lda, double *b, int *ldb, double *beta,
+                                 double *c, int *ldc) noexcept nogil
+cdef fortran_sgemm_t _blas_sgemm = NULL
+cdef fortran_dgemm_t _blas_dgemm = NULL
+
+
+cdef int _scipy_blas_ready() except -1:
+    """Resolve scipy's sgemm/dgemm once; every entry point that multiplies
+    calls this first (with the GIL), since any provider may fall back to them."""
+    global _blas_sgemm, _blas_dgemm
+    if _blas_sgemm != NULL:
+        return 0
+    from scipy.linalg import cython_blas
+    capi = cython_blas.__pyx_capi__
+    s, d = capi["sgemm"], capi["dgemm"]
+    _blas_dgemm = <fortran_dgemm_t>PyCapsule_GetPointer(d, PyCapsule_GetName(d))
+    _blas_sgemm = <fortran_sgemm_t>PyCapsule_GetPointer(s, PyCapsule_GetName(s))
+    return 0
+
+
+# A row-major product C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T:
+# swap the operands.
 cdef void _scipy_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
                           const float *a, int64_t lda, const float *b, int64_t ldb,
                           float beta, float *c, int64_t ldc) noexcept nogil:
@@ -514,6 +542,7 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
     cdef void *pc = cnp.PyArray_DATA(c)
     cdef bint f64 = c.dtype == np.float64
     cdef _SavedThreads saved
+    _scipy_blas_ready()
     with nogil:
         saved = _blas_threads(fo_get_num_threads(), f64)
         if f64:
@@ -670,6 +699,7 @@ cdef class RnnLayerCall:
         """Run the layer forward over the sequence, filling out and the saved buffers."""
         cdef int rc
         cdef _SavedThreads saved
+        _scipy_blas_ready()
         with nogil:
             saved = _blas_threads(fo_get_num_threads(), self.is_f64)
             if self.is_f64:
@@ -730,6 +760,7 @@ cdef class RnnLayerCall:
              ("c_all", c_all), ("gates", gates), ("extra", extra)])
         cdef int rc
         cdef _SavedThreads saved
+        _scipy_blas_ready()
         with nogil:
             saved = _blas_threads(fo_get_num_threads(), self.is_f64)
             if self.is_f64:
