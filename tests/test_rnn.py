@@ -1712,7 +1712,7 @@ def test_set_blas_takes_a_str_subclass():
 
 @pytest.mark.parametrize("blas", ["scipy", "dnnl"])
 def test_scipy_blas_is_loaded_at_the_first_product_not_at_import(blas):
-    """import fastopt leaves scipy.linalg unimported (230 ms of 400 here);
+    """import fastopt leaves scipy.linalg unimported (over half of 227 ms here);
     the first layer call on scipy's BLAS (or on dnnl's float64 fallback to it)
     loads it and matches a NumPy product, in a fresh process."""
     import subprocess
