@@ -65,7 +65,8 @@ def test_c_program_builds_and_passes(tmp_path, src_c_objects, openmp, program):
 def test_readme_c_example_builds_and_gives_adams_steps(tmp_path, src_c_objects):
     """The README's C example, as written there: 10 Adam steps of a constant
     gradient move each value by about 10 * lr against its gradient's sign."""
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
     code = readme.split("<!-- c-example -->\n```c\n", 1)[1].split("```", 1)[0]
     source = tmp_path / "adam_step.c"
     source.write_text(code)
