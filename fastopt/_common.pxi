@@ -82,6 +82,44 @@ def fma_peak(double seconds=0.02, int repeats=5):
     return best
 
 
+# ------------------------------------------- what the Python layer hands down
+
+def as_array(a, str name):
+    """a as an ndarray to read: an ndarray as it is; a torch CPU tensor, a
+    memoryview, anything with the buffer protocol, __array_interface__ or
+    DLPack as a view of its memory; a (nested) sequence read into a new array.
+    TypeError naming `name` otherwise, and for a torch tensor that requires
+    grad (torch refuses to view it; detaching it here would hide that autograd
+    is cut)."""
+    if isinstance(a, cnp.ndarray):
+        return a
+    if getattr(a, "requires_grad", False) is True:
+        raise TypeError(f"{name} is a torch tensor that requires grad: pass {name}.detach()")
+    try:
+        # np.asarray of an object with DLPack alone would be a 0-d object array
+        if hasattr(a, "__dlpack__") and not hasattr(a, "__array__"):
+            return np.from_dlpack(a)
+        return np.asarray(a)
+    except Exception as e:   # ragged lists; bfloat16, conjugated, meta or GPU tensors
+        raise TypeError(f"{name} cannot be read as an array: {e}") from None
+
+
+def as_inplace_array(a, str name):
+    """as_array(a), for an array that fastopt writes in place: refused with a
+    TypeError when it would be a copy (a list, say), since the caller's object
+    would then never see the result."""
+    if isinstance(a, cnp.ndarray):
+        return a
+    arr = as_array(a, name)
+    root = arr      # memory NumPy allocated itself is a copy, however it is viewed
+    while isinstance(root, cnp.ndarray) and (<object>root).base is not None:
+        root = (<object>root).base
+    if isinstance(root, cnp.ndarray):
+        raise TypeError(f"{name} ({type(a).__name__}) would be copied, so it could not "
+                        "be updated in place; pass an ndarray or a buffer")
+    return arr
+
+
 cdef inline str _dtype_name(object dt):
     return str(np.dtype(dt)) if dt is not None else "float32 or float64"
 

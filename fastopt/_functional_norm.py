@@ -17,10 +17,14 @@ __all__ = ["batch_norm_forward", "batch_norm_backward", "dropout", "dropout_back
 _U64 = 1 << 64
 
 
-def _as_array(x, name):
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    return x
+def _read(a, name):
+    """An optional array argument that is read (None stays None)."""
+    return None if a is None else _fastopt.as_array(a, name)
+
+
+def _written(a, name):
+    """An optional buffer that is written in place (None stays None)."""
+    return None if a is None else _fastopt.as_inplace_array(a, name)
 
 
 def _channels(x, channels_last):
@@ -77,7 +81,12 @@ def batch_norm_forward(x, running_mean=None, running_var=None, weight=None, bias
     running statistics are used. Returns (y, save_mean, save_invstd): the mean
     and 1/sqrt(var + eps) that were used, for batch_norm_backward.
     """
-    x = _as_array(x, "x")
+    x = _fastopt.as_array(x, "x")
+    running_mean, running_var = (_written(running_mean, "running_mean"),
+                                 _written(running_var, "running_var"))
+    weight, bias = _read(weight, "weight"), _read(bias, "bias")
+    out, save_mean = _written(out, "out"), _written(save_mean, "save_mean")
+    save_invstd = _written(save_invstd, "save_invstd")
     training, channels_last = _bool(training, "training"), _bool(channels_last, "channels_last")
     C = _channels(x, channels_last)
     momentum = _real(momentum, "momentum")
@@ -103,8 +112,10 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     training: dx = weight*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)),
     eval (running statistics): dx = weight*invstd*dy. input_grad=False skips dx.
     """
-    x = _as_array(x, "x")
-    dy = _as_array(dy, "dy")
+    x, dy = _fastopt.as_array(x, "x"), _fastopt.as_array(dy, "dy")
+    save_mean, save_invstd = _read(save_mean, "save_mean"), _read(save_invstd, "save_invstd")
+    weight, out = _read(weight, "weight"), _written(out, "out")
+    dweight, dbias = _written(dweight, "dweight"), _written(dbias, "dbias")
     training, channels_last = _bool(training, "training"), _bool(channels_last, "channels_last")
     accumulate, input_grad = _bool(accumulate, "accumulate"), _bool(input_grad, "input_grad")
     C = _channels(x, channels_last)
@@ -132,7 +143,8 @@ def dropout(x, p=0.5, seed=0, out=None, mask=None, *, offset=0, store_mask=True)
     buffer is then refused, as it would not be written).
     out may be x itself (in place).
     """
-    x = _as_array(x, "x")
+    x = _fastopt.as_array(x, "x")
+    out, mask = _written(out, "out"), _written(mask, "mask")
     p = _real(p, "p")
     seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
     if not _bool(store_mask, "store_mask") and mask is not None:
@@ -148,7 +160,8 @@ def dropout(x, p=0.5, seed=0, out=None, mask=None, *, offset=0, store_mask=True)
 def dropout_backward(dy, mask, p, out=None, *, seed=None, offset=0):
     """dx = dy * (kept ? 1/(1-p) : 0), kept from the packed mask, or, with
     mask=None, regenerated from the (seed, offset) the forward used."""
-    dy = _as_array(dy, "dy")
+    dy = _fastopt.as_array(dy, "dy")
+    mask, out = _read(mask, "mask"), _written(out, "out")
     p = _real(p, "p")
     if mask is None and seed is None:
         raise ValueError("dropout_backward needs the mask or the forward's seed (and offset)")
@@ -162,7 +175,8 @@ def dropout_backward(dy, mask, p, out=None, *, seed=None, offset=0):
 def gaussian_noise(x, std, seed=0, *, offset=0, out=None):
     """y = x + std * N(0, 1), the normals drawn (Box-Muller) from Philox4x32-10
     keyed by (seed, offset, element index). out may be x itself (in place)."""
-    x = _as_array(x, "x")
+    x = _fastopt.as_array(x, "x")
+    out = _written(out, "out")
     std = _real(std, "std")
     seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
     y = np.empty_like(x) if out is None else out

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _fastopt
 from ._layer import Layer
-from ._functional_norm import _bool, _real, _u64, _unit
+from ._functional_norm import _bool, _real, _u64, _unit, _written
 
 __all__ = ["BatchNorm", "Dropout"]
 
@@ -36,11 +36,12 @@ class _Layer(Layer):
         return self.forward(x, out=out)
 
     def _check_input(self, x, name):
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+        """x as an ndarray of the layer's dtype."""
+        x = _fastopt.as_array(x, name)
         if x.dtype != self.dtype:
             raise TypeError(f"{name} must have the layer's dtype {self.dtype}, got {x.dtype} "
                             "(no implicit casts)")
+        return x
 
 
 def _eps(v):
@@ -156,7 +157,8 @@ class BatchNorm(_Layer):
 
     def forward(self, x, out=None):
         """y = BN(x); x of shape (N, C, *spatial) (or (N, *spatial, C))."""
-        self._check_input(x, "x")
+        x = self._check_input(x, "x")
+        out = _written(out, "out")
         # the attributes may have been edited since __init__: check them again
         training = _bool(self.training, "training")
         channels_last = _bool(self.channels_last, "channels_last")
@@ -180,7 +182,7 @@ class BatchNorm(_Layer):
                                  "count: reset it (num_batches_tracked = 0) to train on")
             if momentum is None:          # cumulative moving average
                 momentum = 1.0 / (batches + 1)
-        if out is not None and isinstance(out, np.ndarray) and np.may_share_memory(out, x):
+        if out is not None and np.may_share_memory(out, x):
             raise ValueError("out shares memory with x, which backward needs; "
                              "use fastopt.functional.batch_norm_forward for in-place inference")
         y = np.empty_like(x) if out is None else out
@@ -200,7 +202,7 @@ class BatchNorm(_Layer):
         if self._ctx is None:
             raise ValueError(_NO_FORWARD)
         x, batch_stats, channels_last = self._ctx   # the forward's layout, even if edited since
-        self._check_input(dy, "dy")
+        dy, out = self._check_input(dy, "dy"), _written(out, "out")
         if dy.shape != x.shape:
             raise ValueError(f"dy must have the forward input's shape {x.shape}, got {dy.shape}")
         dx = np.empty_like(dy) if out is None else out
@@ -241,8 +243,7 @@ class Dropout(_Layer):
 
     def forward(self, x, out=None):
         """y = dropout(x) in training (float32 or float64 x), x itself in eval."""
-        if not isinstance(x, np.ndarray):
-            raise TypeError(f"x must be a numpy.ndarray, got {type(x).__name__}")
+        x, out = _fastopt.as_array(x, "x"), _written(out, "out")
         # the attributes may have been edited since __init__: check them again
         training = _bool(self.training, "training")
         p, seed = _unit(self.p, "p"), _u64(self.seed, "seed")
@@ -272,8 +273,7 @@ class Dropout(_Layer):
         if self._ctx is None:
             raise ValueError(_NO_FORWARD)
         shape, dtype, training, p, seed, offset, mask = self._ctx
-        if not isinstance(dy, np.ndarray):
-            raise TypeError(f"dy must be a numpy.ndarray, got {type(dy).__name__}")
+        dy, out = _fastopt.as_array(dy, "dy"), _written(out, "out")
         if dy.dtype != dtype:
             raise TypeError(f"dy must have the forward input's dtype {dtype}, got {dy.dtype}")
         if dy.shape != shape:

@@ -28,25 +28,10 @@ __all__ = ["RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU"]
 _GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3, "gru_reset_before": 3}
 
 
-def _asarray(a, name):
-    """a as an ndarray (a torch tensor through its own buffer), else TypeError
-    naming it. A tensor that requires grad is refused by name: torch's
-    .numpy() would raise RuntimeError, and detaching it here would hide that
-    autograd is cut."""
-    if isinstance(a, np.ndarray):
-        return a
-    if getattr(a, "requires_grad", False) is True:
-        raise TypeError(f"{name} is a torch tensor that requires grad: pass {name}.detach()")
-    try:
-        return np.asarray(a)
-    except Exception as e:   # ragged lists; bfloat16, conjugated or meta tensors
-        raise TypeError(f"{name} cannot be read as an array: {e}") from None
-
-
 def _input(a, name, dtype, shape):
     """a as an ndarray of exactly `dtype` and `shape`, C-contiguous (no casts,
     no copies), else TypeError/ValueError naming it."""
-    a = _asarray(a, name)
+    a = _fastopt.as_array(a, name)
     if a.dtype != dtype:
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype} "
                         "(no implicit casts)")
@@ -309,7 +294,7 @@ class _SequenceLayer(_Recurrent):
         batch_first = _bool(self.batch_first, "batch_first")
         dropout = _unit(self.dropout, "dropout")
         dropout = dropout if training else 0.0     # the p between layers
-        x = _asarray(x, "x")
+        x = _fastopt.as_array(x, "x")
         if x.ndim != 2:
             result = self._forward(x, state, batch_first, lengths, dropout)
             self._unbatched = False
@@ -329,7 +314,7 @@ class _SequenceLayer(_Recurrent):
         batch order that sorts them (stable); (None, None) without lengths."""
         if lengths is None:
             return None, None
-        v = _asarray(lengths, "lengths")
+        v = _fastopt.as_array(lengths, "lengths")
         if v.dtype.kind not in "iu":
             raise TypeError(f"lengths must be integers, got dtype {v.dtype}")
         if v.shape != (B,):
@@ -638,7 +623,7 @@ class _Cell(_Recurrent):
         forms is refused by name, as torch does."""
         if a is None:
             return None
-        a = _asarray(a, name)
+        a = _fastopt.as_array(a, name)
         if a.ndim != (1 if unbatched else 2):
             form = ("1-D (hidden_size,) since x is unbatched (1-D)" if unbatched
                     else "2-D (batch, hidden_size) since x is batched (2-D)")
@@ -648,7 +633,7 @@ class _Cell(_Recurrent):
 
     def _step(self, x, h0, c0):
         self._check_flags()     # the attributes may have been edited since __init__
-        x = _asarray(x, "x")
+        x = _fastopt.as_array(x, "x")
         if x.ndim not in (1, 2):
             raise ValueError(f"x must be 2-D (batch, input_size) or 1-D (input_size,), "
                              f"got shape {x.shape}")

@@ -180,11 +180,8 @@ def check_grads(TensorTable params not None, object grads, ParamIndex index=None
         if obj is None:   # torch skips a param whose .grad is None; the table steps every one
             raise TypeError(f"grads[{first + i}] is None: step() takes a gradient for every "
                             "param (leave params that get none out of the optimizer)")
-        if not isinstance(obj, cnp.ndarray):
-            try:      # any buffer or sequence: read, never written
-                obj = np.asarray(obj)
-            except Exception as e:   # ragged lists, torch tensors that require grad
-                raise TypeError(f"grads[{first + i}] cannot be read as an array: {e}") from None
+        if not isinstance(obj, cnp.ndarray):   # any buffer or sequence: read, never written
+            obj = as_array(obj, f"grads[{first + i}]")
             if held is None:
                 held = list(grads)
             held[i] = obj

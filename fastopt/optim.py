@@ -16,25 +16,6 @@ from ._functional_norm import _real
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
 
-def as_inplace_array(x, name):
-    """A NumPy view of x that shares its memory, or TypeError: any buffer NumPy
-    can view without a copy (ndarray, memoryview, torch CPU tensor) is accepted,
-    anything that would be copied (a list, a tensor that requires grad) is not."""
-    if isinstance(x, np.ndarray):
-        return x
-    try:
-        a = np.asarray(x)
-    except Exception as e:  # e.g. torch: "Can't call numpy() on Tensor that requires grad"
-        raise TypeError(f"{name} cannot be viewed as an array without a copy: {e}") from None
-    root = a        # memory NumPy allocated itself is a copy, however it is viewed
-    while isinstance(root, np.ndarray) and root.base is not None:
-        root = root.base
-    if isinstance(root, np.ndarray):
-        raise TypeError(f"{name} ({type(x).__name__}) would be copied, so it could not "
-                        "be updated in place; pass an ndarray or a buffer")
-    return a
-
-
 def _check_scalar(group, key, lo=None, hi=None, lo_open=False, hi_open=False):
     """group[key] must be a real number within the bounds (NaN never is)."""
     v = _real(group[key], key)
@@ -146,7 +127,7 @@ class Optimizer:
             raise TypeError(f"unexpected hyperparameter(s): {sorted(unknown)}")
         for k, v in self.defaults.items():
             group.setdefault(k, v)
-        arrays = [as_inplace_array(p, f"params[{i}]") for i, p in enumerate(ps)]
+        arrays = [_fastopt.as_inplace_array(p, f"params[{i}]") for i, p in enumerate(ps)]
         self._validate(group)
         table = _fastopt.TensorTable(arrays, "params")
         existing = [a for g in self._groups for a in g["params"].arrays] + []

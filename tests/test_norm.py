@@ -479,11 +479,11 @@ def test_out_not_an_array_names_out():
     x = make((4, 3), np.float32, 0)
     rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
     before = _snapshot(x, rm, rv)
-    with pytest.raises(TypeError, match="^out must be a numpy.ndarray"):
+    with pytest.raises(TypeError, match=r"^out \(list\) would be copied"):
         F.batch_norm_forward(x, rm, rv, training=True, out=[0])
     bn = fo.BatchNorm(3)
     state = _bn_state(bn)
-    with pytest.raises(TypeError, match="^out must be a numpy.ndarray"):
+    with pytest.raises(TypeError, match=r"^out \(list\) would be copied"):
         bn.forward(x, out=[0])
     _assert_unchanged((x, rm, rv), before)
     _assert_bn_unchanged(bn, state)
@@ -523,7 +523,7 @@ def test_backward_once_per_forward(training):
     bn.forward(x)
     with pytest.raises(ValueError, match="shape"):
         bn.backward(dy[:, :, :4].copy())
-    with pytest.raises(TypeError, match="^out must be"):
+    with pytest.raises(TypeError, match=r"^out \(list\) would be copied"):
         bn.backward(dy, out=[0])
     dx = bn.backward(dy)
     state = _bn_state(bn)

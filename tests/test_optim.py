@@ -697,7 +697,8 @@ def test_bad_params():
 
 
 def test_requires_grad_tensor_is_refused(torch):
-    with pytest.raises(TypeError, match="without a copy"):
+    with pytest.raises(TypeError, match=r"params\[0\] is a torch tensor that requires grad: "
+                                        r"pass params\[0\]\.detach\(\)"):
         fo.SGD([torch.zeros(3, requires_grad=True)])
 
 
