@@ -32,7 +32,9 @@ static inline int fo_cpu_has_avx512(void) {
  * Below FO_STREAM_MIN_BYTES the output stays in cache for its next reader.
  * Modes: 2 = 64-byte aligned, one 64-byte store per vector; 1 = 16-byte
  * aligned (what NumPy guarantees), four 16-byte stores; 0 = ordinary stores. */
+#ifndef FO_STREAM_MIN_BYTES   /* -D to compare (bench/dropout_reader.py) */
 #define FO_STREAM_MIN_BYTES ((int64_t)16 << 20)
+#endif
 
 static inline int fo_stream_mode(const void *out, int64_t nbytes) {
     if (nbytes < FO_STREAM_MIN_BYTES) return 0;

@@ -199,7 +199,7 @@ void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensors,
 typedef struct { char *dst; const char *src; } copy_ctx;
 
 /* Streaming (non-temporal) stores: the fastest copy measured here, about 1.5x
- * glibc's memcpy on large buffers (which uses rep movsb on this AMD CPU). */
+ * glibc's memcpy on large buffers when measured (rep movsb, on an AMD host). */
 static void copy_body(void *c, int64_t tensor, int64_t b, int64_t e) {
     (void)tensor;
     copy_ctx *x = (copy_ctx *)c;
