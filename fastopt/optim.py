@@ -7,6 +7,7 @@ DESIGN.md), plus ``l1``: the L1 subgradient ``l1*sign(p)`` added to the gradient
 inside the same kernel (decoupled in AdamW, like its weight decay).
 """
 import math
+from collections.abc import Mapping, Set
 
 import numpy as np
 
@@ -14,6 +15,17 @@ from . import _fastopt
 from ._functional_norm import _real
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
+
+
+def _not_a_list_of_arrays(obj):
+    """True for what would iterate into something else than the arrays meant:
+    one array (an ndarray, a tensor, a memoryview: its rows), a str, or a
+    mapping or set (its keys, in no fixed order)."""
+    if type(obj) is list or type(obj) is tuple:   # the usual case, without the ABC checks
+        return False
+    return (isinstance(obj, (np.ndarray, memoryview, str, bytes, Mapping, Set))
+            or any(hasattr(obj, a) for a in ("__array__", "__array_interface__", "__dlpack__"))
+            or not hasattr(obj, "__iter__"))
 
 
 def _check_scalar(group, key, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -101,9 +113,7 @@ class Optimizer:
         self.defaults.update(kwargs)
         self.param_groups = []
         self._groups = []   # per group: {'params': TensorTable, 'state': {name: TensorTable}, 'step': int}
-        # one array (an ndarray, a tensor, a memoryview) is not a list of them
-        if (isinstance(params, (np.ndarray, memoryview)) or hasattr(params, "__array__")
-                or hasattr(params, "__array_interface__") or not hasattr(params, "__iter__")):
+        if _not_a_list_of_arrays(params):
             raise TypeError("params must be an iterable of arrays or of param-group "
                             f"dicts, got {type(params).__name__}")
         params = list(params)
@@ -158,7 +168,7 @@ class Optimizer:
     def step(self, grads):
         """Update every param in place from grads: a sequence aligned with the
         params of all groups, in order. Checks everything before writing."""
-        if isinstance(grads, (str, bytes, np.ndarray)) or not hasattr(grads, "__iter__"):
+        if _not_a_list_of_arrays(grads):
             raise TypeError(f"grads must be a sequence of arrays, got {type(grads).__name__}")
         grads = list(grads)
         if len(grads) != self._index.total:

@@ -459,6 +459,9 @@ BAD_GRADS = {
     "masked": (lambda p: [p[0], np.ma.masked_array(p[1], mask=p[1] > 0), p[2]], TypeError,
                r"grads\[1\] is a masked array"),
     "none": (lambda p: None, TypeError, "grads must be a sequence"),
+    # a dict iterated into its keys, which were then read as int arrays
+    "dict": (lambda p: dict(enumerate(p)), TypeError, "grads must be a sequence.*dict"),
+    "one-array": (lambda p: p[1], TypeError, "grads must be a sequence.*ndarray"),
     # torch would skip that param; fastopt says so instead of 'dtype object'
     "none-entry": (lambda p: [p[0], None, p[2]], TypeError, r"grads\[1\] is None"),
 }
