@@ -5,6 +5,9 @@ import sys
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):     # asked for: stdout, success
+        print(__doc__.strip())
+        return 0
     if not argv or argv[0] != "bench":
         print(__doc__.strip(), file=sys.stderr)
         return 2

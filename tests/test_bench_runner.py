@@ -69,3 +69,17 @@ def test_bad_options_are_refused_by_name(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert all(w in err for w in words), err
+
+
+def test_module_entry_point_usage(capsys):
+    """python -m fastopt --help printed the usage to stderr and exited 2;
+    asked for, it goes to stdout with 0. Without the subcommand: stderr, 2."""
+    from fastopt.__main__ import main
+    for argv in (["--help"], ["-h"]):
+        assert main(argv) == 0
+        out = capsys.readouterr()
+        assert out.out.startswith("python -m fastopt bench") and not out.err
+    for argv in ([], ["benchmark"]):
+        assert main(argv) == 2
+        out = capsys.readouterr()
+        assert out.err.startswith("python -m fastopt bench") and not out.out
