@@ -20,8 +20,11 @@
  * threads (Xeon with AVX-512, 2026-11): Adam, Adagrad and RMSprop took
  * 0.89-0.96 of the time without, SGD-momentum 0.94-0.95 on one array and
  * about the same on 150 tensors; two pages ahead gave nothing, half a page
- * the same as one. */
-#define PF_BLOCK 256
+ * the same as one. A block is 1 KiB of each array whatever T: with 256
+ * float64 elements (2 KiB, twice the prefetches per burst) Adam 1.6e7 float64
+ * took 46.5 ms at 1 thread against 34.8 with 128 (torch fused: 43 ms), Adagrad
+ * 28.3 against 26.7; SGD and RMSprop the same. */
+#define PF_BLOCK (1024 / (int64_t)sizeof(T))
 #define PF_AHEAD (4096 / (int64_t)sizeof(T))
 #define PF_ARRAYS 5
 
