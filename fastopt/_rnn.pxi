@@ -93,8 +93,8 @@ ctypedef int (*set_threads_fn)(int) noexcept nogil
 
 # scipy's BLAS is Fortran (column-major, 32-bit ints). Its GEMMs are taken from
 # scipy.linalg.cython_blas at the first product, not cimported: importing
-# scipy.linalg took more than half of `import fastopt` (227 ms here), for users who never
-# run a recurrent layer.
+# scipy.linalg took more than half of `import fastopt` (227 ms here), paid by
+# users who never run a recurrent layer.
 ctypedef void (*fortran_sgemm_t)(char *ta, char *tb, int *m, int *n, int *k, float *alpha,
                                  float *a, int *lda, float *b, int *ldb, float *beta,
                                  float *c, int *ldc) noexcept nogil

@@ -18,7 +18,7 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
 
 def _not_a_list_of_arrays(obj):
-    """True for what would iterate into something else than the arrays meant:
+    """True for what would iterate into something other than the arrays meant:
     one array (an ndarray, a tensor, a memoryview: its rows), a str, or a
     mapping or set (its keys, in no fixed order)."""
     if type(obj) is list or type(obj) is tuple:   # the usual case, without the ABC checks
