@@ -115,6 +115,10 @@ cdef int _scipy_blas_ready() except -1:
     capi = cython_blas.__pyx_capi__
     s, d = capi["sgemm"], capi["dgemm"]
     _blas_dgemm = <fortran_dgemm_t>PyCapsule_GetPointer(d, PyCapsule_GetName(d))
+    # Only now is scipy's OpenBLAS loaded: find its thread setter (NULL: none,
+    # no split) through cython_blas's handle, whose look-ups search what it links.
+    cdef void *h = _dlopen_checked(cython_blas.__file__, True)
+    _openblas[0].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
     _blas_sgemm = <fortran_sgemm_t>PyCapsule_GetPointer(s, PyCapsule_GetName(s))
     return 0
 
@@ -449,14 +453,6 @@ def load_dnnl(str path):
     _providers[3].f32 = _dnnl_gemm_f32
     _providers[3].f64 = _ob_split_f64
     _providers[3].set_threads = _dnnl_set_threads
-
-
-def find_scipy_openblas_threads(str path):
-    """Let fastopt size scipy's OpenBLAS pool (openblas_set_num_threads_local
-    of the library already loaded from `path`); False when it has none."""
-    cdef void *h = _dlopen_checked(path, True)
-    _openblas[0].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
-    return _openblas[0].set_threads != NULL
 
 
 def set_blas_provider(str name):

@@ -45,7 +45,6 @@ import os
 import sys
 
 import numpy as np
-import scipy
 
 from . import _fastopt
 
@@ -138,13 +137,6 @@ def set_blas(name="auto"):
     if name not in ("scipy", "numpy", "dnnl", "mkl"):
         raise ValueError(f"blas must be 'auto', 'scipy', 'numpy', 'dnnl' or 'mkl', got {name!r}")
     _load(name)
-    if not _configured:
-        path = _lib_beside(os.path.dirname(scipy.__file__), "scipy.libs", "libscipy_openblas*.so")
-        if path:
-            try:
-                _fastopt.find_scipy_openblas_threads(path)
-            except OSError:
-                pass      # an OpenBLAS without thread-local counts: threadpoolctl sizes it
     _fastopt.set_blas_provider(name)
     _configured = True
     return name

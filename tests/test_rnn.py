@@ -1735,6 +1735,40 @@ def test_scipy_blas_is_loaded_at_the_first_product_not_at_import(blas):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.parametrize("blas", ["scipy", "dnnl"])
+def test_one_thread_means_one_core_when_scipy_blas_loads_late(blas):
+    """fastopt.set_num_threads(1) holds scipy's OpenBLAS at one thread too,
+    though that library is loaded only at the first product (it was left at
+    its own pool of every core: 2x the CPU time at 1 thread, 3-5x slower
+    layers at 2). A fresh process; float64 goes to scipy for both providers.
+    CPU time over wall time tells how many cores a call kept busy."""
+    import subprocess
+    import sys
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: a second BLAS thread could not show")
+    code = (
+        "import time, numpy as np, fastopt as fo\n"
+        f"fo.set_blas({blas!r})\n"
+        "fo.set_num_threads(1)\n"
+        "m = fo.GRU(128, 256, dtype=np.float64)\n"
+        "x = np.random.default_rng(0).standard_normal((50, 32, 128))\n"
+        "m.forward(x)\n"
+        "time.sleep(0.5)   # OpenBLAS's pool, started at load, spins ~70 ms then sleeps\n"
+        "cpu, wall = time.process_time(), time.perf_counter()\n"
+        "for _ in range(4):\n"
+        "    out, _ = m.forward(x)\n"
+        "    m.backward(out)\n"
+        "print((time.process_time() - cpu) / (time.perf_counter() - wall))\n")
+    with using_blas(blas):    # skips (or fails in CI) when the provider is missing
+        pass
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    env.pop("OMP_NUM_THREADS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) < 1.4, f"{float(r.stdout):.2f} cores busy at 1 thread"
+
+
 # ------------------------------------------------- the GEMM behind the layers
 
 @pytest.mark.parametrize("dtype", DTYPES)
