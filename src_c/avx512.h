@@ -3,13 +3,13 @@
  *
  * Functions carry AVX512_TARGET and are only called when have_avx512() says
  * the CPU has AVX-512 F/BW/DQ/VL, so the build needs no -mavx512*.
- * FO_AVX512 is defined where this compiler can build them (GCC, x86-64). */
+ * FO_AVX512 is defined where this compiler can build them (GCC or clang, x86-64). */
 #ifndef FASTOPT_AVX512_H
 #define FASTOPT_AVX512_H
 
 #include <stdint.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if defined(__GNUC__) && defined(__x86_64__)
 #define FO_AVX512 1
 #include <immintrin.h>
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))

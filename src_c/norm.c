@@ -35,6 +35,12 @@
 #include "fastopt.h"
 #include "parallel.h"
 
+/* The vector arguments go only to always_inline helpers, so no call passes
+ * one across the ABI that clang warns about. */
+#ifdef __clang__
+#pragma clang diagnostic ignored "-Wpsabi"
+#endif
+
 #define T float
 #define SFX(x) x##_f32
 #define FO_T_IS_F64 0

@@ -238,7 +238,7 @@ INLINE void SFX(reduce_wide)(const T *restrict x, const T *restrict dy,
  * and dy went to vector registers and the stack, reloaded per block
  * ((256, 1024) float32 backward sums: 46 -> 40 us here). */
 #define FO_NORM_BLOCKS(R, has_dy)                                                           \
-    FO_DISPATCH __attribute__((noinline)) static void SFX(reduce_blocks_##R##_##has_dy)(   \
+    FO_DISPATCH FO_NOINLINE static void SFX(reduce_blocks_##R##_##has_dy)(                 \
         const T *x, const T *dy, const T *cen, double *s1, double *s2, int64_t L,           \
         int64_t ngroups, int64_t nblocks) {                                                 \
         for (int64_t g = 0; g < ngroups; g++)                                               \

@@ -11,42 +11,56 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def compiler():
-    cc = os.environ.get("CC", "cc")
+def compiler(name="cc"):
+    """$CC (default cc), or clang: embedders build src_c/ with either, and
+    each has its own way to dispatch (parallel.h)."""
+    cc = os.environ.get("CC", "cc") if name == "cc" else name
     if shutil.which(cc) is None:
-        if os.environ.get("FASTOPT_REQUIRE_TORCH") == "1":   # CI: a compiler is there
+        required = "FASTOPT_REQUIRE_TORCH" if name == "cc" else "FASTOPT_REQUIRE_CLANG"
+        if os.environ.get(required) == "1":   # CI: it is there
             pytest.fail(f"no C compiler {cc!r}")
-        pytest.skip("no C compiler")
+        pytest.skip(f"no C compiler {cc!r}")
     return cc
 
 
 FLAGS = ["-std=c99", "-O2", "-Wall", "-Werror", "-fno-math-errno"]
 
 
+def compilers():
+    """cc, and clang where it is installed (compiler() says why not)."""
+    return ["cc"] + (["clang"] if shutil.which("clang") else [])
+
+
 @pytest.fixture(scope="module")
 def src_c_objects(tmp_path_factory):
-    """The object files of src_c/*.c, compiled once per OpenMP setting (the
-    slow part: every kernel three times over, for target_clones)."""
+    """The object files of src_c/*.c per compiler and OpenMP setting (the slow
+    part: every kernel three times over, for target_clones), all of them
+    built at once at the first use: one file takes most of the time."""
     built = {}
 
-    def objects(openmp):
-        if openmp not in built:
-            out = tmp_path_factory.mktemp("openmp" if openmp else "serial")
-            objs = []
-            for src in sorted(glob.glob(os.path.join(ROOT, "src_c", "*.c"))):
-                obj = str(out / (os.path.basename(src)[:-2] + ".o"))
-                subprocess.run([compiler(), *FLAGS, "-I", os.path.join(ROOT, "src_c"), "-c", src,
-                                "-o", obj] + (["-fopenmp"] if openmp else []),
-                               check=True, capture_output=True, text=True)
-                objs.append(obj)
-            built[openmp] = objs
-        return built[openmp]
+    def objects(openmp, cc="cc"):
+        compiler(cc)      # fails or skips here when it is missing
+        if not built:
+            jobs = []
+            for key in [(o, c) for c in compilers() for o in (True, False)]:
+                out = tmp_path_factory.mktemp(("openmp-" if key[0] else "serial-") + key[1])
+                built[key] = []
+                for src in sorted(glob.glob(os.path.join(ROOT, "src_c", "*.c"))):
+                    built[key].append(str(out / (os.path.basename(src)[:-2] + ".o")))
+                    jobs.append(subprocess.Popen(
+                        [compiler(key[1]), *FLAGS, "-I", os.path.join(ROOT, "src_c"), "-c",
+                         src, "-o", built[key][-1]] + (["-fopenmp"] if key[0] else []),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            for job in jobs:
+                log = job.communicate()[0]
+                assert job.returncode == 0, log     # -Werror: warnings fail too
+        return built[openmp, cc]
     return objects
 
 
-def build_and_run(source, exe, objects, openmp):
+def build_and_run(source, exe, objects, openmp, cc="cc"):
     """Compile source against fastopt.h, link it with src_c's objects only, run it."""
-    subprocess.run([compiler(), *FLAGS, "-I", os.path.join(ROOT, "src_c"), source, *objects,
+    subprocess.run([compiler(cc), *FLAGS, "-I", os.path.join(ROOT, "src_c"), source, *objects,
                     "-lm", "-o", exe] + (["-fopenmp"] if openmp else []),
                    check=True, capture_output=True, text=True)
     r = subprocess.run([exe], capture_output=True, text=True)
@@ -56,9 +70,10 @@ def build_and_run(source, exe, objects, openmp):
 
 @pytest.mark.parametrize("program", ["test_kernels.c", "test_rnn.c"])
 @pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "serial"])
-def test_c_program_builds_and_passes(tmp_path, src_c_objects, openmp, program):
+@pytest.mark.parametrize("cc", ["cc", "clang"])
+def test_c_program_builds_and_passes(tmp_path, src_c_objects, openmp, program, cc):
     out = build_and_run(os.path.join(ROOT, "tests", "c", program),
-                        str(tmp_path / program[:-2]), src_c_objects(openmp), openmp)
+                        str(tmp_path / program[:-2]), src_c_objects(openmp, cc), openmp, cc)
     assert out.startswith("ok"), out
 
 
