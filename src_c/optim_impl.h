@@ -12,6 +12,15 @@
 
 #define SIGN(x) ((T)((x) > 0) - (T)((x) < 0))
 #define INLINE static inline __attribute__((always_inline))
+/* Before each element loop: its arrays never overlap (the binding refuses
+ * aliases). GCC takes that from the restrict locals; clang honours restrict
+ * only on parameters, and past its budget of run-time overlap checks left
+ * RMSprop's five-array loop scalar (2.2x slower at 1e6). */
+#ifdef __clang__
+#define ELEMENTWISE _Pragma("clang loop vectorize(assume_safety)")
+#else
+#define ELEMENTWISE
+#endif
 
 /* The loops run in blocks of PF_BLOCK elements, each first prefetching the
  * elements of every array that lie one page (PF_AHEAD) further on: the
@@ -63,7 +72,7 @@ INLINE void SFX(sgd_loop)(const SFX(sgd_ctx) *c, int64_t k, int64_t lo, int64_t 
     const T wd = c->wd, l1 = c->l1;
     const int nesterov = c->nesterov, maximize = c->maximize, first = c->first_step;
     const int has_wd = wd != 0;
-    for (int64_t i = lo; i < hi; i++) {
+    ELEMENTWISE for (int64_t i = lo; i < hi; i++) {
         T pi = p[i];
         T gi = maximize ? -g[i] : g[i];
         gi = has_wd ? gi + wd * pi : gi;   /* select: 0*inf would be NaN */
@@ -110,7 +119,7 @@ INLINE void SFX(adagrad_loop)(const SFX(adagrad_ctx) *c, int64_t k, int64_t lo, 
     const T *restrict g = c->g[k];
     const T clr = c->clr, wd = c->wd, l1 = c->l1, eps = c->eps;
     const int maximize = c->maximize, has_wd = wd != 0;
-    for (int64_t i = lo; i < hi; i++) {
+    ELEMENTWISE for (int64_t i = lo; i < hi; i++) {
         T pi = p[i];
         T gi = maximize ? -g[i] : g[i];
         gi = has_wd ? gi + wd * pi : gi;
@@ -155,7 +164,7 @@ INLINE void SFX(rmsprop_loop)(const SFX(rmsprop_ctx) *c, int64_t k, int64_t lo,
     const T lr = c->lr, alpha = c->alpha, oma = c->one_minus_alpha, eps = c->eps;
     const T wd = c->wd, mom = c->momentum, l1 = c->l1;
     const int nesterov = c->nesterov, maximize = c->maximize, has_wd = wd != 0;
-    for (int64_t i = lo; i < hi; i++) {
+    ELEMENTWISE for (int64_t i = lo; i < hi; i++) {
         T pi = p[i];
         T gi = maximize ? -g[i] : g[i];
         gi = has_wd ? gi + wd * pi : gi;
@@ -223,7 +232,7 @@ INLINE void SFX(adam_loop)(const SFX(adam_ctx) *c, int64_t k, int64_t lo, int64_
     const T eps = c->eps, wd = c->wd, l1 = c->l1, step_size = c->step_size;
     const T inv_bc2_sqrt = c->inv_bc2_sqrt, decay = c->decay, lr_l1 = c->lr_l1;
     const int maximize = c->maximize, has_wd = wd != 0;
-    for (int64_t i = lo; i < hi; i++) {
+    ELEMENTWISE for (int64_t i = lo; i < hi; i++) {
         T pi = p[i];
         T gi = maximize ? -g[i] : g[i];
         gi = has_wd ? gi + wd * pi : gi;        /* coupled (Adam) only */

@@ -43,13 +43,15 @@ FO_INTERNAL void *fo_scratch_alloc(const size_t *bytes, void **ptr, int n);
  * keep it for its next fo_scratch_alloc (see parallel.c). */
 FO_INTERNAL void fo_scratch_free(void *block);
 
-/* Compile a function for baseline x86-64, AVX2(+FMA) and AVX-512, picked at
+/* Compile a function for baseline x86-64, AVX2+FMA and AVX-512, picked at
  * load time by the CPU (an ifunc), so one build is fast on every x86-64 and
- * never executes an instruction the CPU lacks. clang (14) takes "arch=" as a
- * CPU name, which never matched: its clones are named by feature, else every
- * kernel ran its baseline clone here (SGD-momentum 1e6 4.7x, Adam 1.9x slower). */
+ * never executes an instruction the CPU lacks. clang (14) reads "arch=" as a
+ * CPU name, which never matched (every kernel ran its baseline clone here:
+ * SGD-momentum 1e6 4.7x slower), so its clones go by feature: "avx2" (no
+ * FMA; these loops are memory-bound), not "avx512f", whose RMSprop loop took
+ * 2.2x the time of the AVX2 one on the Xeon. */
 #if defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FO_DISPATCH __attribute__((target_clones("default", "avx2", "avx512f")))
+#define FO_DISPATCH __attribute__((target_clones("default", "avx2")))
 #elif defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define FO_DISPATCH __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
