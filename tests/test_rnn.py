@@ -1710,13 +1710,26 @@ def test_set_blas_takes_a_str_subclass():
         fo.set_blas(previous)
 
 
+def run_in_fresh_process(code, blas):
+    """Run `code` in a new Python (scipy's BLAS not loaded yet, no thread
+    limits from the environment) once `blas` is known to load; its stdout."""
+    import subprocess
+    import sys
+    with using_blas(blas):    # skips (or fails in CI) when the provider is missing
+        pass
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    env.pop("OMP_NUM_THREADS", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 @pytest.mark.parametrize("blas", ["scipy", "dnnl"])
 def test_scipy_blas_is_loaded_at_the_first_product_not_at_import(blas):
     """import fastopt leaves scipy.linalg unimported (over half of 227 ms here);
     the first layer call on scipy's BLAS (or on dnnl's float64 fallback to it)
     loads it and matches a NumPy product, in a fresh process."""
-    import subprocess
-    import sys
     code = (
         "import sys, numpy as np, fastopt as fo\n"
         "assert 'scipy.linalg' not in sys.modules, 'imported at import'\n"
@@ -1728,11 +1741,7 @@ def test_scipy_blas_is_loaded_at_the_first_product_not_at_import(blas):
         "want = np.tanh(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh)\n"
         "np.testing.assert_allclose(cell.forward(x, h), want, rtol=1e-12)\n"
         "assert 'scipy.linalg' in sys.modules\n")
-    with using_blas(blas):    # skips (or fails in CI) when the provider is missing
-        pass
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
+    run_in_fresh_process(code, blas)
 
 
 @pytest.mark.parametrize("blas", ["scipy", "dnnl"])
@@ -1742,8 +1751,6 @@ def test_one_thread_means_one_core_when_scipy_blas_loads_late(blas):
     its own pool of every core: 2x the CPU time at 1 thread, 3-5x slower
     layers at 2). A fresh process; float64 goes to scipy for both providers.
     CPU time over wall time tells how many cores a call kept busy."""
-    import subprocess
-    import sys
     if (os.cpu_count() or 1) < 2:
         pytest.skip("one core: a second BLAS thread could not show")
     code = (
@@ -1759,14 +1766,8 @@ def test_one_thread_means_one_core_when_scipy_blas_loads_late(blas):
         "    out, _ = m.forward(x)\n"
         "    m.backward(out)\n"
         "print((time.process_time() - cpu) / (time.perf_counter() - wall))\n")
-    with using_blas(blas):    # skips (or fails in CI) when the provider is missing
-        pass
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    env.pop("OPENBLAS_NUM_THREADS", None)
-    env.pop("OMP_NUM_THREADS", None)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    assert float(r.stdout) < 1.4, f"{float(r.stdout):.2f} cores busy at 1 thread"
+    cores = float(run_in_fresh_process(code, blas))
+    assert cores < 1.4, f"{cores:.2f} cores busy at 1 thread"
 
 
 # ------------------------------------------------- the GEMM behind the layers
