@@ -117,8 +117,10 @@ cdef int _scipy_blas_ready() except -1:
     _blas_dgemm = <fortran_dgemm_t>PyCapsule_GetPointer(d, PyCapsule_GetName(d))
     # Only now is scipy's OpenBLAS loaded: find its thread setter (NULL: none,
     # no split) through cython_blas's handle, whose look-ups search what it links.
-    cdef void *h = _dlopen_checked(cython_blas.__file__, True)
-    _openblas[0].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
+    cdef bytes path = cython_blas.__file__.encode()
+    cdef void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD)
+    _openblas[0].set_threads = <set_threads_fn>(dlsym(h, b"openblas_set_num_threads_local")
+                                                if h != NULL else NULL)
     _blas_sgemm = <fortran_sgemm_t>PyCapsule_GetPointer(s, PyCapsule_GetName(s))
     return 0
 
