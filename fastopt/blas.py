@@ -104,7 +104,10 @@ def _load(name):
                 path = _lib_beside(os.path.dirname(np.__file__), "numpy.libs",
                                    "libscipy_openblas64_*.so")
                 if path is None:
-                    raise OSError("this NumPy ships no OpenBLAS of its own")
+                    # NumPy 1.x ships an OpenBLAS too, but one without the
+                    # per-call thread setter that fastopt's thread rule needs
+                    raise OSError(f"NumPy {np.__version__} ships no scipy-openblas "
+                                  "library (NumPy >= 2.0 does)")
                 _fastopt.load_numpy_openblas(path)
             else:
                 raise ValueError(f"unknown blas {name!r}")
