@@ -88,7 +88,7 @@ AVX512_TARGET static void SFX(dropout_groups_avx512)(const SFX(dropout_job) *j, 
     for (; g < gend; g += 2) {
         __mmask64 keep[2][4];
         int ng = g + 1 < gend ? 2 : 1;
-        uint8_t *mask = j->mask + g * FO_DROPOUT_GROUP_BYTES;
+        uint8_t *mask = j->mask ? j->mask + g * FO_DROPOUT_GROUP_BYTES : NULL;   /* NULL + k is UB */
         if (bits_from_mask) memcpy(keep, mask, FO_DROPOUT_GROUP_BYTES * (size_t)ng);   /* little-endian */
         else if (ng == 2) keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 2);
         else keep_masks_avx512(keep, &j->d, (uint64_t)g, j->seed, j->offset, 1);
