@@ -150,13 +150,6 @@ typedef float fo_half_f32 __attribute__((vector_size(32), aligned(4), may_alias)
 #endif
 #define FO_VL ((int64_t)(64 / sizeof(T)))   /* elements of T in a vector */
 
-/* *r = v in every lane. Not `(vec){0} + v`: with x87 excess precision (32-bit x86,
- * -std=c99) v is long double there, and GCC refuses to narrow it into a vector.
- * Through a pointer, since a vector return warns of an ABI change (-Wpsabi). */
-INLINE void SFX(splat)(SFX(vec) *r, T v) {
-    for (int64_t l = 0; l < FO_VL; l++) (*r)[l] = v;
-}
-
 /* acc[0..VL) += p, in float64. */
 INLINE void SFX(add_lanes)(double *restrict acc, SFX(vec) p) {
 #if FO_T_IS_F64
@@ -425,7 +418,7 @@ INLINE void SFX(reduce_segment)(const T *restrict x, const T *restrict dy, T cen
                                 double *restrict acc1, double *restrict acc2, int64_t n,
                                 const int has_dy) {
     SFX(vec) c;
-    SFX(splat)(&c, cen);
+    FO_SPLAT(c, cen);
     int64_t i = 0;
     while (i + FO_VL <= n) {
         SFX(vec) p1 = {0}, p2 = {0};
@@ -466,7 +459,7 @@ INLINE void SFX(reduce_short_segment)(const T *restrict x, const T *restrict dy,
                                       double *restrict acc1, double *restrict acc2,
                                       int64_t n, const int has_dy) {
     SFX(vec) c;
-    SFX(splat)(&c, cen);
+    FO_SPLAT(c, cen);
     SFX(vec) p1 = {0}, p2 = {0};
     int64_t i = 0;
     for (; i + FO_VL <= n; i += FO_VL)

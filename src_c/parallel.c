@@ -252,20 +252,15 @@ void fo_stream_add_f32(float *a, const float *b, int64_t n) {
 
 typedef float fo_v16f __attribute__((vector_size(64)));
 
-/* *r = v in every lane (not `(fo_v16f){0} + v`, which x87 excess precision refuses) */
-static inline void splat16(fo_v16f *r, float v) {
-    for (int l = 0; l < 16; l++) (*r)[l] = v;
-}
-
 /* 12 independent chains of a = a*b + c on 64-byte vectors, `rounds` times:
  * enough chains to fill both FMA pipes whatever their latency, so the time
  * gives one core's float32 multiply-add peak. Returns a sum of every chain,
  * so that none is optimized away. */
 FO_DISPATCH static float fma_peak(int64_t rounds) {
     fo_v16f a[12], b, c;
-    splat16(&b, 0.999999f);
-    splat16(&c, 1e-7f);
-    for (int i = 0; i < 12; i++) splat16(&a[i], (float)i);
+    FO_SPLAT(b, 0.999999f);
+    FO_SPLAT(c, 1e-7f);
+    for (int i = 0; i < 12; i++) FO_SPLAT(a[i], (float)i);
     for (int64_t n = 0; n < rounds; n++)
         for (int i = 0; i < 12; i++) a[i] = a[i] * b + c;
     float s = 0;

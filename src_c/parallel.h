@@ -64,4 +64,11 @@ FO_INTERNAL void fo_scratch_free(void *block);
 #define FO_NOINLINE __attribute__((noinline))
 #endif
 
+/* vec = v in every lane of a vector-extension variable. Not `(vec_t){0} + v`:
+ * with x87 excess precision (32-bit x86, -std=c99) v is long double there, and
+ * GCC refuses to narrow it into a vector. */
+#define FO_SPLAT(vec, v)                                                          \
+    for (int fo_lane = 0; fo_lane < (int)(sizeof(vec) / sizeof((vec)[0])); fo_lane++) \
+        (vec)[fo_lane] = (v)
+
 #endif

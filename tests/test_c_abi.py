@@ -37,6 +37,24 @@ def compilers():
     return ["cc"] + (["clang"] if shutil.which("clang") else [])
 
 
+def start_compiling_src_c(cc, flags, out_dir):
+    """Start compiling each src_c/*.c to an object in out_dir, all at once (one
+    file takes most of the time); returns ([object paths], [processes])."""
+    objects, jobs = [], []
+    for src in sorted(glob.glob(os.path.join(ROOT, "src_c", "*.c"))):
+        objects.append(os.path.join(out_dir, os.path.basename(src)[:-2] + ".o"))
+        jobs.append(subprocess.Popen([cc, *flags, "-I", os.path.join(ROOT, "src_c"), "-c", src,
+                                      "-o", objects[-1]],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return objects, jobs
+
+
+def wait_compiled(jobs):
+    for job in jobs:
+        log = job.communicate()[0]
+        assert job.returncode == 0, log     # -Werror: warnings fail too
+
+
 @pytest.fixture(scope="module")
 def src_c_objects(tmp_path_factory):
     """The object files of src_c/*.c per compiler and OpenMP setting (the slow
@@ -50,16 +68,10 @@ def src_c_objects(tmp_path_factory):
             jobs = []
             for key in [(o, c) for c in compilers() for o in (True, False)]:
                 out = tmp_path_factory.mktemp(("openmp-" if key[0] else "serial-") + key[1])
-                built[key] = []
-                for src in sorted(glob.glob(os.path.join(ROOT, "src_c", "*.c"))):
-                    built[key].append(str(out / (os.path.basename(src)[:-2] + ".o")))
-                    jobs.append(subprocess.Popen(
-                        [compiler(key[1]), *FLAGS, "-I", os.path.join(ROOT, "src_c"), "-c",
-                         src, "-o", built[key][-1]] + (["-fopenmp"] if key[0] else []),
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-            for job in jobs:
-                log = job.communicate()[0]
-                assert job.returncode == 0, log     # -Werror: warnings fail too
+                built[key], started = start_compiling_src_c(
+                    compiler(key[1]), FLAGS + (["-fopenmp"] if key[0] else []), str(out))
+                jobs += started
+            wait_compiled(jobs)
         return built[openmp, cc]
     return objects
 
@@ -96,18 +108,13 @@ def test_c_programs_build_and_pass_on_other_cpus(tmp_path, target):
     cc, qemu, sysroot, openmp = CROSS[target]
     tool(cc, "FASTOPT_REQUIRE_CROSS")
     tool(qemu, "FASTOPT_REQUIRE_CROSS")
-    flags = [*FLAGS, "-I", os.path.join(ROOT, "src_c")]
-    flags += ["-fopenmp"] if openmp else ["-Wno-unknown-pragmas"]
-    jobs = [subprocess.Popen([cc, *flags, "-c", src, "-o", str(tmp_path / os.path.basename(src))
-                              + ".o"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for src in glob.glob(os.path.join(ROOT, "src_c", "*.c"))]
-    for job in jobs:
-        log = job.communicate()[0]
-        assert job.returncode == 0, log     # -Werror: warnings fail too
+    flags = FLAGS + (["-fopenmp"] if openmp else ["-Wno-unknown-pragmas"])
+    objects, jobs = start_compiling_src_c(cc, flags, str(tmp_path))
+    wait_compiled(jobs)
     for program in ("test_kernels.c", "test_rnn.c"):
         exe = str(tmp_path / program[:-2])
-        subprocess.run([cc, *flags, os.path.join(ROOT, "tests", "c", program),
-                        *glob.glob(str(tmp_path / "*.o")), "-lm", "-o", exe],
+        subprocess.run([cc, *flags, "-I", os.path.join(ROOT, "src_c"),
+                        os.path.join(ROOT, "tests", "c", program), *objects, "-lm", "-o", exe],
                        check=True, capture_output=True, text=True)
         r = subprocess.run([qemu, "-L", sysroot, exe], capture_output=True, text=True,
                            timeout=600)
