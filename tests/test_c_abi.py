@@ -3,6 +3,7 @@ files with nothing else (no Python) and passes, with and without OpenMP, with
 cc and clang, and cross-built for other CPUs; so does the README's example."""
 import glob
 import os
+import platform
 import shutil
 import subprocess
 
@@ -116,6 +117,25 @@ def test_c_programs_build_and_pass_on_other_cpus(tmp_path, target):
     for program in ("test_kernels.c", "test_rnn.c"):
         out = build_and_run(os.path.join(ROOT, "tests", "c", program), str(tmp_path / program[:-2]),
                             objects, openmp, cc, runner=(qemu, "-L", sysroot))
+        assert out.startswith("ok"), out
+
+
+# Older x86-64 CPUs than this one (AVX-512): the same build, run under
+# qemu-x86_64 as a CPU without AVX-512 (Haswell: the AVX2 clones and the
+# portable paths) and one without AVX (Nehalem: the baseline clones). QEMU
+# raises SIGILL for an instruction its CPU model lacks, so these also show
+# that nothing outside its dispatch needs more than the CPU has.
+OLDER_X86 = ["Haswell-v4", "Nehalem-v2"]
+
+
+@pytest.mark.parametrize("cpu", OLDER_X86)
+def test_c_programs_pass_on_older_x86_64(tmp_path, src_c_objects, cpu):
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("an x86-64 build")
+    qemu = tool("qemu-x86_64", "FASTOPT_REQUIRE_CROSS")
+    for program in ("test_kernels.c", "test_rnn.c"):
+        out = build_and_run(os.path.join(ROOT, "tests", "c", program), str(tmp_path / program[:-2]),
+                            src_c_objects(True), True, compiler(), runner=(qemu, "-cpu", cpu))
         assert out.startswith("ok"), out
 
 
