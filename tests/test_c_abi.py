@@ -1,6 +1,7 @@
 """src_c/ stands alone: the C test program builds against fastopt.h and the .c
 files with nothing else (no Python) and passes, with and without OpenMP, with
-cc and clang, and cross-built for other CPUs; so does the README's example."""
+cc and clang, cross-built for other CPUs and run as older x86-64 ones; so does
+the README's example."""
 import glob
 import os
 import platform
