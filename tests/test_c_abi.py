@@ -107,6 +107,13 @@ CROSS = {"aarch64": ("aarch64-linux-gnu-gcc", "qemu-aarch64", "/usr/aarch64-linu
          "i686": ("i686-linux-gnu-gcc", "qemu-i386", "/usr/i686-linux-gnu", False)}
 
 
+def both_c_programs_pass(tmp_path, objects, openmp, cc, runner):
+    for program in ("test_kernels.c", "test_rnn.c"):
+        out = build_and_run(os.path.join(ROOT, "tests", "c", program), str(tmp_path / program[:-2]),
+                            objects, openmp, cc, runner)
+        assert out.startswith("ok"), out
+
+
 @pytest.mark.parametrize("target", sorted(CROSS))
 def test_c_programs_build_and_pass_on_other_cpus(tmp_path, target):
     cc, qemu, sysroot, openmp = CROSS[target]
@@ -115,10 +122,7 @@ def test_c_programs_build_and_pass_on_other_cpus(tmp_path, target):
     objects, jobs = start_compiling_src_c(cc, FLAGS + (["-fopenmp"] if openmp else []),
                                           str(tmp_path))
     wait_compiled(jobs)
-    for program in ("test_kernels.c", "test_rnn.c"):
-        out = build_and_run(os.path.join(ROOT, "tests", "c", program), str(tmp_path / program[:-2]),
-                            objects, openmp, cc, runner=(qemu, "-L", sysroot))
-        assert out.startswith("ok"), out
+    both_c_programs_pass(tmp_path, objects, openmp, cc, (qemu, "-L", sysroot))
 
 
 # Older x86-64 CPUs than this one (AVX-512): the same build, run under
@@ -134,10 +138,7 @@ def test_c_programs_pass_on_older_x86_64(tmp_path, src_c_objects, cpu):
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("an x86-64 build")
     qemu = tool("qemu-x86_64", "FASTOPT_REQUIRE_CROSS")
-    for program in ("test_kernels.c", "test_rnn.c"):
-        out = build_and_run(os.path.join(ROOT, "tests", "c", program), str(tmp_path / program[:-2]),
-                            src_c_objects(True), True, compiler(), runner=(qemu, "-cpu", cpu))
-        assert out.startswith("ok"), out
+    both_c_programs_pass(tmp_path, src_c_objects(True), True, compiler(), (qemu, "-cpu", cpu))
 
 
 def test_readme_c_example_builds_and_gives_adams_steps(tmp_path, src_c_objects):
