@@ -267,10 +267,17 @@ cdef void _dnnl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
 # count is 1 (_blas_threads; openblas_set_num_threads_local is process-wide
 # in these builds, so it is set there, outside any parallel region), and
 # large products split over fastopt's threads instead: by rows or columns of
-# C, each element made by one call with all of K, so results do not depend on
-# the thread count.
+# C into pieces that depend on the shape only (not one per thread: OpenBLAS's
+# AVX2 kernels round a row at a piece's edge differently, and under qemu as a
+# Haswell 1 and 2 threads differed in the last bit of nearly every output),
+# one call each with all of K, so results do not depend on the thread count.
+# At most 4 pieces, since each packs the other operand again: LSTM T50 B32
+# I128 H256 forward+backward with scipy's took 1.02x the time at 1 thread and
+# the same at 2 (8 pieces: 1.10x at 1 thread).
 cdef enum:
-    _OB_SPLIT_MIN = 64                 # rows or columns of C per thread at least
+    _OB_SPLIT_MIN = 64                 # rows or columns of C per piece at least
+    _OB_PIECES = 4                     # pieces at most; threads take whole ones
+    _PIECE_UNITS = 16                  # a piece's units in the threads' split
     _OB_SPLIT_MIN_MULS = 1 << 21       # m*n*k below this: one call
 
 
@@ -300,15 +307,15 @@ cdef struct _OBCall:    # c = op(a) op(b) + beta*c through OpenBLAS
     bint f64, by_rows
     int ta, tb
     int64_t m, n, k, lda, ldb, ldc, isz
+    int64_t span, pieces    # rows (by_rows) or columns of c, and the pieces they make
     const char *a
     const char *b
     char *c
     double beta
 
 
-cdef void _ob_part(void *ctx, int64_t unused, int64_t lo, int64_t hi) noexcept nogil:
-    """Rows (by_rows) or columns [lo, hi) of c."""
-    cdef _OBCall *j = <_OBCall *>ctx
+cdef void _ob_part(_OBCall *j, int64_t lo, int64_t hi) noexcept nogil:
+    """Rows (by_rows) or columns [lo, hi) of c, in one call."""
     cdef int64_t m = j.m, n = j.n
     cdef const char *a = j.a
     cdef const char *b = j.b
@@ -339,12 +346,23 @@ cdef void _ob_gemm(_OpenBLAS *ob, bint f64, int ta, int tb, int64_t m, int64_t n
     j.ta = ta; j.tb = tb; j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc
     j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
     j.by_rows = m >= n
-    cdef int64_t span = m if j.by_rows else n
-    if (ob.set_threads == NULL or fo_get_num_threads() <= 1 or span < 2 * _OB_SPLIT_MIN
-            or m * n * k < _OB_SPLIT_MIN_MULS):
-        _ob_part(&j, 0, 0, span)
+    j.span = m if j.by_rows else n
+    j.pieces = min(j.span // _OB_SPLIT_MIN, _OB_PIECES)
+    # threads take whole pieces: a piece is _PIECE_UNITS units of the split,
+    # whose ranges start at multiples of 16 (parallel.c's FO_ALIGN)
+    cdef int64_t units = j.pieces * _PIECE_UNITS
+    if ob.set_threads == NULL or j.pieces < 2 or m * n * k < _OB_SPLIT_MIN_MULS:
+        _ob_part(&j, 0, j.span)
     else:
-        fo_parallel_foreach_grain(&span, 1, _ob_part, &j, _OB_SPLIT_MIN)
+        fo_parallel_foreach_grain(&units, 1, _ob_pieces, &j, _PIECE_UNITS)
+
+
+cdef void _ob_pieces(void *ctx, int64_t unused, int64_t lo, int64_t hi) noexcept nogil:
+    """Pieces [lo, hi) / _PIECE_UNITS of the call's j.pieces, each in its own call."""
+    cdef _OBCall *j = <_OBCall *>ctx
+    cdef int64_t p
+    for p in range(lo // _PIECE_UNITS, hi // _PIECE_UNITS):
+        _ob_part(j, p * j.span // j.pieces, (p + 1) * j.span // j.pieces)
 
 
 cdef void _ob_split_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
