@@ -220,90 +220,91 @@ cdef extern from "parallel.h" nogil:
                                    void *ctx, int64_t grain)
 
 
-cdef struct _NTColumns:   # c = a b^T + beta*c, by columns of c (rows of b)
-    int64_t m, k, lda, ldb, ldc
-    const float *a
-    const float *b
-    float beta
-    float *c
-
-
-cdef void _dnnl_nt_columns(void *ctx, int64_t unused, int64_t lo, int64_t hi) noexcept nogil:
-    cdef _NTColumns *j = <_NTColumns *>ctx
-    _dnnl_sgemm(b'N', b'T', j.m, hi - lo, j.k, 1.0, j.a, j.lda, j.b + lo * j.ldb, j.ldb,
-                j.beta, j.c + lo, j.ldc)
-
-
-# "NT" products of up to this many rows (a batch times W^T; up to 128 rows the
-# layers transpose them into "NN" instead, see rnn_impl.h) split their columns
-# over fastopt's threads, each a one-thread dnnl call (dnnl runs serially
-# inside a parallel region): dnnl's own two threads ran them at 1.0-1.4x its
-# one, for (64 x 512) @ (512 x 2048) 90 GFLOP/s against 170 split. Other shapes
-# scale well in dnnl (1.8-2x) and stay whole.
-cdef enum:
-    _NT_SPLIT_MAX_ROWS = 512
-    _NT_SPLIT_MIN_COLUMNS = 128   # per thread
-
-
 cdef void _dnnl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
                          const float *a, int64_t lda, const float *b, int64_t ldb,
                          float beta, float *c, int64_t ldc) noexcept nogil:
-    cdef _NTColumns job
-    if (not ta and tb and m <= _NT_SPLIT_MAX_ROWS and fo_get_num_threads() > 1
-            and n >= 2 * _NT_SPLIT_MIN_COLUMNS):
-        job.m = m; job.k = k; job.lda = lda; job.ldb = ldb; job.ldc = ldc
-        job.a = a; job.b = b; job.beta = beta; job.c = c
-        fo_parallel_foreach_grain(&n, 1, _dnnl_nt_columns, &job, _NT_SPLIT_MIN_COLUMNS)
-        return
     _dnnl_sgemm(b'T' if ta else b'N', b'T' if tb else b'N', m, n, k, 1.0, a, lda, b, ldb,
                 beta, c, ldc)
 
 
-# OpenBLAS (scipy's and NumPy's) threads with a pthreads pool of its own,
-# whose threads spin for ~2^28 cycles (~70 ms here) after every call: between
-# fastopt's OpenMP kernels they took the cores from them (LSTM T50 B32 I128
-# H256 forward+backward at 2 threads: 123 ms, against 30 ms at 1 thread and
-# 20 ms with OPENBLAS_THREAD_TIMEOUT=4). So during a call of fastopt's its
-# count is 1 (_blas_threads; openblas_set_num_threads_local is process-wide
-# in these builds, so it is set there, outside any parallel region), and
-# large products split over fastopt's threads instead: by rows or columns of
-# C into pieces that depend on the shape only (not one per thread: OpenBLAS's
-# AVX2 kernels round a row at a piece's edge differently, and under qemu as a
-# Haswell 1 and 2 threads differed in the last bit of nearly every output),
-# one call each with all of K, so results do not depend on the thread count.
-# At most 4 pieces, since each packs the other operand again: LSTM T50 B32
-# I128 H256 forward+backward with scipy's took 1.02x the time at 1 thread and
-# the same at 2 (8 pieces: 1.10x at 1 thread).
+# Every library runs single-threaded during a call of fastopt's, and large
+# products split over fastopt's threads instead: by rows or columns of C into
+# pieces that depend on the shape only, one call each with all of K, also at
+# 1 thread, so that results do not depend on the thread count. Left to their
+# own threads, MKL and oneDNN split some products over K (MKL: 22 of 240
+# random shapes gave other bits at 2 threads than at 1, and a fifth of an LSTM
+# T50 B32's input-weight gradient; oneDNN: products of few rows and columns
+# and a long K, (1 x 34697) @ (34697 x 29)); and the bits of OpenBLAS's,
+# oneDNN's and MKL's kernels depend on where a piece starts (under qemu as a
+# Haswell for all three; here too for oneDNN's "NT" products), so one piece
+# per thread would not do either. The cost, at 1 thread, of products that
+# would otherwise go whole: 1-8% per product with oneDNN (layers T50 B32 I128
+# H256 forward+backward: LSTM 1.02x, GRU 1.06x; cells B64 I256 H512 1.07x); at
+# 2 threads the same layers took 0.97-1.0x and the cells 1.03-1.04x. At most
+# 4 pieces, since each packs the other operand again (with scipy's OpenBLAS,
+# 8 pieces cost LSTM layers 1.10x at 1 thread, 4 pieces 1.02x). OpenBLAS has
+# a further reason: its own pthreads pool spins for ~2^28 cycles (~70 ms here)
+# after every call, and between fastopt's OpenMP kernels those threads took
+# the cores from them (LSTM forward+backward at 2 threads: 123 ms, against
+# 30 ms at 1 thread); and oneDNN's own two threads ran (64 x 512) @
+# (512 x 2048)^T at 90 GFLOP/s, its pieces over fastopt's two at 274.
 cdef enum:
-    _OB_SPLIT_MIN = 64                 # rows or columns of C per piece at least
-    _OB_PIECES = 4                     # pieces at most; threads take whole ones
+    _SPLIT_MIN = 64                    # rows or columns of C per piece at least
+    _PIECES = 4                        # pieces at most; threads take whole ones
     _PIECE_UNITS = 16                  # a piece's units in the threads' split
-    _OB_SPLIT_MIN_MULS = 1 << 21       # m*n*k below this: one call
+    _SPLIT_MIN_MULS = 1 << 21          # m*n*k below this: one call
 
 
 cdef struct _OpenBLAS:      # one of the two OpenBLAS libraries
-    fo_gemm_f32_fn f32
-    fo_gemm_f64_fn f64
     set_threads_fn set_threads  # openblas_set_num_threads_local; NULL: not found, no split
     int users                   # fastopt calls in flight that hold its count at 1
     int saved                   # the count they put back, when the last one ends
 
 # 0: scipy's (cython_blas), 1: NumPy's (its ILP64 CBLAS, once loaded)
 cdef _OpenBLAS _openblas[2]
-_openblas[0].f32 = _scipy_gemm_f32
-_openblas[0].f64 = _scipy_gemm_f64
 _openblas[0].set_threads = NULL
 _openblas[0].users = 0
-_openblas[1].f32 = _npy_gemm_f32
-_openblas[1].f64 = _npy_gemm_f64
 _openblas[1].set_threads = NULL
 _openblas[1].users = 0
 # guards users/saved: layers run from several Python threads at once
 cdef PyThread_type_lock _openblas_lock = PyThread_allocate_lock()
 
 
-cdef struct _OBCall:    # c = op(a) op(b) + beta*c through OpenBLAS
-    _OpenBLAS *ob
+cdef int _dnnl_set_threads(int n) noexcept nogil:
+    # dnnl threads with omp_get_max_threads() of the calling thread
+    cdef int previous = _omp_get_max_threads()
+    _omp_set_num_threads(n)
+    return previous
+
+
+cdef struct _Provider:
+    fo_gemm_f32_fn one32            # one product in one call of the library
+    fo_gemm_f64_fn one64
+    set_threads_fn set_threads      # its own count (NULL: cannot be set from here)
+    _OpenBLAS *ob32                 # the OpenBLAS behind its float32 products, or NULL
+    _OpenBLAS *ob64                 # and behind its float64 ones
+
+# index: 0 scipy, 1 numpy, 2 mkl, 3 dnnl
+cdef _Provider _providers[4]
+_providers[0].one32 = _scipy_gemm_f32
+_providers[0].one64 = _scipy_gemm_f64
+_providers[0].set_threads = NULL
+_providers[0].ob32 = _providers[0].ob64 = &_openblas[0]
+_providers[1].ob32 = _providers[1].ob64 = &_openblas[1]
+_providers[2].ob32 = _providers[2].ob64 = NULL
+_providers[3].ob32 = NULL
+_providers[3].ob64 = &_openblas[0]   # oneDNN has no float64 GEMM
+_providers[1].one32 = NULL
+_providers[2].one32 = NULL
+_providers[3].one32 = NULL
+_PROVIDER_INDEX = {"scipy": 0, "numpy": 1, "mkl": 2, "dnnl": 3}
+cdef _Provider *_current = &_providers[0]
+cdef str _blas_name = "scipy"
+
+
+cdef struct _Product:   # c = op(a) op(b) + beta*c, in pieces
+    fo_gemm_f32_fn one32    # one call of the library, on the calling thread
+    fo_gemm_f64_fn one64
     bint f64, by_rows
     int ta, tb
     int64_t m, n, k, lda, ldb, ldc, isz
@@ -314,7 +315,7 @@ cdef struct _OBCall:    # c = op(a) op(b) + beta*c through OpenBLAS
     double beta
 
 
-cdef void _ob_part(_OBCall *j, int64_t lo, int64_t hi) noexcept nogil:
+cdef void _product_part(_Product *j, int64_t lo, int64_t hi) noexcept nogil:
     """Rows (by_rows) or columns [lo, hi) of c, in one call."""
     cdef int64_t m = j.m, n = j.n
     cdef const char *a = j.a
@@ -329,86 +330,56 @@ cdef void _ob_part(_OBCall *j, int64_t lo, int64_t hi) noexcept nogil:
         b += (lo * j.ldb if j.tb else lo) * j.isz
         c += lo * j.isz
     if j.f64:
-        j.ob.f64(j.ta, j.tb, m, n, j.k, <const double *>a, j.lda, <const double *>b, j.ldb,
-                 j.beta, <double *>c, j.ldc)
+        j.one64(j.ta, j.tb, m, n, j.k, <const double *>a, j.lda, <const double *>b, j.ldb,
+                j.beta, <double *>c, j.ldc)
     else:
-        j.ob.f32(j.ta, j.tb, m, n, j.k, <const float *>a, j.lda, <const float *>b, j.ldb,
-                 <float>j.beta, <float *>c, j.ldc)
+        j.one32(j.ta, j.tb, m, n, j.k, <const float *>a, j.lda, <const float *>b, j.ldb,
+                <float>j.beta, <float *>c, j.ldc)
 
 
-cdef void _ob_gemm(_OpenBLAS *ob, bint f64, int ta, int tb, int64_t m, int64_t n, int64_t k,
-                   const void *a, int64_t lda, const void *b, int64_t ldb, double beta,
-                   void *c, int64_t ldc) noexcept nogil:
-    """c = op(a) op(b) + beta*c through ob, split over fastopt's threads when
-    large and ob's count could be set to 1 (its setter was found)."""
-    cdef _OBCall j
-    j.ob = ob; j.f64 = f64; j.isz = 8 if f64 else 4
+cdef void _product_pieces(void *ctx, int64_t unused, int64_t lo, int64_t hi) noexcept nogil:
+    """Pieces [lo, hi) / _PIECE_UNITS of the call's j.pieces, each in its own call."""
+    cdef _Product *j = <_Product *>ctx
+    cdef int64_t p
+    for p in range(lo // _PIECE_UNITS, hi // _PIECE_UNITS):
+        _product_part(j, p * j.span // j.pieces, (p + 1) * j.span // j.pieces)
+
+
+cdef void _split_gemm(bint f64, int ta, int tb, int64_t m, int64_t n, int64_t k,
+                      const void *a, int64_t lda, const void *b, int64_t ldb, double beta,
+                      void *c, int64_t ldc) noexcept nogil:
+    """c = op(a) op(b) + beta*c through the current provider: split over
+    fastopt's threads when large and the library's count is held at 1."""
+    cdef _Product j
+    j.one32 = _current.one32; j.one64 = _current.one64
+    j.f64 = f64; j.isz = 8 if f64 else 4
     j.ta = ta; j.tb = tb; j.m = m; j.n = n; j.k = k; j.lda = lda; j.ldb = ldb; j.ldc = ldc
     j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
     j.by_rows = m >= n
     j.span = m if j.by_rows else n
-    j.pieces = min(j.span // _OB_SPLIT_MIN, _OB_PIECES)
+    j.pieces = min(j.span // _SPLIT_MIN, _PIECES)
     # threads take whole pieces: a piece is _PIECE_UNITS units of the split,
     # whose ranges start at multiples of 16 (parallel.c's FO_ALIGN)
     cdef int64_t units = j.pieces * _PIECE_UNITS
-    if ob.set_threads == NULL or j.pieces < 2 or m * n * k < _OB_SPLIT_MIN_MULS:
-        _ob_part(&j, 0, j.span)
+    # pieces need the library single-threaded (its count could be set)
+    cdef _OpenBLAS *ob = _current.ob64 if f64 else _current.ob32
+    cdef bint held_at_one = ob.set_threads != NULL if ob != NULL else _current.set_threads != NULL
+    if not held_at_one or j.pieces < 2 or m * n * k < _SPLIT_MIN_MULS:
+        _product_part(&j, 0, j.span)
     else:
-        fo_parallel_foreach_grain(&units, 1, _ob_pieces, &j, _PIECE_UNITS)
+        fo_parallel_foreach_grain(&units, 1, _product_pieces, &j, _PIECE_UNITS)
 
 
-cdef void _ob_pieces(void *ctx, int64_t unused, int64_t lo, int64_t hi) noexcept nogil:
-    """Pieces [lo, hi) / _PIECE_UNITS of the call's j.pieces, each in its own call."""
-    cdef _OBCall *j = <_OBCall *>ctx
-    cdef int64_t p
-    for p in range(lo // _PIECE_UNITS, hi // _PIECE_UNITS):
-        _ob_part(j, p * j.span // j.pieces, (p + 1) * j.span // j.pieces)
+cdef void _gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                    const float *a, int64_t lda, const float *b, int64_t ldb,
+                    float beta, float *c, int64_t ldc) noexcept nogil:
+    _split_gemm(False, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
 
 
-cdef void _ob_split_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
-                        const float *a, int64_t lda, const float *b, int64_t ldb,
-                        float beta, float *c, int64_t ldc) noexcept nogil:
-    """The current provider's float32 product through its OpenBLAS."""
-    _ob_gemm(_current.ob32, False, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
-
-
-cdef void _ob_split_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
-                        const double *a, int64_t lda, const double *b, int64_t ldb,
-                        double beta, double *c, int64_t ldc) noexcept nogil:
-    """The current provider's float64 product through its OpenBLAS."""
-    _ob_gemm(_current.ob64, True, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
-
-
-cdef int _dnnl_set_threads(int n) noexcept nogil:
-    # dnnl threads with omp_get_max_threads() of the calling thread
-    cdef int previous = _omp_get_max_threads()
-    _omp_set_num_threads(n)
-    return previous
-
-
-cdef struct _Provider:
-    fo_gemm_f32_fn f32
-    fo_gemm_f64_fn f64
-    set_threads_fn set_threads      # NULL: the thread count cannot be set from here
-    _OpenBLAS *ob32                 # the OpenBLAS behind its float32 products, or NULL
-    _OpenBLAS *ob64                 # and behind its float64 ones
-
-# index: 0 scipy, 1 numpy, 2 mkl, 3 dnnl
-cdef _Provider _providers[4]
-_providers[0].f32 = _ob_split_f32
-_providers[0].f64 = _ob_split_f64
-_providers[0].set_threads = NULL
-_providers[0].ob32 = _providers[0].ob64 = &_openblas[0]
-_providers[1].ob32 = _providers[1].ob64 = &_openblas[1]
-_providers[2].ob32 = _providers[2].ob64 = NULL
-_providers[3].ob32 = NULL
-_providers[3].ob64 = &_openblas[0]   # oneDNN has no float64 GEMM
-_providers[1].f32 = NULL
-_providers[2].f32 = NULL
-_providers[3].f32 = NULL
-_PROVIDER_INDEX = {"scipy": 0, "numpy": 1, "mkl": 2, "dnnl": 3}
-cdef _Provider *_current = &_providers[0]
-cdef str _blas_name = "scipy"
+cdef void _gemm_f64(int ta, int tb, int64_t m, int64_t n, int64_t k,
+                    const double *a, int64_t lda, const double *b, int64_t ldb,
+                    double beta, double *c, int64_t ldc) noexcept nogil:
+    _split_gemm(True, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)
 
 
 cdef void *_dlopen_checked(str path, bint already_loaded) except NULL:
@@ -435,8 +406,8 @@ def load_mkl(str path):
     set_layer(MKL_THREADING_GNU)
     _mkl_sgemm = <sgemm32_t>s
     _mkl_dgemm = <dgemm32_t>d
-    _providers[2].f32 = _mkl_gemm_f32
-    _providers[2].f64 = _mkl_gemm_f64
+    _providers[2].one32 = _mkl_gemm_f32
+    _providers[2].one64 = _mkl_gemm_f64
     _providers[2].set_threads = <set_threads_fn>dlsym(h, b"MKL_Set_Num_Threads_Local")
 
 
@@ -452,8 +423,8 @@ def load_numpy_openblas(str path):
     _npy_sgemm = <sgemm64_t>s
     _npy_dgemm = <dgemm64_t>d
     _openblas[1].set_threads = <set_threads_fn>dlsym(h, b"openblas_set_num_threads_local")
-    _providers[1].f32 = _ob_split_f32
-    _providers[1].f64 = _ob_split_f64
+    _providers[1].one32 = _npy_gemm_f32
+    _providers[1].one64 = _npy_gemm_f64
 
 
 def load_dnnl(str path):
@@ -470,8 +441,8 @@ def load_dnnl(str path):
     _dnnl_sgemm = <dnnl_sgemm_t>s
     _omp_set_num_threads = <omp_set_t>oset
     _omp_get_max_threads = <omp_get_t>oget
-    _providers[3].f32 = _dnnl_gemm_f32
-    _providers[3].f64 = _ob_split_f64
+    _providers[3].one32 = _dnnl_gemm_f32
+    _providers[3].one64 = _scipy_gemm_f64
     _providers[3].set_threads = _dnnl_set_threads
 
 
@@ -481,7 +452,7 @@ def set_blas_provider(str name):
     global _current, _blas_name
     if name not in _PROVIDER_INDEX:
         raise ValueError(f"blas must be 'scipy', 'numpy', 'dnnl' or 'mkl', got {name!r}")
-    if _providers[<int>_PROVIDER_INDEX[name]].f32 == NULL:
+    if _providers[<int>_PROVIDER_INDEX[name]].one32 == NULL:
         raise ValueError(f"blas {name!r} is not loaded")
     _current = &_providers[<int>_PROVIDER_INDEX[name]]
     _blas_name = name
@@ -498,13 +469,13 @@ cdef struct _SavedThreads:   # what a call puts back at its end
     _OpenBLAS *ob            # the OpenBLAS whose count the call holds at 1, or NULL
 
 
-cdef inline _SavedThreads _blas_threads(int n, bint f64) noexcept nogil:
-    # At the start of every call: the BLAS follows fastopt's thread count
-    # (OpenBLAS: 1, see _ob_gemm); _blas_threads_restore puts the previous
-    # counts back, so that the user's own BLAS calls are unaffected.
+cdef inline _SavedThreads _blas_threads(bint f64) noexcept nogil:
+    # At the start of every call: the library runs single-threaded (see
+    # _split_gemm); _blas_threads_restore puts the previous counts back, so
+    # that the user's own BLAS calls are unaffected.
     cdef _SavedThreads saved
     saved.own_set = _current.set_threads
-    saved.own = saved.own_set(n) if saved.own_set != NULL else -1
+    saved.own = saved.own_set(1) if saved.own_set != NULL else -1
     saved.ob = _current.ob64 if f64 else _current.ob32
     if saved.ob != NULL and saved.ob.set_threads == NULL:
         saved.ob = NULL
@@ -560,13 +531,13 @@ def gemm(cnp.ndarray c, cnp.ndarray a, cnp.ndarray b, bint trans_a=False,
     cdef _SavedThreads saved
     _scipy_blas_ready()
     with nogil:
-        saved = _blas_threads(fo_get_num_threads(), f64)
+        saved = _blas_threads(f64)
         if f64:
-            _current.f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
-                         beta, <double *>pc, ldc)
+            _gemm_f64(trans_a, trans_b, m, n, k, <double *>pa, lda, <double *>pb, ldb,
+                      beta, <double *>pc, ldc)
         else:
-            _current.f32(trans_a, trans_b, m, n, k, <float *>pa, lda, <float *>pb, ldb,
-                         <float>beta, <float *>pc, ldc)
+            _gemm_f32(trans_a, trans_b, m, n, k, <float *>pa, lda, <float *>pb, ldb,
+                      <float>beta, <float *>pc, ldc)
         _blas_threads_restore(saved)
 
 
@@ -717,11 +688,11 @@ cdef class RnnLayerCall:
         cdef _SavedThreads saved
         _scipy_blas_ready()
         with nogil:
-            saved = _blas_threads(fo_get_num_threads(), self.is_f64)
+            saved = _blas_threads(self.is_f64)
             if self.is_f64:
-                rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _current.f64)
+                rc = fo_rnn_forward_f64(&self.layer, &self.fwd, _gemm_f64)
             else:
-                rc = fo_rnn_forward_f32(&self.layer, &self.fwd, _current.f32)
+                rc = fo_rnn_forward_f32(&self.layer, &self.fwd, _gemm_f32)
             _blas_threads_restore(saved)
         _check_rc(rc, "recurrent forward")
         self.forwarded = True
@@ -778,11 +749,11 @@ cdef class RnnLayerCall:
         cdef _SavedThreads saved
         _scipy_blas_ready()
         with nogil:
-            saved = _blas_threads(fo_get_num_threads(), self.is_f64)
+            saved = _blas_threads(self.is_f64)
             if self.is_f64:
-                rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _current.f64)
+                rc = fo_rnn_backward_f64(&self.layer, &self.fwd, &io, _gemm_f64)
             else:
-                rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _current.f32)
+                rc = fo_rnn_backward_f32(&self.layer, &self.fwd, &io, _gemm_f32)
             _blas_threads_restore(saved)
         _check_rc(rc, "recurrent backward")
 

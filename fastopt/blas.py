@@ -27,17 +27,16 @@ oneDNN and MKL within 5% either way (README, "Which BLAS"). Splitting one
 layer's products between two libraries did not pay: with 2 threads their
 two thread pools spinning on the same cores slowed layers 2-4x.
 
-Threads: at the start of each layer call fastopt sets the thread count of
-the provider to ``fastopt.get_num_threads()`` (oneDNN and MKL through GNU
-OpenMP, the runtime fastopt itself uses) and puts the previous count back at
-the end, so ``fastopt.set_num_threads(n)`` governs the whole layer and the
-user's own BLAS calls are unaffected. OpenBLAS (scipy's, NumPy's, and
-oneDNN's float64 fallback) runs one thread per call instead, its count set
-to 1 for the layer call and put back after: its own pool's threads spin after
-each call and took the cores from fastopt's kernels (a 2-thread LSTM ran 4x
-slower than at 1 thread). Its large products split over fastopt's threads.
-The GEMMs and fastopt's pointwise kernels run one after the other, never at
-the same time.
+Threads: during each layer call the provider runs single-threaded (its count
+set to 1 and put back at the end, so the user's own BLAS calls are
+unaffected), and fastopt's threads split its large products into up to 4
+pieces that depend on the shape only, also at 1 thread, so that results are
+the same for any ``fastopt.set_num_threads(n)`` with every provider on every
+CPU: MKL's and oneDNN's own threads split some products over K, and the
+kernels' bits depend on where a piece starts. OpenBLAS's own pool's threads
+also spin after each call and took the cores from fastopt's kernels (a
+2-thread LSTM ran 4x slower than at 1 thread). The GEMMs and fastopt's
+pointwise kernels run one after the other, never at the same time.
 """
 import ctypes.util
 import glob

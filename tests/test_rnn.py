@@ -203,6 +203,30 @@ def test_packed_step_products_are_the_same_for_any_thread_count(threads, dtype, 
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("blas", ["scipy", "numpy", "dnnl", "mkl"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_blas_gives_the_same_bits_for_any_thread_count(threads, step_products, blas,
+                                                            dtype):
+    """Whole layers with every provider at 1 and 2 threads, with products the
+    libraries' own threads split over K (the weight gradients sum over T*B =
+    1600 rows: MKL's own two threads changed a fifth of the input weights'
+    gradient here) and the step products through the BLAS too."""
+    T, B, I, H = 50, 32, 96, 160
+    rng = np.random.default_rng(8)
+    x, dout = rand(rng, (T, B, I), dtype), rand(rng, (T, B, H), dtype)
+    with using_blas(blas):
+        for kind in ("LSTM", "GRU"):
+            results = []
+            for n in (1, 2):
+                fo.set_num_threads(n)
+                m = getattr(fo, kind)(I, H, dtype=dtype, seed=3)
+                out, _ = m.forward(x)
+                dx, _ = m.backward(dout)
+                results.append([out, dx] + list(m.gradients()))
+            for a, b in zip(*results):
+                np.testing.assert_array_equal(a, b, err_msg=kind)
+
+
 # Products of at most 128 rows (a step's batch, or all steps' inputs of a short
 # sequence) run on transposed copies: both sides of that bound, and the
 # transposes split over two threads (H = 128: up to 512 rows of W). They
@@ -303,9 +327,9 @@ def test_each_blas_matches_torch(torch, threads, blas, nthreads):
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_layer_calls_leave_the_blas_thread_counts_as_they_were(threads, blas, nthreads, dtype):
-    """Layers set the BLAS's thread counts for their own products (OpenBLAS:
-    1, while fastopt's threads split its products) and put them back after,
-    also with two of fastopt's threads calling OpenBLAS at once."""
+    """Layers hold the BLAS's thread count at 1 for their own products (which
+    fastopt's threads split) and put it back after, also with two of
+    fastopt's threads calling the BLAS at once."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
     with using_blas(blas):
         fo.set_num_threads(nthreads)
@@ -362,19 +386,21 @@ def test_layers_in_python_threads_leave_the_blas_thread_counts_as_they_were(thre
                 np.testing.assert_array_equal(dx, alone[i][1])
 
 
-@pytest.mark.parametrize("blas", ["scipy", "numpy"])
+@pytest.mark.parametrize("blas", ["scipy", "numpy", "dnnl", "mkl"])
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_openblas_products_split_over_threads(threads, blas, nthreads, dtype):
-    """With OpenBLAS, large products split their rows or columns into pieces
-    that fastopt's threads share: every row and column, ragged ends included,
-    in every transpose, close to the product and the same bit for bit at 1
-    and 2 threads."""
+def test_products_split_over_threads(threads, blas, nthreads, dtype):
+    """Large products split their rows or columns into pieces that fastopt's
+    threads share: every row and column, ragged ends included, in every
+    transpose, close to the product and the same bit for bit at 1 and 2
+    threads. Left to their own threads, oneDNN and MKL gave different bits at
+    1 and 2 threads for the last two shapes (MKL: 22 of 240 random shapes)."""
     from fastopt import _fastopt
     with using_blas(blas):
         rng = np.random.default_rng(6)
-        # (m, n, k): split by rows, by columns, and too small to split
-        for m, n, k in [(1000, 130, 40), (129, 1001, 33), (300, 300, 300), (64, 100, 7)]:
+        # (m, n, k): split by rows, by columns, too small to split, long K
+        for m, n, k in [(1000, 130, 40), (129, 1001, 33), (300, 300, 300), (64, 100, 7),
+                        (137, 1332, 778), (574, 149, 926)]:
             for ta in (False, True):
                 for tb in (False, True):
                     a = rand(rng, (k, m) if ta else (m, k), dtype)
@@ -393,35 +419,56 @@ def test_openblas_products_split_over_threads(threads, blas, nthreads, dtype):
                     np.testing.assert_array_equal(got[nthreads], got[1])
 
 
-# The same on a CPU without AVX-512, whose OpenBLAS kernels round a row at a
-# piece's edge differently: run under qemu-x86_64 as a Haswell (AVX2), where
-# pieces cut per thread made 1 and 2 threads differ in the last bit.
+# The same on a CPU without AVX-512, for every provider: run under
+# qemu-x86_64 as a Haswell (AVX2). There OpenBLAS's and oneDNN's kernels round
+# a row at a piece's edge differently (pieces cut per thread made 1 and 2
+# threads differ in the last bit), and MKL's own threads split K.
 QSPLIT = """
-import numpy as np, fastopt as fo
+import sys, numpy as np, fastopt as fo
 from fastopt import _fastopt
-fo.set_blas("scipy")
 rng = np.random.default_rng(6)
-a = rng.standard_normal((1000, 40)).astype(np.float32)
-b = rng.standard_normal((40, 130)).astype(np.float32)
-got = []
-for nt in (1, 2):
-    fo.set_num_threads(nt)
-    c = np.zeros((1000, 130), np.float32)
-    _fastopt.gemm(c, a, b, False, False, 0.0)
-    got.append(c)
-np.testing.assert_allclose(got[0], a.astype(np.float64) @ b, rtol=1e-4, atol=4e-3)
-np.testing.assert_array_equal(got[0], got[1])
+for blas in sys.argv[1:]:
+    fo.set_blas(blas)
+    for m, n, k, ta, tb in [(1000, 130, 40, 0, 0), (160, 800, 7, 0, 1), (150, 800, 200, 0, 0),
+                            (800, 200, 150, 1, 0)]:
+        a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+        b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+        got = []
+        for nt in (1, 2):
+            fo.set_num_threads(nt)
+            c = np.zeros((m, n), np.float32)
+            _fastopt.gemm(c, a, b, ta, tb, 0.0)
+            got.append(c)
+        want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b)
+        np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4 * k)
+        np.testing.assert_array_equal(got[0], got[1], err_msg=f"{blas} {m}x{n}x{k}")
+    x = rng.standard_normal((6, 25, 7)).astype(np.float32)
+    dout = rng.standard_normal((6, 25, 200)).astype(np.float32)
+    for kind in ("LSTM", "GRU"):
+        got = []
+        for nt in (1, 2):
+            fo.set_num_threads(nt)
+            layer = getattr(fo, kind)(7, 200, seed=3)
+            out, _ = layer.forward(x)
+            dx, _ = layer.backward(dout)
+            got.append([out, dx] + list(layer.gradients()))
+        for one, two in zip(*got):
+            np.testing.assert_array_equal(one, two, err_msg=f"{blas} {kind}")
 print("ok")
 """
 
 
-def test_openblas_products_are_the_same_for_any_thread_count_on_an_avx2_cpu():
+def test_products_are_the_same_for_any_thread_count_on_an_avx2_cpu():
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("an x86-64 build")
     qemu = tool("qemu-x86_64", "FASTOPT_REQUIRE_CROSS")
+    names = []
+    for name in ("scipy", "numpy", "dnnl", "mkl"):
+        with contextlib.suppress(pytest.skip.Exception), using_blas(name):
+            names.append(name)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fo.__file__)))
-    r = subprocess.run([qemu, "-cpu", "Haswell-v4", sys.executable, "-c", QSPLIT], env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run([qemu, "-cpu", "Haswell-v4", sys.executable, "-c", QSPLIT] + names,
+                       env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]
 
 
