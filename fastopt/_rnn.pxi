@@ -237,12 +237,15 @@ cdef void _dnnl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
 # and a long K, (1 x 34697) @ (34697 x 29)); and the bits of OpenBLAS's,
 # oneDNN's and MKL's kernels depend on where a piece starts (under qemu as a
 # Haswell for all three; here too for oneDNN's "NT" products), so one piece
-# per thread would not do either. The cost, at 1 thread, of products that
-# would otherwise go whole: 1-8% per product with oneDNN (layers T50 B32 I128
-# H256 forward+backward: LSTM 1.02x, GRU 1.06x; cells B64 I256 H512 1.07x); at
-# 2 threads the same layers took 0.97-1.0x and the cells 1.03-1.04x. At most
-# 4 pieces, since each packs the other operand again (with scipy's OpenBLAS,
-# 8 pieces cost LSTM layers 1.10x at 1 thread, 4 pieces 1.02x). OpenBLAS has
+# per thread would not do either. 4 pieces when each gets 256 rows or columns,
+# else 2 (of 64 at least): each piece packs the other operand again, which
+# costs more the narrower the pieces (oneDNN, 1 thread, (64 x 2048) @ (2048 x
+# 256): 1.36x the time of one call in 4 pieces of 64 columns, 1.10x in 2),
+# and 2 or 4 pieces share evenly between 2 threads. Against the libraries'
+# own threads (and OpenBLAS's earlier 4 pieces of 64 and more), LSTM and GRU
+# T50 B32 I128 H256 and cells B64 I256 H512, forward+backward, took 0.97-1.02x
+# the time with oneDNN and 0.95-1.02x with scipy's, at 1 and 2 threads
+# (interleaved, medians; 4 pieces of 64 and more: cells 1.07x). OpenBLAS has
 # a further reason: its own pthreads pool spins for ~2^28 cycles (~70 ms here)
 # after every call, and between fastopt's OpenMP kernels those threads took
 # the cores from them (LSTM forward+backward at 2 threads: 123 ms, against
@@ -250,7 +253,7 @@ cdef void _dnnl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
 # (512 x 2048)^T at 90 GFLOP/s, its pieces over fastopt's two at 274.
 cdef enum:
     _SPLIT_MIN = 64                    # rows or columns of C per piece at least
-    _PIECES = 4                        # pieces at most; threads take whole ones
+    _FOUR_PIECES_MIN = 256             # per piece, for 4 pieces; else 2
     _PIECE_UNITS = 16                  # a piece's units in the threads' split
     _SPLIT_MIN_MULS = 1 << 21          # m*n*k below this: one call
 
@@ -357,7 +360,8 @@ cdef void _split_gemm(bint f64, int ta, int tb, int64_t m, int64_t n, int64_t k,
     j.a = <const char *>a; j.b = <const char *>b; j.c = <char *>c; j.beta = beta
     j.by_rows = m >= n
     j.span = m if j.by_rows else n
-    j.pieces = min(j.span // _SPLIT_MIN, _PIECES)
+    j.pieces = (4 if j.span >= 4 * _FOUR_PIECES_MIN else
+                2 if j.span >= 2 * _SPLIT_MIN else 1)
     # threads take whole pieces: a piece is _PIECE_UNITS units of the split,
     # whose ranges start at multiples of 16 (parallel.c's FO_ALIGN)
     cdef int64_t units = j.pieces * _PIECE_UNITS

@@ -398,9 +398,10 @@ def test_products_split_over_threads(threads, blas, nthreads, dtype):
     from fastopt import _fastopt
     with using_blas(blas):
         rng = np.random.default_rng(6)
-        # (m, n, k): split by rows, by columns, too small to split, long K
-        for m, n, k in [(1000, 130, 40), (129, 1001, 33), (300, 300, 300), (64, 100, 7),
-                        (137, 1332, 778), (574, 149, 926)]:
+        # (m, n, k): in 2 pieces by rows and by columns, in 4 (256 rows or
+        # columns each at least), too small to split, long K
+        for m, n, k in [(1000, 130, 40), (129, 1001, 33), (1101, 70, 40), (70, 1030, 33),
+                        (300, 300, 300), (64, 100, 7), (137, 1332, 778), (574, 149, 926)]:
             for ta in (False, True):
                 for tb in (False, True):
                     a = rand(rng, (k, m) if ta else (m, k), dtype)
@@ -429,8 +430,10 @@ from fastopt import _fastopt
 rng = np.random.default_rng(6)
 for blas in sys.argv[1:]:
     fo.set_blas(blas)
-    # just large enough to split (m*n*k >= 2^21), by rows and by columns
-    for m, n, k, ta, tb in [(300, 130, 60, 0, 0), (130, 300, 60, 0, 1), (140, 270, 70, 1, 1)]:
+    # just large enough to split (m*n*k >= 2^21), in 2 pieces by rows and by
+    # columns, and in 4
+    for m, n, k, ta, tb in [(300, 130, 60, 0, 0), (130, 300, 60, 0, 1), (140, 270, 70, 1, 1),
+                            (1030, 40, 52, 0, 0)]:
         a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
         b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
         got = []
