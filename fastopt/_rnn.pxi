@@ -241,8 +241,8 @@ cdef void _dnnl_gemm_f32(int ta, int tb, int64_t m, int64_t n, int64_t k,
 # else 2 (of 64 at least): each piece packs the other operand again, which
 # costs more the narrower the pieces (oneDNN, 1 thread, (64 x 2048) @ (2048 x
 # 256): 1.36x the time of one call in 4 pieces of 64 columns, 1.10x in 2),
-# and 2 or 4 pieces share evenly between 2 threads. Against the libraries'
-# own threads (and OpenBLAS's earlier 4 pieces of 64 and more), LSTM and GRU
+# and 2 or 4 pieces share evenly between 2 threads. Against oneDNN's own
+# threads (and OpenBLAS's earlier 4 pieces of 64 and more), LSTM and GRU
 # T50 B32 I128 H256 and cells B64 I256 H512, forward+backward, took 0.97-1.02x
 # the time with oneDNN and 0.95-1.02x with scipy's, at 1 and 2 threads
 # (interleaved, medians; 4 pieces of 64 and more: cells 1.07x). OpenBLAS has
