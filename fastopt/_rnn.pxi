@@ -308,6 +308,7 @@ cdef str _blas_name = "scipy"
 cdef struct _Product:   # c = op(a) op(b) + beta*c, in pieces
     fo_gemm_f32_fn one32    # one call of the library, on the calling thread
     fo_gemm_f64_fn one64
+    set_threads_fn set_own  # the library's count on each thread that runs pieces, or NULL
     bint f64, by_rows
     int ta, tb
     int64_t m, n, k, lda, ldb, ldc, isz
@@ -344,8 +345,14 @@ cdef void _product_pieces(void *ctx, int64_t unused, int64_t lo, int64_t hi) noe
     """Pieces [lo, hi) / _PIECE_UNITS of the call's j.pieces, each in its own call."""
     cdef _Product *j = <_Product *>ctx
     cdef int64_t p
+    # one thread on this thread too: MKL's count is per thread, and with
+    # MKL_DYNAMIC=FALSE a worker's MKL split K (36 of 240 random products
+    # differed between 1 and 2 threads)
+    cdef int saved = j.set_own(1) if j.set_own != NULL else -1
     for p in range(lo // _PIECE_UNITS, hi // _PIECE_UNITS):
         _product_part(j, p * j.span // j.pieces, (p + 1) * j.span // j.pieces)
+    if saved >= 0:
+        j.set_own(saved)
 
 
 cdef void _split_gemm(bint f64, int ta, int tb, int64_t m, int64_t n, int64_t k,
@@ -368,6 +375,7 @@ cdef void _split_gemm(bint f64, int ta, int tb, int64_t m, int64_t n, int64_t k,
     # pieces need the library single-threaded (its count could be set)
     cdef _OpenBLAS *ob = _current.ob64 if f64 else _current.ob32
     cdef bint held_at_one = ob.set_threads != NULL if ob != NULL else _current.set_threads != NULL
+    j.set_own = _current.set_threads if ob == NULL else NULL
     if not held_at_one or j.pieces < 2 or m * n * k < _SPLIT_MIN_MULS:
         _product_part(&j, 0, j.span)
     else:

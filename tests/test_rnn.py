@@ -420,6 +420,33 @@ def test_products_split_over_threads(threads, blas, nthreads, dtype):
                     np.testing.assert_array_equal(got[nthreads], got[1])
 
 
+def test_mkl_gives_the_same_bits_for_any_thread_count_without_dynamic_threads(threads):
+    """With MKL's dynamic threads off (MKL_DYNAMIC=FALSE), MKL called on a worker
+    thread of fastopt's used its global count inside a piece and split K: each
+    thread that runs pieces sets MKL's count (per thread) to 1."""
+    import ctypes
+    from fastopt import _fastopt, blas
+    with using_blas("mkl"):
+        mkl = ctypes.CDLL(blas.find_mkl())
+        dynamic = mkl.MKL_Get_Dynamic()
+        mkl.MKL_Set_Dynamic(0)
+        try:
+            rng = np.random.default_rng(9)
+            for m, n, k, ta, tb in [(164, 365, 902, 1, 1), (413, 175, 1412, 1, 1),
+                                    (328, 147, 1440, 1, 0)]:
+                a = rand(rng, (k, m) if ta else (m, k), np.float32)
+                b = rand(rng, (n, k) if tb else (k, n), np.float32)
+                got = []
+                for nt in (1, 2):
+                    fo.set_num_threads(nt)
+                    c = np.zeros((m, n), np.float32)
+                    _fastopt.gemm(c, a, b, ta, tb, 0.0)
+                    got.append(c)
+                np.testing.assert_array_equal(got[0], got[1], err_msg=f"{m}x{n}x{k}")
+        finally:
+            mkl.MKL_Set_Dynamic(dynamic)
+
+
 # The same on a CPU without AVX-512, for every provider: run under
 # qemu-x86_64 as a Haswell (AVX2). There OpenBLAS's and oneDNN's kernels round
 # a row at a piece's edge differently (pieces cut per thread made 1 and 2
