@@ -386,6 +386,18 @@ def test_layers_in_python_threads_leave_the_blas_thread_counts_as_they_were(thre
                 np.testing.assert_array_equal(dx, alone[i][1])
 
 
+def gemm_at_thread_counts(a, b, ta, tb, c0, beta, counts):
+    """op(a) op(b) + beta*c0 through fastopt's BLAS, once at each thread count."""
+    from fastopt import _fastopt
+    got = []
+    for nt in counts:
+        fo.set_num_threads(nt)
+        c = c0.copy()
+        _fastopt.gemm(c, a, b, ta, tb, beta)
+        got.append(c)
+    return got
+
+
 @pytest.mark.parametrize("blas", ["scipy", "numpy", "dnnl", "mkl"])
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -395,7 +407,6 @@ def test_products_split_over_threads(threads, blas, nthreads, dtype):
     transpose, close to the product and the same bit for bit at 1 and 2
     threads. Left to their own threads, oneDNN and MKL gave different bits at
     1 and 2 threads for the last two shapes (MKL: 22 of 240 random shapes)."""
-    from fastopt import _fastopt
     with using_blas(blas):
         rng = np.random.default_rng(6)
         # (m, n, k): in 2 pieces by rows and by columns, in 4 (256 rows or
@@ -409,15 +420,10 @@ def test_products_split_over_threads(threads, blas, nthreads, dtype):
                     c0 = rand(rng, (m, n), dtype)
                     A, B = (a.T if ta else a), (b.T if tb else b)
                     want = A.astype(np.float64) @ B.astype(np.float64) + 2.0 * c0
-                    got = {}
-                    for nt in (1, nthreads):
-                        fo.set_num_threads(nt)
-                        c = c0.copy()
-                        _fastopt.gemm(c, a, b, ta, tb, 2.0)
-                        got[nt] = c
+                    one, many = gemm_at_thread_counts(a, b, ta, tb, c0, 2.0, (1, nthreads))
                     tol = 1e-4 if dtype == np.float32 else 1e-12
-                    np.testing.assert_allclose(got[nthreads], want, rtol=tol, atol=tol * k)
-                    np.testing.assert_array_equal(got[nthreads], got[1])
+                    np.testing.assert_allclose(many, want, rtol=tol, atol=tol * k)
+                    np.testing.assert_array_equal(many, one)
 
 
 def test_mkl_gives_the_same_bits_for_any_thread_count_without_dynamic_threads(threads):
@@ -425,7 +431,7 @@ def test_mkl_gives_the_same_bits_for_any_thread_count_without_dynamic_threads(th
     thread of fastopt's used its global count inside a piece and split K: each
     thread that runs pieces sets MKL's count (per thread) to 1."""
     import ctypes
-    from fastopt import _fastopt, blas
+    from fastopt import blas
     with using_blas("mkl"):
         mkl = ctypes.CDLL(blas.find_mkl())
         dynamic = mkl.MKL_Get_Dynamic()
@@ -436,13 +442,9 @@ def test_mkl_gives_the_same_bits_for_any_thread_count_without_dynamic_threads(th
                                     (328, 147, 1440, 1, 0)]:
                 a = rand(rng, (k, m) if ta else (m, k), np.float32)
                 b = rand(rng, (n, k) if tb else (k, n), np.float32)
-                got = []
-                for nt in (1, 2):
-                    fo.set_num_threads(nt)
-                    c = np.zeros((m, n), np.float32)
-                    _fastopt.gemm(c, a, b, ta, tb, 0.0)
-                    got.append(c)
-                np.testing.assert_array_equal(got[0], got[1], err_msg=f"{m}x{n}x{k}")
+                one, two = gemm_at_thread_counts(a, b, ta, tb, np.zeros((m, n), np.float32),
+                                                 0.0, (1, 2))
+                np.testing.assert_array_equal(one, two, err_msg=f"{m}x{n}x{k}")
         finally:
             mkl.MKL_Set_Dynamic(dynamic)
 
