@@ -51,6 +51,8 @@ def adam_step(params: TensorTable, g: GradTable, exp_avg: TensorTable,
               beta1: float, beta2: float, eps: float, weight_decay: float, l1: float,
               amsgrad: bool, maximize: bool, decoupled: bool, step: int) -> None: ...
 
+def _page_prefetch() -> bool: ...
+
 # batch norm (_norm.pxi); per-channel arrays have C entries
 def batchnorm_forward(x: NDArray, y: NDArray, save_mean: Optional[NDArray],
                       save_invstd: Optional[NDArray], running_mean: Optional[NDArray],

@@ -334,3 +334,13 @@ def adam_step(TensorTable params, GradTable g, TensorTable exp_avg, TensorTable 
             fo_adam_step_f32(<float **>params.ptr, <float **>exp_avg.ptr,
                              <float **>exp_avg_sq.ptr, <float **>vmax,
                              <const float **>g.ptr, params.numel, params.n, &a)
+
+
+cdef extern from "parallel.h" nogil:
+    int fo_prefetch_pages()
+
+
+def _page_prefetch():
+    """Testing hook: whether the optimizer loops prefetch one page ahead in
+    this process (Intel CPUs, or FASTOPT_PAGE_PREFETCH=1)."""
+    return bool(fo_prefetch_pages())

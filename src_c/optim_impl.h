@@ -29,7 +29,8 @@
  * threads (Xeon with AVX-512, 2026-11): Adam, Adagrad and RMSprop took
  * 0.89-0.96 of the time without, SGD-momentum 0.94-0.95 on one array and
  * about the same on 150 tensors; two pages ahead gave nothing, half a page
- * the same as one. A block is 1 KiB of each array whatever T: with 256
+ * the same as one. On AMD Zen 4 it costs instead (fo_prefetch_pages says
+ * where it runs). A block is 1 KiB of each array whatever T: with 256
  * float64 elements (2 KiB, twice the prefetches per burst) Adam 1.6e7 float64
  * took 46.5 ms at 1 thread against 34.8 with 128 (torch fused: 43 ms), Adagrad
  * 28.3 against 26.7; SGD and RMSprop the same. */
@@ -46,13 +47,16 @@ INLINE void SFX(prefetch_ahead)(const T *const *arrays, int64_t b0, int64_t hi) 
 }
 
 /* STMT for the blocks [b0, b1) of [lo, hi), each after prefetch_ahead of the
- * arrays (NULL: unused) */
+ * arrays (NULL: unused) on the CPUs where that pays (fo_prefetch_pages) */
 #define IN_BLOCKS(arrays, lo, hi, STMT)                                        \
-    for (int64_t b0 = (lo); b0 < (hi); b0 += PF_BLOCK) {                      \
-        const int64_t b1 = b0 + PF_BLOCK < (hi) ? b0 + PF_BLOCK : (hi);       \
-        SFX(prefetch_ahead)(arrays, b0, hi);                                  \
-        STMT;                                                                 \
-    }
+    do {                                                                      \
+        const int prefetch = fo_prefetch_pages();                             \
+        for (int64_t b0 = (lo); b0 < (hi); b0 += PF_BLOCK) {                  \
+            const int64_t b1 = b0 + PF_BLOCK < (hi) ? b0 + PF_BLOCK : (hi);   \
+            if (prefetch) SFX(prefetch_ahead)(arrays, b0, hi);                \
+            STMT;                                                             \
+        }                                                                     \
+    } while (0)
 
 /* ------------------------------------------------------------------ SGD */
 
@@ -91,7 +95,7 @@ FO_DISPATCH static void SFX(sgd_chunk)(void *vc, int64_t k, int64_t lo, int64_t 
     const T *arrays[PF_ARRAYS] = {c->p[k], c->g[k], c->has_momentum ? c->b[k] : NULL};
     IN_BLOCKS(arrays, lo, hi,
               if (c->has_momentum) SFX(sgd_loop)(c, k, b0, b1, 1);
-              else SFX(sgd_loop)(c, k, b0, b1, 0))
+              else SFX(sgd_loop)(c, k, b0, b1, 0));
 }
 
 void SFX(fo_sgd_step)(T *const *param, T *const *momentum_buffer,
@@ -133,7 +137,7 @@ INLINE void SFX(adagrad_loop)(const SFX(adagrad_ctx) *c, int64_t k, int64_t lo, 
 FO_DISPATCH static void SFX(adagrad_chunk)(void *vc, int64_t k, int64_t lo, int64_t hi) {
     const SFX(adagrad_ctx) *c = (const SFX(adagrad_ctx) *)vc;
     const T *arrays[PF_ARRAYS] = {c->p[k], c->s[k], c->g[k]};
-    IN_BLOCKS(arrays, lo, hi, SFX(adagrad_loop)(c, k, b0, b1))
+    IN_BLOCKS(arrays, lo, hi, SFX(adagrad_loop)(c, k, b0, b1));
 }
 
 void SFX(fo_adagrad_step)(T *const *param, T *const *sum, const T *const *grad,
@@ -197,7 +201,7 @@ FO_DISPATCH static void SFX(rmsprop_chunk)(void *vc, int64_t k, int64_t lo, int6
               if (c->centered && c->has_momentum) SFX(rmsprop_loop)(c, k, b0, b1, 1, 1);
               else if (c->centered) SFX(rmsprop_loop)(c, k, b0, b1, 1, 0);
               else if (c->has_momentum) SFX(rmsprop_loop)(c, k, b0, b1, 0, 1);
-              else SFX(rmsprop_loop)(c, k, b0, b1, 0, 0))
+              else SFX(rmsprop_loop)(c, k, b0, b1, 0, 0));
 }
 
 void SFX(fo_rmsprop_step)(T *const *param, T *const *square_avg, T *const *grad_avg,
@@ -259,7 +263,7 @@ FO_DISPATCH static void SFX(adam_chunk)(void *vc, int64_t k, int64_t lo, int64_t
                                   c->amsgrad ? c->vmax[k] : NULL};
     IN_BLOCKS(arrays, lo, hi,
               if (c->amsgrad) SFX(adam_loop)(c, k, b0, b1, 1);
-              else SFX(adam_loop)(c, k, b0, b1, 0))
+              else SFX(adam_loop)(c, k, b0, b1, 0));
 }
 
 void SFX(fo_adam_step)(T *const *param, T *const *exp_avg, T *const *exp_avg_sq,

@@ -107,6 +107,26 @@ __attribute__((constructor)) static void fo_watch_fork(void) {
 #define FO_WATCH_FORK 1
 #endif
 
+int fo_prefetch_pages(void) {
+    static int cached = -1;   /* atomic: first calls may come from several threads */
+    int v = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (v < 0) {
+        const char *env = getenv("FASTOPT_PAGE_PREFETCH");
+        if (env && (env[0] == '0' || env[0] == '1') && env[1] == 0) {
+            v = env[0] == '1';
+        } else {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+            __builtin_cpu_init();
+            v = __builtin_cpu_is("intel");
+#else
+            v = 0;
+#endif
+        }
+        __atomic_store_n(&cached, v, __ATOMIC_RELAXED);
+    }
+    return v;
+}
+
 int fo_get_num_threads(void) {
 #ifdef _OPENMP
 #ifdef FO_WATCH_FORK

@@ -33,6 +33,14 @@ FO_INTERNAL void fo_parallel_foreach_grain(const int64_t *numel, int64_t ntensor
 typedef void (*fo_part_fn)(void *ctx, int t, int n);
 FO_INTERNAL void fo_parallel_parts(int nthreads, fo_part_fn body, void *ctx);
 
+/* Whether the optimizer loops prefetch one page ahead (optim_impl.h). Intel's
+ * L2 streamer stops at each 4 KiB page, and there the prefetch paid (Adam,
+ * Adagrad, RMSprop 4-11% faster on a Xeon); on AMD Zen 4 the same prefetches
+ * made Adam 1.6e7 take 1.35x the time, and one prefetch per page per array
+ * 1.2x. So: on Intel x86 CPUs only, unless FASTOPT_PAGE_PREFETCH=0 or 1 says
+ * otherwise (read once, at the first optimizer step). */
+FO_INTERNAL int fo_prefetch_pages(void);
+
 /* One block of scratch holding n arrays of bytes[i] bytes, each starting on
  * a 64-byte line (at malloc's 16-byte alignment, a vector load splits across
  * two lines; such loads of per-column coefficients made the batch-norm apply

@@ -388,6 +388,50 @@ def test_bitwise_identical_across_thread_counts(case, dtype, threads):
         np.testing.assert_array_equal(x, y)
 
 
+_PREFETCH_RUN = """
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+import test_optim as t
+assert t.fo._fastopt._page_prefetch() == (sys.argv[3] == "1")
+out = {}
+for name, i in t.BIG_CASES:
+    for dtype in t.DTYPES:
+        p = t.init_params(t.PREFETCH_SHAPES, dtype)
+        t.run_fastopt(name, [(t.CONFIGS[name][1][i], [0, 1, 2])], p, 5, dtype)
+        for k, x in enumerate(p):
+            out[f"{name}{i}-{np.dtype(dtype).name}-{k}"] = x
+np.savez(sys.argv[1], **out)
+"""
+PREFETCH_SHAPES = [(BIG,), (7,), (100_003,)]
+
+
+def test_page_prefetch_on_or_off_gives_the_same_bits(tmp_path):
+    """The loops prefetch one page ahead on Intel CPUs only (fo_prefetch_pages);
+    FASTOPT_PAGE_PREFETCH forces it either way, so that both paths run on any
+    CPU: the same bits, and the formula's values."""
+    import os
+    import subprocess
+    import sys
+    runs = []
+    for flag in ("0", "1"):
+        f = tmp_path / f"prefetch{flag}.npz"
+        env = dict(os.environ, FASTOPT_PAGE_PREFETCH=flag)
+        subprocess.run([sys.executable, "-c", _PREFETCH_RUN, str(f), os.path.dirname(__file__), flag],
+                       env=env, check=True, timeout=600)
+        runs.append(np.load(f))
+    for name, i in BIG_CASES:
+        for dtype in DTYPES:
+            groups = [(CONFIGS[name][1][i], [0, 1, 2])]
+            ref = init_params(PREFETCH_SHAPES, dtype)
+            run_reference(CONFIGS[name][0], groups, ref, 5, dtype)
+            for k, r in enumerate(ref):
+                key = f"{name}{i}-{np.dtype(dtype).name}-{k}"
+                np.testing.assert_array_equal(runs[0][key], runs[1][key], err_msg=key)
+                np.testing.assert_allclose(runs[0][key], r, rtol=RTOL[dtype] * 10,
+                                           atol=ATOL[dtype], err_msg=key)
+
+
 def test_openmp_present_in_ci():
     """The CI build must have OpenMP; a build without it is slow, not wrong."""
     import os
