@@ -1,5 +1,6 @@
-/* parallel.c -- thread count, the shared work splitter, and the baselines the
- * benchmarks measure against (a threaded copy and stream, the FMA peak). */
+/* parallel.c -- thread count, the shared work splitter, the optimizers'
+ * prefetch choice, and the baselines the benchmarks measure against (a
+ * threaded copy and stream, the FMA peak). */
 #include <stdlib.h>
 #include <string.h>
 #ifdef __SSE2__

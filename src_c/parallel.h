@@ -36,9 +36,10 @@ FO_INTERNAL void fo_parallel_parts(int nthreads, fo_part_fn body, void *ctx);
 /* Whether the optimizer loops prefetch one page ahead (optim_impl.h). Intel's
  * L2 streamer stops at each 4 KiB page, and there the prefetch paid (Adam,
  * Adagrad, RMSprop 4-11% faster on a Xeon); on AMD Zen 4 the same prefetches
- * made Adam 1.6e7 take 1.35x the time, and one prefetch per page per array
- * 1.2x. So: on Intel x86 CPUs only, unless FASTOPT_PAGE_PREFETCH=0 or 1 says
- * otherwise (read once, at the first optimizer step). */
+ * made all four take 1.3-1.7x the time at 1 thread (bench/page_prefetch.py),
+ * and one prefetch per page and array still 1.1-1.2x. So: on Intel x86 CPUs
+ * only, unless FASTOPT_PAGE_PREFETCH=0 or 1 says otherwise (read once, at the
+ * first optimizer step). */
 FO_INTERNAL int fo_prefetch_pages(void);
 
 /* One block of scratch holding n arrays of bytes[i] bytes, each starting on
