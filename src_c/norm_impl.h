@@ -435,14 +435,19 @@ INLINE void SFX(reduce_segment)(const T *restrict x, const T *restrict dy, T cen
     }
 }
 
-/* The sum of p's lanes, in float64. */
+/* The sum of p's lanes, in float64. float32 lanes are first added in pairs
+ * in float32 (each then holds at most twice the terms of a vector partial
+ * of reduce_segment's, whose four vectors add up in T), so that one
+ * conversion serves all: on the AMD EPYC (Zen 4) the training forward of
+ * (256, 512, 7, 7) float32 took 0.84-0.85 of the time of converting both
+ * halves (1 and 2 threads; forward+backward 0.88-0.90), its statistics pass
+ * 1.9 ms instead of 2.6, whose hsums had cost more than reading the data. */
 INLINE double SFX(hsum)(SFX(vec) p) {
 #if FO_T_IS_F64
     fo_vec_f64 v = p;
 #else
-    fo_vec_f64 v = __builtin_convertvector(*(const fo_half_f32 *)&p, fo_vec_f64) +
-                   __builtin_convertvector(*(const fo_half_f32 *)((const float *)&p + 8),
-                                           fo_vec_f64);
+    fo_half_f32 f = *(const fo_half_f32 *)&p + *(const fo_half_f32 *)((const float *)&p + 8);
+    fo_vec_f64 v = __builtin_convertvector(f, fo_vec_f64);
 #endif
     typedef double fo_half_f64 __attribute__((vector_size(32), aligned(8), may_alias));
     fo_half_f64 h = *(const fo_half_f64 *)&v + *(const fo_half_f64 *)((const double *)&v + 4);
