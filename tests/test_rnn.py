@@ -453,9 +453,10 @@ def test_mkl_gives_the_same_bits_for_any_thread_count_without_dynamic_threads(th
 # threads differ in the last bit), and MKL's own threads split K.
 QSPLIT = """
 import sys, numpy as np, fastopt as fo
-from fastopt import _fastopt
+sys.path.insert(0, sys.argv[1])
+import test_rnn as t
 rng = np.random.default_rng(6)
-for blas in sys.argv[1:]:
+for blas in sys.argv[2:]:
     fo.set_blas(blas)
     # just large enough to split (m*n*k >= 2^21), in 2 pieces by rows and by
     # columns, and in 4
@@ -463,26 +464,14 @@ for blas in sys.argv[1:]:
                             (1030, 40, 52, 0, 0)]:
         a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
         b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
-        got = []
-        for nt in (1, 2):
-            fo.set_num_threads(nt)
-            c = np.zeros((m, n), np.float32)
-            _fastopt.gemm(c, a, b, ta, tb, 0.0)
-            got.append(c)
+        one, two = t.gemm_at_thread_counts(a, b, ta, tb, np.zeros((m, n), np.float32), 0.0,
+                                           (1, 2))
         want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b)
-        np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4 * k)
-        np.testing.assert_array_equal(got[0], got[1], err_msg=f"{blas} {m}x{n}x{k}")
+        np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-4 * k)
+        np.testing.assert_array_equal(one, two, err_msg=f"{blas} {m}x{n}x{k}")
     x = rng.standard_normal((6, 25, 7)).astype(np.float32)
     dout = rng.standard_normal((6, 25, 200)).astype(np.float32)
-    got = []
-    for nt in (1, 2):
-        fo.set_num_threads(nt)
-        layer = fo.LSTM(7, 200, seed=3)
-        out, _ = layer.forward(x)
-        dx, _ = layer.backward(dout)
-        got.append([out, dx] + list(layer.gradients()))
-    for one, two in zip(*got):
-        np.testing.assert_array_equal(one, two, err_msg=blas)
+    t.assert_same_at_1_and_2_threads("LSTM", {}, x, dout)
 print("ok")
 """
 
@@ -496,7 +485,8 @@ def test_products_are_the_same_for_any_thread_count_on_an_avx2_cpu():
         with contextlib.suppress(pytest.skip.Exception), using_blas(name):
             names.append(name)
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(fo.__file__)))
-    r = subprocess.run([qemu, "-cpu", "Haswell-v4", sys.executable, "-c", QSPLIT] + names,
+    r = subprocess.run([qemu, "-cpu", "Haswell-v4", sys.executable, "-c", QSPLIT,
+                        os.path.dirname(__file__)] + names,
                        env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-3000:]
 
