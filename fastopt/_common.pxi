@@ -93,6 +93,8 @@ def as_array(a, str name):
     is cut)."""
     if isinstance(a, cnp.ndarray):
         return a
+    if a is None:   # np.asarray would make a 0-d object array of it
+        raise TypeError(f"{name} must be an array, got None")
     if getattr(a, "requires_grad", False) is True:
         raise TypeError(f"{name} is a torch tensor that requires grad: pass {name}.detach()")
     try:
@@ -198,6 +200,21 @@ cdef int _check_no_overlap(list written, list read) except -1:
             if read[k][1] is not None and _overlap(written[i][1], read[k][1]):
                 raise ValueError(f"{written[i][0]} shares memory with {read[k][0]}")
     return 0
+
+
+def check_reads_apart_from_grads(list reads, grads):
+    """ValueError for the first array a backward reads ((name, array) pairs,
+    C-contiguous; None skipped) that shares memory with one of `grads`
+    ({parameter name: gradient}), which it accumulates into."""
+    cdef cnp.ndarray a
+    for name, r in reads:
+        if r is None:
+            continue
+        a = <cnp.ndarray?>r
+        for gname, g in grads.items():
+            if _overlap(a, <cnp.ndarray?>g):
+                raise ValueError(f"{name} shares memory with the gradient of {gname}, "
+                                 "which backward accumulates into")
 
 
 cdef int _check_rc(int rc, str what) except -1:

@@ -1,5 +1,5 @@
 """Type stubs for the binding layer fastopt._fastopt (see _fastopt.pyx)."""
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -15,6 +15,8 @@ def fma_peak(seconds: float = ..., repeats: int = ...) -> float: ...
 # what the Python layer hands down (_common.pxi)
 def as_array(a: Any, name: str) -> NDArray: ...
 def as_inplace_array(a: Any, name: str) -> NDArray: ...
+def check_reads_apart_from_grads(reads: list[tuple[str, Optional[NDArray]]],
+                                 grads: Mapping[str, NDArray]) -> None: ...
 
 # optimizers (_optim.pxi)
 class TensorTable:

@@ -73,6 +73,11 @@ def _batch_order(a, order):
     return np.ascontiguousarray(np.take(a, order, axis=1))
 
 
+def _lead_axis(a):
+    """a[:, None]: an unbatched state as a batch of one (None stays None)."""
+    return None if a is None else a[:, None]
+
+
 def _lead(a, shape):
     """The leading shape + (width,) entries of scratch a (T, B, width), as one
     contiguous array (None stays None)."""
@@ -162,7 +167,10 @@ class _Recurrent(Layer):
                 continue
             if isinstance(built, bool):
                 same = _bool(value, name) == built
-            else:   # a size (int) or the nonlinearity (str), of the same type
+            elif isinstance(built, int):   # a size: any integer of the same value
+                same = (isinstance(value, (int, np.integer))
+                        and not isinstance(value, (bool, np.bool_)) and value == built)
+            else:   # the nonlinearity (str)
                 same = type(value) is type(built) and value == built
             if not same:
                 raise ValueError(f"{name} cannot be changed after construction (the weights "
@@ -198,6 +206,14 @@ class _Recurrent(Layer):
         if a is None or a.shape != shape:
             a = self._work[name] = np.empty(shape, self.dtype)
         return a
+
+    def _check_reads_apart_from_grads(self, reads):
+        """Refuse, before anything is written, an array that backward reads
+        ((name, array) pairs) sharing memory with a gradient, which backward
+        accumulates into. The C calls check it too, but a stack's lower
+        layers only when their turn comes, after the layers above have added
+        to their gradients."""
+        _fastopt.check_reads_apart_from_grads(list(reads), self._grads)
 
     def parameters(self):
         """The parameter arrays in torch's order (updated in place by optimizers)."""
@@ -272,10 +288,17 @@ class _SequenceLayer(_Recurrent):
             return fn(state[0], h, 0), fn(state[1], c, 1)
         return fn(state, h, 0)
 
+    def _state_part(self, a, name, part, arg, *batch):
+        """One part of a state (arg "state") or of its gradient ("dstate",
+        where a part given as None stands for zeros), checked for its shape."""
+        if a is None and arg == "dstate":
+            return None
+        return _input(a, name, self.dtype, self._state_shape(part, *batch))
+
     def _check_state(self, state, B, arg="state"):
         """(h, c) of `arg` checked for batch B (c None but for an LSTM)."""
         state = self._map_state(
-            state, lambda a, n, part: _input(a, n, self.dtype, self._state_shape(part, B)), arg)
+            state, lambda a, n, part: self._state_part(a, n, part, arg, B), arg)
         if state is None or self.mode != "lstm":
             return state, None
         return state
@@ -315,10 +338,10 @@ class _SequenceLayer(_Recurrent):
         if lengths is None:
             return None, None
         v = _fastopt.as_array(lengths, "lengths")
-        if v.dtype.kind not in "iu":
-            raise TypeError(f"lengths must be integers, got dtype {v.dtype}")
         if v.shape != (B,):
             raise ValueError(f"lengths must have shape ({B},) (one per sequence), got {v.shape}")
+        if v.dtype.kind not in "iu" and v.size:   # [] reads as float64
+            raise TypeError(f"lengths must be integers, got dtype {v.dtype}")
         if B and (v.min() < 1 or v.max() > T):
             raise ValueError(f"lengths must be in [1, {T}] (the time steps of x), "
                              f"got [{v.min()}, {v.max()}]")
@@ -428,6 +451,7 @@ class _SequenceLayer(_Recurrent):
             dropped.append(drop)
             inp = y
         self._saved, self._dropped = saved, dropped
+        self._inputs = (("x", x), ("h0", h0), ("c0", c0))   # read again by backward
         self._shape, self._lengths, self._order = (T, B), lengths, order
         self._batch_first = batch_first
         out, h_n = inp, np.stack(h_n)
@@ -456,7 +480,7 @@ class _SequenceLayer(_Recurrent):
         if dout is not None:
             dout = _input(dout, "dout", self.dtype, (T, self._D * self._S))[:, None]
         dstate = self._map_state(
-            dstate, lambda a, n, part: _input(a, n, self.dtype, self._state_shape(part))[:, None],
+            dstate, lambda a, n, part: _lead_axis(self._state_part(a, n, part, "dstate")),
             "dstate")
         dx, dstate = self._backward(dout, dstate, False)
         return dx[:, 0], self._map_state(dstate, lambda a, n, part: a[:, 0])
@@ -507,6 +531,8 @@ class _SequenceLayer(_Recurrent):
         if dstate is not None:
             dh_n, dc_n = self._check_state(dstate, B, "dstate")
             dh_n, dc_n = _batch_order(dh_n, order), _batch_order(dc_n, order)
+        self._check_reads_apart_from_grads(
+            self._inputs + (("dout", dout), ("dh_n", dh_n), ("dc_n", dc_n)))
         # every argument is checked: this forward is now consumed, so that a second
         # backward cannot add the parameter gradients again (torch without retain_graph)
         self._saved = None
@@ -645,7 +671,7 @@ class _Cell(_Recurrent):
         h0 = self._state_input(h0, "h0", unbatched, B)
         c0 = self._state_input(c0, "c0", unbatched, B)
         # a popped step's gate buffer, taken off the free list only once the
-        # call has been accepted
+        # call has been accepted (the list holds buffers of one shape: see _recycle)
         reuse = bool(self._free) and self._free[-1].shape == (B, G * H)
         gates = self._free[-1] if reuse else np.empty((B, G * H), self.dtype)
         h1 = np.empty((B, H), self.dtype)
@@ -660,6 +686,8 @@ class _Cell(_Recurrent):
         s.call.forward()
         if reuse:
             self._free.pop()
+        else:   # another batch size: the buffers kept for the old one would never serve
+            self._free.clear()
         self._steps.append(s)
         # copies: backward reads the saved h1/c1, which the caller may then change
         if unbatched:
@@ -676,6 +704,8 @@ class _Cell(_Recurrent):
         dh1 = _input(dh1, "dh1", self.dtype, shape).reshape(B, H)
         if dc1 is not None:
             dc1 = _input(dc1, "dc1", self.dtype, shape).reshape(B, H)
+        self._check_reads_apart_from_grads(
+            (("x", s.x), ("h0", s.h0), ("c0", s.c0), ("dh1", dh1), ("dc1", dc1)))
         _, (gw_ih, gw_hh, gb_ih, gb_hh, _) = self._layer_params("")
         dx = np.empty((B, self.input_size), self.dtype)
         dh0 = np.empty((B, H), self.dtype)
@@ -686,7 +716,7 @@ class _Cell(_Recurrent):
         s.call.backward(dh1, None, dc1, dx, dh0, dc0, gw_ih, gw_hh, gb_ih, gb_hh,
                         dgates, dgates_hh)
         self._steps.pop()
-        self._free.append(s.gates)
+        self._recycle([s.gates])
         if s.unbatched:
             dx, dh0, dc0 = dx[0], dh0[0], (dc0[0] if dc0 is not None else None)
         return dx, dh0, dc0
@@ -695,8 +725,17 @@ class _Cell(_Recurrent):
         """Forget the saved steps (e.g. after truncating backpropagation)."""
         # their gate buffers are reused, as backward's popped ones are (memory
         # stays at its peak): a forward-only loop then allocates none per step
-        self._free.extend(s.gates for s in self._steps)
+        self._recycle([s.gates for s in self._steps])
         self._steps.clear()
+
+    def _recycle(self, buffers):
+        """Keep gate buffers for the next steps, of one shape only (the newest's):
+        memory then stays at its peak even when the batch size changes (a
+        smaller last batch), instead of growing with buffers of the old size."""
+        for g in buffers:
+            if self._free and self._free[-1].shape != g.shape:
+                self._free.clear()
+            self._free.append(g)
 
 
 class _HiddenOnlyCell(_Cell):
@@ -771,6 +810,10 @@ _CELL_ARGS = """
     randomness). forward may be called T times, then backward T times, newest
     step first; parameter gradients accumulate (+=). Each step's backward
     reads the caller's x and state of that step themselves, not copies
-    (torch saves them too): do not modify them until it is backpropagated."""
+    (torch saves them too): do not modify them until it is backpropagated.
+    A step is kept for its backward (in eval() too) until backpropagated or
+    forgotten by reset(): a forward-only loop (inference, generation, which
+    torch would run under no_grad) calls reset() after its steps, else every
+    step's buffers stay alive."""
 for _cls in (RNNCell, GRUCell, LSTMCell):
     _cls.__doc__ = (_cls.__doc__ or "") + _CELL_ARGS

@@ -17,14 +17,20 @@ from ._functional_norm import _real
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
 
+def _one_array(obj):
+    """True for one array (an ndarray, a tensor, a memoryview, any buffer): a
+    group's 'params' given so means [obj], as torch takes one tensor."""
+    return (isinstance(obj, (np.ndarray, memoryview))
+            or any(hasattr(obj, a) for a in ("__array__", "__array_interface__", "__dlpack__")))
+
+
 def _not_a_list_of_arrays(obj):
     """True for what would iterate into something other than the arrays meant:
     one array (an ndarray, a tensor, a memoryview: its rows), a str, or a
     mapping or set (its keys, in no fixed order)."""
     if type(obj) is list or type(obj) is tuple:   # the usual case, without the ABC checks
         return False
-    return (isinstance(obj, (np.ndarray, memoryview, str, bytes, Mapping, Set))
-            or any(hasattr(obj, a) for a in ("__array__", "__array_interface__", "__dlpack__"))
+    return (_one_array(obj) or isinstance(obj, (str, bytes, Mapping, Set))
             or not hasattr(obj, "__iter__"))
 
 
@@ -131,7 +137,13 @@ class Optimizer:
             raise TypeError("param_group must be a dict with a 'params' entry")
         group = dict(param_group)
         ps = group["params"]
-        ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
+        if _one_array(ps):
+            ps = [ps]
+        elif _not_a_list_of_arrays(ps):
+            raise TypeError("param_group['params'] must be an array or an iterable of arrays, "
+                            f"got {type(ps).__name__}")
+        else:
+            ps = list(ps)
         unknown = set(group) - set(self.defaults) - {"params"}
         if unknown:
             raise TypeError(f"unexpected hyperparameter(s): {sorted(unknown)}")
@@ -171,6 +183,9 @@ class Optimizer:
         if _not_a_list_of_arrays(grads):
             raise TypeError(f"grads must be a sequence of arrays, got {type(grads).__name__}")
         grads = list(grads)
+        if type(self.param_groups) is not list or len(self.param_groups) != len(self._groups):
+            raise ValueError(f"param_groups must be a list of the {len(self._groups)} groups "
+                             "added (groups are added with add_param_group, never removed)")
         if len(grads) != self._index.total:
             raise ValueError(f"grads has {len(grads)} arrays, expected {self._index.total} "
                              "(one per param, all groups in order)")

@@ -701,6 +701,40 @@ def test_one_tensor_is_not_a_list_of_params(torch):
         fo.SGD(torch.ones(2, 3))
 
 
+def test_a_group_of_one_tensor_or_buffer_is_one_param(torch):
+    """torch wraps a group's single tensor as [tensor]; iterated, a (2, 3)
+    tensor would have been two params of shape (3,)."""
+    t = torch.zeros(2, 3, dtype=torch.float64)
+    buf = np.zeros(4)
+    opt = fo.SGD([{"params": t}, {"params": memoryview(buf), "lr": 0.5}], lr=1.0)
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 1]
+    opt.step([np.ones((2, 3)), np.ones(4)])
+    np.testing.assert_array_equal(t.numpy(), -np.ones((2, 3)))   # updated in place
+    np.testing.assert_array_equal(buf, np.full(4, -0.5))
+    for bad in ("abc", {1: np.ones(3)}, {np.ones(3).tobytes()}, 3.0):
+        with pytest.raises(TypeError, match=r"param_group\['params'\] must be an array"):
+            fo.SGD([{"params": bad}])
+
+
+@pytest.mark.parametrize("edit", ["pop", "pop0", "clear", "tuple"])
+def test_removing_a_param_group_is_refused(edit):
+    """Popping the last group once made step() ignore it silently (and still
+    ask for its grads); groups are added, never removed."""
+    opt, p = _two_group_opt("SGD")
+    if edit == "pop":
+        opt.param_groups.pop()
+    elif edit == "pop0":
+        opt.param_groups.pop(0)
+    elif edit == "clear":
+        opt.param_groups.clear()
+    else:
+        opt.param_groups = tuple(opt.param_groups)
+    snap = _snapshot(opt, p)
+    with pytest.raises(ValueError, match="param_groups must be a list of the 2 groups"):
+        opt.step([np.ones_like(x) for x in p])
+    _assert_unchanged(snap)
+
+
 def test_unreadable_state_values_are_named(torch):
     opt, p = _two_group_opt("Adam")
     for value in ([[1.0], [1.0, 2.0]], torch.ones(4, dtype=torch.bfloat16),

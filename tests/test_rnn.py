@@ -1920,3 +1920,121 @@ def test_gemm_nt_split_over_threads(threads, blas, nthreads):
             want = a.astype(np.float64) @ b.T.astype(np.float64) + 2.0 * c
             _fastopt.gemm(c, a, b, False, True, 2.0)
             np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------- a user's probe (session 27)
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("forget", ["backward", "reset"])
+def test_cell_memory_stays_at_its_peak_when_the_batch_size_changes(kind, forget):
+    """Epochs whose last batch is smaller: the gate buffers of the old batch
+    size piled up on the free list, T more at every change, without limit."""
+    import tracemalloc
+    T, I, H = 10, 32, 64
+    m = getattr(fo, kind)(I, H, seed=0)
+
+    def epoch():
+        for B in (4, 4, 3):
+            state = None
+            for _ in range(T):
+                state = m.forward(np.ones((B, I), np.float32), state)
+            if forget == "reset":
+                m.reset()
+            else:
+                for _ in range(T):
+                    m.backward(np.ones((B, H), np.float32))
+
+    tracemalloc.start()
+    try:
+        epoch()
+        first = tracemalloc.get_traced_memory()[0]
+        for _ in range(4):
+            epoch()
+        growth = tracemalloc.get_traced_memory()[0] - first
+    finally:
+        tracemalloc.stop()
+    gates = 4 * (4 if kind == "LSTMCell" else 3) * H * 4   # one step's gate buffer, B=4
+    assert growth < 2 * gates, growth   # it grew by about 4 * T of them before
+
+
+@pytest.mark.parametrize("what", ["x", "h0", "dh_n"])
+def test_backward_refused_for_a_lower_layer_leaves_every_layer_as_it_was(what):
+    """The C calls check each layer's arrays when its turn comes: an array
+    that a lower layer reads sharing memory with that layer's gradient was
+    refused after the layers above had added their gradients (and the
+    forward was consumed, so that no retry could run)."""
+    rng = np.random.default_rng(3)
+    T, B, I, H = 3, 2, 4, 4
+    m, ref = _twins(lambda: fo.LSTM(I, H, num_layers=2, dtype=np.float64, seed=0))
+    x, dout = rng.standard_normal((T, B, I)), rng.standard_normal((T, B, H))
+    h0, c0, dh_n = (rng.standard_normal((2, B, H)) for _ in range(3))
+    grad = {"x": "weight_ih_l0", "h0": "weight_hh_l0", "dh_n": "weight_hh_l0"}[what]
+    inside = m._grads[grad].reshape(-1)[:(x if what == "x" else h0).size]
+    args = {"x": x, "h0": h0, "dh_n": dh_n}
+    inside[...] = args[what].reshape(-1)
+    args[what] = inside.reshape(args[what].shape)      # the same values, in the gradient
+    out, _ = m.forward(args["x"], (args["h0"], c0))
+    ref.forward(x, (h0, c0))
+    before = [g.copy() for g in m.gradients()]
+    for _ in range(2):   # the forward is kept: a retry meets the same refusal
+        with pytest.raises(ValueError, match=f"^{what} shares memory with the gradient of {grad}"):
+            m.backward(dout, (args["dh_n"], dh_n))
+        for g, g0 in zip(m.gradients(), before):
+            np.testing.assert_array_equal(g, g0)
+    if what == "dh_n":   # the same values apart from the gradient: accepted, as ref
+        m._grads[grad][...] = 0
+        dx, (dh0, dc0) = m.backward(dout, (dh_n.copy(), dh_n))
+        rdx, (rdh0, rdc0) = ref.backward(dout, (dh_n, dh_n))
+        for a, b in zip((dx, dh0, dc0, *m.gradients()), (rdx, rdh0, rdc0, *ref.gradients())):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell"])
+def test_cell_overlap_errors_name_the_callers_arguments(cls):
+    """The C call's check named its own arguments ("db_ih shares memory with
+    dout" for a dh1 inside a gradient)."""
+    m = getattr(fo, cls)(3, 4, dtype=np.float64, seed=0)
+    m.forward(np.ones((2, 3)))
+    dh1 = m._grads["bias_ih"][:8].reshape(2, 4)
+    with pytest.raises(ValueError, match="^dh1 shares memory with the gradient of bias_ih"):
+        m.backward(dh1)
+    m.backward(np.ones((2, 4)))      # the step was kept
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_a_part_of_dstate_given_as_none_is_zeros(unbatched):
+    """(dh_n, None) was refused as "dc_n must have dtype float64, got object"."""
+    rng = np.random.default_rng(4)
+    m = fo.LSTM(3, 4, num_layers=2, dtype=np.float64, seed=0)
+    x = rng.standard_normal((5, 3) if unbatched else (5, 2, 3))
+    out, (h, c) = m.forward(x)
+    dout, dh, dc = (rng.standard_normal(a.shape) for a in (out, h, c))
+    results = []
+    for dstate in [(dh, None), (dh, np.zeros_like(c)), (None, dc), (np.zeros_like(h), dc)]:
+        m.zero_grad()
+        m.forward(x)
+        dx, (dh0, dc0) = m.backward(dout, dstate)
+        results.append([dx, dh0, dc0] + [g.copy() for g in m.gradients()])
+    for a, b in zip(results[0], results[1]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(results[2], results[3]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError, match="^c0 must be an array, got None"):
+        m.forward(x, (h, None))      # forward's state, as torch's, takes both
+
+
+def test_sizes_of_another_integer_type_with_the_same_value_are_unchanged():
+    m = fo.GRU(3, 4, num_layers=2, seed=0)
+    m.num_layers, m.hidden_size = np.int64(2), np.int32(4)
+    m.forward(np.ones((2, 1, 3), np.float32))
+    m.num_layers = np.int64(3)
+    with pytest.raises(ValueError, match="num_layers cannot be changed"):
+        m.forward(np.ones((2, 1, 3), np.float32))
+
+
+def test_empty_lengths_are_refused_for_their_shape():
+    gru = fo.GRU(3, 4, seed=0)
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        gru.forward(np.ones((3, 2, 3), np.float32), lengths=[])
+    out, _ = gru.forward(np.ones((3, 0, 3), np.float32), lengths=[])   # B = 0: fits
+    assert out.shape == (3, 0, 4)
