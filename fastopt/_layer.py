@@ -1,14 +1,53 @@
 """The part of torch.nn.Module that every fastopt layer shares: the training
 flag, gradient zeroing over ``gradients()``, and state_dict()/load_state_dict()
 over the arrays a layer names as torch does."""
+import functools
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 
+_LOCK_GUARD = threading.Lock()
+
+
+def one_call_at_a_time(method):
+    """Serialize the calls of `method` on one object (with the other methods
+    so marked). Layers and optimizers reuse their buffers and state from call
+    to call: two threads in one object at once computed over each other's
+    numbers (a shared LSTM's outputs came out wrong, a shared Adam lost
+    updates). Different objects still run at once, their kernels without the
+    GIL."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        try:
+            lock = self._call_lock
+        except AttributeError:   # made on first use; pickle and deepcopy leave it out
+            with _LOCK_GUARD:
+                lock = self.__dict__.setdefault("_call_lock", threading.RLock())
+        # acquire/release rather than `with`: half the cost (0.15 against 0.3 us
+        # here), which an Adam step on 10^4 elements (6.5 us) notices
+        lock.acquire()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lock.release()
+    return call
+
+
+def state_without_lock(obj):
+    """obj.__dict__ for pickle and copy.deepcopy, without the lock (a lock
+    cannot be pickled; a copy makes its own)."""
+    state = dict(obj.__dict__)
+    state.pop("_call_lock", None)
+    return state
+
 
 class Layer:
     training = True
+
+    def __getstate__(self):
+        return state_without_lock(self)
 
     def train(self, mode=True):
         """Training mode (True) or eval mode (False), as torch's Module.train;
@@ -31,6 +70,7 @@ class Layer:
         """gradients()[i] is the accumulated gradient of parameters()[i]."""
         return []
 
+    @one_call_at_a_time
     def zero_grad(self):
         """Set every accumulated gradient to 0, in place."""
         for g in self.gradients():
@@ -44,10 +84,12 @@ class Layer:
         """Refuse loaded values ({name: array}, shapes and dtypes already
         checked) that the layer's own rules forbid; nothing is written yet."""
 
+    @one_call_at_a_time
     def state_dict(self):
         """{torch name: copy of the array}, e.g. weight_ih_l0 or running_mean."""
         return OrderedDict((k, v.copy()) for k, v in self._named_arrays().items())
 
+    @one_call_at_a_time
     def load_state_dict(self, state_dict):
         """Copy arrays by torch name into the layer's own (in place, so optimizers
         holding them see the new values); a torch module's state_dict() works as

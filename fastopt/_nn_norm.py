@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from . import _fastopt
-from ._layer import Layer
+from ._layer import Layer, one_call_at_a_time
 from ._functional_norm import _bool, _real, _u64, _unit, _written
 
 __all__ = ["BatchNorm", "Dropout"]
@@ -148,6 +148,7 @@ class BatchNorm(_Layer):
         if "num_batches_tracked" in arrays:
             _batches(arrays["num_batches_tracked"][()], "state_dict['num_batches_tracked']")
 
+    @one_call_at_a_time
     def reset_running_stats(self):
         """running_mean = 0, running_var = 1, num_batches_tracked = 0 (as torch)."""
         if self.track_running_stats:
@@ -155,6 +156,7 @@ class BatchNorm(_Layer):
             self.running_var.fill(1)
             self._batches[()] = 0
 
+    @one_call_at_a_time
     def forward(self, x, out=None):
         """y = BN(x); x of shape (N, C, *spatial) (or (N, *spatial, C))."""
         x = self._check_input(x, "x")
@@ -197,6 +199,7 @@ class BatchNorm(_Layer):
         self._ctx = (x, batch_stats, channels_last)
         return y
 
+    @one_call_at_a_time
     def backward(self, dy, out=None):
         """dx for the last forward; grad_weight += sum(dy*xhat), grad_bias += sum(dy)."""
         if self._ctx is None:
@@ -241,6 +244,7 @@ class Dropout(_Layer):
         self._mask = None     # the mask buffer, reused while the size fits
         self._ctx = None      # (shape, dtype, training, p, seed, offset, mask)
 
+    @one_call_at_a_time
     def forward(self, x, out=None):
         """y = dropout(x) in training (float32 or float64 x), x itself in eval."""
         x, out = _fastopt.as_array(x, "x"), _written(out, "out")
@@ -268,6 +272,7 @@ class Dropout(_Layer):
         self.offset = offset + 1
         return y
 
+    @one_call_at_a_time
     def backward(self, dy, out=None):
         """dx for the last forward (its p, seed and mask)."""
         if self._ctx is None:

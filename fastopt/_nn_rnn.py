@@ -18,7 +18,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import _fastopt
-from ._layer import Layer
+from ._layer import Layer, one_call_at_a_time
 from ._functional_norm import _bool, _unit
 from ._nn_norm import Dropout
 from .blas import ensure_configured
@@ -303,6 +303,7 @@ class _SequenceLayer(_Recurrent):
             return state, None
         return state
 
+    @one_call_at_a_time
     def forward(self, x, state=None, lengths=None):
         """out, state = forward(x, state=None, lengths=None). x (T, B, I)
         ((B, T, I) when batch_first), or unbatched (T, I); state h0
@@ -464,6 +465,7 @@ class _SequenceLayer(_Recurrent):
 
     __call__ = forward
 
+    @one_call_at_a_time
     def backward(self, dout, dstate=None):
         """dx, dstate = backward(dout, dstate=None): the gradients of the input
         and of the initial state from those of out (None = zeros) and of the
@@ -657,6 +659,7 @@ class _Cell(_Recurrent):
         a = _input(a, name, self.dtype, (self.hidden_size,) if unbatched else (B, self.hidden_size))
         return a[None] if unbatched else a
 
+    @one_call_at_a_time
     def _step(self, x, h0, c0):
         self._check_flags()     # the attributes may have been edited since __init__
         x = _fastopt.as_array(x, "x")
@@ -694,6 +697,7 @@ class _Cell(_Recurrent):
             h1, c1 = h1[0], (c1[0] if c1 is not None else None)
         return h1.copy(), (c1.copy() if c1 is not None else None)
 
+    @one_call_at_a_time
     def _unstep(self, dh1, dc1):
         if not self._steps:
             raise ValueError("backward() needs a matching forward() first (every step "
@@ -721,6 +725,7 @@ class _Cell(_Recurrent):
             dx, dh0, dc0 = dx[0], dh0[0], (dc0[0] if dc0 is not None else None)
         return dx, dh0, dc0
 
+    @one_call_at_a_time
     def reset(self):
         """Forget the saved steps (e.g. after truncating backpropagation)."""
         # their gate buffers are reused, as backward's popped ones are (memory

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _fastopt
 from ._functional_norm import _real
+from ._layer import one_call_at_a_time, state_without_lock
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adam", "AdamW"]
 
@@ -131,6 +132,7 @@ class Optimizer:
             self.add_param_group(g)
 
     # ---- groups ---------------------------------------------------------
+    @one_call_at_a_time
     def add_param_group(self, param_group):
         """Add a dict with 'params' and optional hyperparameters (defaults fill the rest)."""
         if not isinstance(param_group, dict) or "params" not in param_group:
@@ -177,6 +179,7 @@ class Optimizer:
         return 0.0
 
     # ---- step -------------------------------------------------------------
+    @one_call_at_a_time
     def step(self, grads):
         """Update every param in place from grads: a sequence aligned with the
         params of all groups, in order. Checks everything before writing."""
@@ -215,6 +218,7 @@ class Optimizer:
             self._update(g, gt, group, fresh)
 
     # ---- state_dict -------------------------------------------------------
+    @one_call_at_a_time
     def state_dict(self):
         """{'state': {index: {'step': float, name: array copy}}, 'param_groups': [...]}
         in torch's layout (params numbered across groups)."""
@@ -232,6 +236,7 @@ class Optimizer:
             idx += g["params"].n
         return {"state": state, "param_groups": groups}
 
+    @one_call_at_a_time
     def load_state_dict(self, state_dict):
         """Load a dict from state_dict() (or torch's, converted to NumPy). It is
         checked whole first; if anything does not fit, nothing changes."""
@@ -309,7 +314,7 @@ class Optimizer:
     # memo keeps the same objects as those in param_groups. The state arrays
     # arrive as separate copies and are carved out of one buffer again.
     def __getstate__(self):
-        state = dict(self.__dict__)
+        state = state_without_lock(self)
         del state["_index"]
         state["_groups"] = [dict(g, params=g["params"].arrays,
                                  state={n: t.arrays for n, t in g["state"].items()})

@@ -169,7 +169,8 @@ typedef struct {
  *   dweight = sum(dy*xhat), dbias = sum(dy) per channel (either may be NULL);
  *   training: dx = weight*invstd*(dy - mean(dy) - xhat*mean(dy*xhat));
  *   eval:     dx = weight*invstd*dy.
- * dx may be NULL (only parameter gradients); weight NULL means 1. */
+ * dx may be NULL (only parameter gradients); weight NULL means 1; save_mean
+ * and save_invstd are required (NULL: -2, nothing written). */
 int fo_batchnorm_backward_f32(float *dx, float *dweight, float *dbias, const float *dy,
                               const float *x, const float *save_mean,
                               const float *save_invstd, const float *weight,
@@ -298,7 +299,8 @@ typedef struct {
 /* Forward over the whole sequence. Returns 0; -1 when scratch memory (B*G*H
  * elements, plus about G*H*S for a packed or transposed copy of w_hh when
  * T >= 4) cannot be allocated; -2 for an unknown mode, T or B < 0, I or H < 1,
- * or a proj_size other than 0 outside an LSTM (P must be in [1, H) there). */
+ * one of b_ih and b_hh without the other, or a proj_size other than 0
+ * outside an LSTM (P must be in [1, H) there). */
 int fo_rnn_forward_f32(const fo_rnn_layer *layer, const fo_rnn_forward_io *io, fo_gemm_f32_fn gemm);
 int fo_rnn_forward_f64(const fo_rnn_layer *layer, const fo_rnn_forward_io *io, fo_gemm_f64_fn gemm);
 /* Backward through the whole sequence, newest step first, from the buffers

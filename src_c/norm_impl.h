@@ -1159,7 +1159,7 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
                                const T *save_mean, const T *save_invstd, const T *weight,
                                int64_t outer, int64_t C, int64_t inner,
                                const fo_batchnorm_backward_args *a) {
-    if (outer < 0 || C < 0 || inner < 0) return -2;
+    if (outer < 0 || C < 0 || inner < 0 || !save_mean || !save_invstd) return -2;
     if (C == 0) return 0;
     fo_norm_plan p = fo_norm_make_plan(outer, C, inner);
     int stream = dx ? SFX(stream_mode)(&p, dx) : 0;

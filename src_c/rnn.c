@@ -41,6 +41,7 @@ static const double fo_inv_factorial[15] = {
 static int fo_rnn_layer_valid(const fo_rnn_layer *L) {
     if (fo_rnn_num_gates(L->mode) == 0) return 0;
     if (L->seq_len < 0 || L->batch < 0 || L->input_size < 1 || L->hidden_size < 1) return 0;
+    if ((L->b_ih == NULL) != (L->b_hh == NULL)) return 0;   /* both biases or neither */
     return L->proj_size == 0 ||
            (L->mode == FO_LSTM && L->proj_size > 0 && L->proj_size < L->hidden_size);
 }

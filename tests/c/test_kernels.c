@@ -206,6 +206,10 @@ static void test_edges(void) {
     check("bn running_mean untouched", rm[0], 0, 0);
     check("bn eval without running_var", fo_batchnorm_forward_f32(y, NULL, NULL, rm, NULL, x, NULL, NULL, 4, 2, 1, &ev), -2, 0);
     check("bn negative size", fo_batchnorm_forward_f32(y, sm, si, rm, rv, x, NULL, NULL, -1, 2, 1, &tr), -2, 0);
+    y[0] = 42;   /* backward needs the saved statistics (it dereferenced NULL once) */
+    check("bn backward without save_mean", fo_batchnorm_backward_f32(y, NULL, NULL, x, x, NULL, si, NULL, 4, 2, 1, &ba), -2, 0);
+    check("bn backward without save_invstd", fo_batchnorm_backward_f32(y, NULL, NULL, x, x, sm, NULL, NULL, 4, 2, 1, &ba), -2, 0);
+    check("bn refused backward wrote nothing", y[0], 42, 0);
     check("bn empty batch", fo_batchnorm_forward_f32(y, sm, si, rm, rv, x, NULL, NULL, 0, 2, 1, &tr), 0, 0);
     check("bn empty batch save_invstd", si[1], 0, 0);
     int nt = fo_get_num_threads();

@@ -206,19 +206,23 @@ static void test_mode(int mode) {
 }
 
 /* Layers that fastopt.h forbids are refused with -2 before anything runs:
- * an unknown mode (it once returned 0 with out unwritten) and a projection
- * outside an LSTM (it once overran the state buffers). */
+ * an unknown mode (it once returned 0 with out unwritten), a projection
+ * outside an LSTM (it once overran the state buffers) and one bias without
+ * the other (it once read through the NULL one). */
 static void test_refused_layers(void) {
     float w[64] = {0}, x[8] = {0}, out[8] = {0}, gates[32] = {0};
     fo_rnn_layer bad_mode = {7, 1, 1, 1, 2, w, w, NULL, NULL, 0, NULL};
     fo_rnn_layer gru_proj = {FO_GRU, 1, 1, 1, 4, w, w, NULL, NULL, 2, w};
+    fo_rnn_layer one_bias = {FO_LSTM, 1, 1, 1, 2, w, w, w, NULL, 0, NULL};
     fo_rnn_forward_io io = {x, NULL, NULL, out, NULL, gates, gates};
     fo_rnn_backward_io bio = {0};
-    int rcs[4] = {fo_rnn_forward_f32(&bad_mode, &io, gemm_f32),
+    int rcs[6] = {fo_rnn_forward_f32(&bad_mode, &io, gemm_f32),
                   fo_rnn_forward_f32(&gru_proj, &io, gemm_f32),
+                  fo_rnn_forward_f32(&one_bias, &io, gemm_f32),
                   fo_rnn_backward_f32(&bad_mode, &io, &bio, gemm_f32),
-                  fo_rnn_backward_f32(&gru_proj, &io, &bio, gemm_f32)};
-    for (int k = 0; k < 4; k++)
+                  fo_rnn_backward_f32(&gru_proj, &io, &bio, gemm_f32),
+                  fo_rnn_backward_f32(&one_bias, &io, &bio, gemm_f32)};
+    for (int k = 0; k < 6; k++)
         if (rcs[k] != -2) { printf("FAIL refused layer %d: rc %d\n", k, rcs[k]); failures++; }
     /* gate-gradient rows narrower than G*H */
     fo_rnn_layer rnn = {FO_RNN_TANH, 1, 1, 1, 4, w, w, NULL, NULL, 0, NULL};
