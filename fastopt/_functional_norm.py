@@ -111,6 +111,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     passed, else None; ``accumulate=True`` adds into the passed buffers);
     training: dx = weight*invstd*(dy - mean(dy) - xhat*mean(dy*xhat)),
     eval (running statistics): dx = weight*invstd*dy. input_grad=False skips dx.
+    ``training`` must say how the forward ran: its default is True, the usual
+    case for a backward, while batch_norm_forward's is False, as torch's.
     """
     x, dy = _fastopt.as_array(x, "x"), _fastopt.as_array(dy, "dy")
     save_mean, save_invstd = _read(save_mean, "save_mean"), _read(save_invstd, "save_invstd")
