@@ -82,12 +82,13 @@ def batch_norm_forward(x, running_mean=None, running_var=None, weight=None, bias
     and 1/sqrt(var + eps) that were used, for batch_norm_backward.
     """
     x = _fastopt.as_array(x, "x")
-    running_mean, running_var = (_written(running_mean, "running_mean"),
-                                 _written(running_var, "running_var"))
+    training, channels_last = _bool(training, "training"), _bool(channels_last, "channels_last")
+    stats = _written if training else _read   # eval only reads them: a list will do
+    running_mean, running_var = (stats(running_mean, "running_mean"),
+                                 stats(running_var, "running_var"))
     weight, bias = _read(weight, "weight"), _read(bias, "bias")
     out, save_mean = _written(out, "out"), _written(save_mean, "save_mean")
     save_invstd = _written(save_invstd, "save_invstd")
-    training, channels_last = _bool(training, "training"), _bool(channels_last, "channels_last")
     C = _channels(x, channels_last)
     momentum = _real(momentum, "momentum")
     eps = _real(eps, "eps")

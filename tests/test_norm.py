@@ -489,6 +489,17 @@ def test_out_not_an_array_names_out():
     _assert_bn_unchanged(bn, state)
 
 
+def test_running_stats_as_lists_are_read_in_eval_and_refused_in_training():
+    """Eval only reads the running statistics: lists were refused there as
+    "would be copied" (training writes them, so there they still are)."""
+    x = make((5, 3), np.float64, 0)
+    rm, rv = [0.5, -1.0, 2.0], [1.0, 4.0, 0.25]
+    y, _, _ = F.batch_norm_forward(x, rm, rv, eps=1e-5)
+    np.testing.assert_allclose(y, (x - np.array(rm)) / np.sqrt(np.array(rv) + 1e-5), rtol=1e-14)
+    with pytest.raises(TypeError, match=r"^running_mean \(list\) would be copied"):
+        F.batch_norm_forward(x, rm, rv, training=True)
+
+
 @pytest.mark.parametrize("attr,value,exc", [("momentum", "a", TypeError),
                                             ("momentum", 1.5, ValueError),
                                             ("momentum", float("nan"), ValueError),
