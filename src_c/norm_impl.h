@@ -1012,8 +1012,11 @@ FO_DISPATCH static void SFX(forward_coefs)(
     const double unbias = M > 1 ? (double)M / (double)(M - 1) : 1.0;
     if (a->training) {
         for (int64_t c = 0; c < C; c++) {
-            double dm = mean[c] * invM, v = var[c] * invM - dm * dm;   /* biased */
-            var[c] = v < 0 ? 0 : v;                                     /* NaN stays NaN */
+            double dm = mean[c] * invM, sq = var[c] * invM;
+            /* biased; a sum of squares that overflowed stays Inf (Inf - dm*dm
+             * was NaN where torch gives Inf, so y = 0), a NaN stays NaN */
+            double v = isinf(sq) ? sq : sq - dm * dm;
+            var[c] = v < 0 ? 0 : v;
             mean[c] = (double)x[c * inner] + dm;
         }
         if (running_mean)

@@ -584,6 +584,21 @@ def test_nan_propagates_to_its_channel(shape, cl):
     assert np.isfinite(ch[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("shape,cl", [((4, 3, 2, 2), False), ((4, 3), False), ((4, 2, 2, 3), True)])
+def test_a_variance_beyond_float64_is_inf_as_in_torch(shape, cl):
+    """float64 data beyond 1e154: the sum of squares overflows. Its variance
+    came out NaN (Inf - Inf), and with it y and running_var; torch gives
+    running_var Inf and y = 0 (an invstd of 0)."""
+    x = make(shape, np.float64, 0)
+    big = np.moveaxis(x, channel_axis(x, cl), 0)[1]
+    big.flat[0] = 1e200
+    rm, rv = np.zeros(3), np.ones(3)
+    y, sm, si = F.batch_norm_forward(x, rm, rv, training=True, channels_last=cl)
+    ch = np.moveaxis(y, channel_axis(x, cl), 0)
+    assert (ch[1] == 0).all() and si[1] == 0 and rv[1] == np.inf
+    assert np.isfinite(rm[1]) and np.isfinite(ch[[0, 2]]).all()
+
+
 # ------------------------------------------------- random shapes (hypothesis)
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
