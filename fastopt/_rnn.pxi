@@ -111,7 +111,11 @@ cdef int _scipy_blas_ready() except -1:
     global _blas_sgemm, _blas_dgemm
     if _blas_sgemm != NULL:
         return 0
-    from scipy.linalg import cython_blas
+    try:
+        from scipy.linalg import cython_blas
+    except ImportError as e:
+        raise ImportError("the recurrent layers need SciPy (scipy.linalg.cython_blas, the BLAS "
+                          f"every provider falls back to), a dependency of fastopt: {e}") from e
     capi = cython_blas.__pyx_capi__
     s, d = capi["sgemm"], capi["dgemm"]
     _blas_dgemm = <fortran_dgemm_t>PyCapsule_GetPointer(d, PyCapsule_GetName(d))

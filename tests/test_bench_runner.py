@@ -25,7 +25,10 @@ def test_runner_rows_and_json(tmp_path):
     assert text.count("\nsgd-momentum") == 3
     path = tmp_path / "b.json"
     bench.main(["--quick", "--only", "sgd-momentum", "--threads", "1", "--json", str(path)])
-    assert json.loads(path.read_text())["rows"][0]["kernel"] == "sgd-momentum"
+    record = json.loads(path.read_text())
+    assert record["rows"][0]["kernel"] == "sgd-momentum"
+    assert record["run"]["threads"] == [1] and record["run"]["quick"] is True
+    assert record["run"]["only"] == ["sgd-momentum"] and record["run"]["fastopt"]
 
 
 def test_interleaved_timing_measures_each_callable():
@@ -58,12 +61,18 @@ def test_gemm_rows_report_the_fraction_of_the_fma_peak():
 
 
 def test_bad_options_are_refused_by_name(capsys):
-    """Thread counts that are not whole numbers >= 1, and --only names that
-    match no family or kernel, stop the runner with a usage error that says
-    what was expected (instead of a traceback, or a table with no rows)."""
+    """Thread counts that are not whole numbers >= 1, --only names that match
+    no family or kernel (or empty ones), and a --json path that cannot be
+    written stop the runner before it runs, with a usage error that says what
+    was expected (instead of a traceback, a table with no rows, or a whole
+    run whose results are lost when the file fails to open)."""
     for argv, words in ((["--threads", "x"], ["--threads", "'x'"]),
                         (["--threads", "1,0"], ["--threads", "'1,0'"]),
-                        (["--only", "adam,adamm"], ["--only", "adamm", "known:", "rmsprop"])):
+                        (["--only", "adam,adamm"], ["--only", "adamm", "known:", "rmsprop"]),
+                        (["--only", ","], ["--only", "separated by commas"]),
+                        (["--only", "adam", "--json", "/nonexistent/x.json"],
+                         ["--json", "/nonexistent/x.json"]),
+                        (["--only", "adam", "--json", "/"], ["--json", "cannot write"])):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert e.value.code == 2

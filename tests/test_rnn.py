@@ -2038,3 +2038,22 @@ def test_empty_lengths_are_refused_for_their_shape():
         gru.forward(np.ones((3, 2, 3), np.float32), lengths=[])
     out, _ = gru.forward(np.ones((3, 0, 3), np.float32), lengths=[])   # B = 0: fits
     assert out.shape == (3, 0, 4)
+
+
+def test_missing_scipy_is_named_when_a_recurrent_layer_first_multiplies():
+    """Without SciPy (a dependency, but a --no-deps install lacks it) the
+    recurrent layers raised a bare "No module named 'scipy'" from inside the
+    binding; optimizers and batch norm need no SciPy and keep working."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['scipy'] = None\n"
+            "import numpy as np, fastopt as fo\n"
+            "p = np.ones(3, np.float32); fo.Adam([p]).step([p.copy()])\n"
+            "try:\n"
+            "    fo.LSTM(2, 3, seed=0).forward(np.ones((2, 1, 2), np.float32))\n"
+            "except ImportError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("the recurrent layers need SciPy"), out.stdout

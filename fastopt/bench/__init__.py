@@ -185,7 +185,13 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
     t_start = time.perf_counter()
     rows = []
     info = machine_info()
+    if np.dtype(dtype) == np.float64 and info["blas"] == "dnnl":
+        info["blas"] = "scipy (dnnl has no float64 GEMM)"
     peak = info["fma_peak_gflops"] = _fastopt.fma_peak()   # one core, now
+    settings = {"fastopt": _version(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                  time.gmtime()),
+                "threads": list(threads), "quick": bool(quick),
+                "only": list(families) if families else None, "dtype": np.dtype(dtype).name}
     print(f"# fastopt bench: {info['cpu']}, {info['cores']} cores, numpy {info['numpy']}, "
           f"torch {info['torch']}, OpenMP {info['openmp']}, BLAS for rnn {info['blas']}, "
           f"{np.dtype(dtype).name}; FMA peak {peak:.0f} GFLOP/s per core", file=out)
@@ -245,7 +251,12 @@ def run(threads=(1, 2), quick=False, families=None, dtype=np.float32, out=sys.st
         if limiter is not None:
             limiter.restore_original_limits()
     print(f"# {len(rows)} rows in {time.perf_counter() - t_start:.0f} s", file=out)
-    return {"machine": info, "rows": rows}
+    return {"machine": info, "run": settings, "rows": rows}
+
+
+def _version():
+    from .. import __version__
+    return __version__
 
 
 def _fmt_time(s):
@@ -279,7 +290,15 @@ def main(argv=None):
                     help="the arrays' dtype (default float32)")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH ('-': stdout)")
     args = ap.parse_args(argv)
-    families = [x for x in args.only.split(",") if x] or None
+    if args.json and args.json != "-":   # before the run, not after minutes of it
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            ap.error(f"--json: cannot write {args.json!r} (a file in an existing, "
+                     "writable folder)")
+    names = [x.strip() for x in args.only.split(",")]
+    if args.only and not all(names):
+        ap.error(f"--only: expected names separated by commas, got {args.only!r}")
+    families = [x for x in names if x] or None
     load_cases()
     known = {name for family, kernel, *_ in REGISTRY for name in (family, kernel)}
     unknown = sorted(set(families or ()) - known)
