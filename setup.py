@@ -43,9 +43,10 @@ if not openmp:
 
 # No -march=native (the build must run on every x86-64: src_c dispatches to
 # AVX2/AVX-512 at run time) and no -ffast-math (NaN/Inf must propagate).
-# -fno-math-errno lets GCC vectorize sqrt.
+# -fno-math-errno lets GCC vectorize sqrt. -g0 drops the debug info that
+# Python's own CFLAGS ask for (-g): the module was 8.5 MB with it, 2.2 without.
 cflags = ["-fno-math-errno", "-Wno-unused-function"]
-cflags += ["-O0", "-g"] if DEBUG else ["-O3"]
+cflags += ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
 ldflags = []
 if openmp:
     cflags.append("-fopenmp")
