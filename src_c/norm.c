@@ -7,9 +7,9 @@
  *
  * Each kernel is one reduction pass and one apply pass over memory:
  *   forward (training): sums of (x - K) and (x - K)^2 per channel, K = the
- *     channel's first element (the shifted-data algorithm: K lies within the
- *     data's spread, so the float64 sums do not cancel even for x = 1e4 +
- *     N(0, 1)); then y = (x - mean_T)*scale + shift, where mean_T is the mean
+ *     channel's first element, or 0 if not finite (the shifted-data algorithm:
+ *     K lies within the data's spread, so the float64 sums do not cancel even
+ *     for x = 1e4 + N(0, 1)); then y = (x - mean_T)*scale + shift, where mean_T is the mean
  *     rounded to T, so that x - mean_T is (nearly) exact and the rounding of
  *     the mean is folded into `shift` in double.
  *   forward (eval): y = x*scale + shift, running stats folded per channel.

@@ -993,12 +993,16 @@ static void SFX(apply_coefs)(const SFX(norm_scratch) *s, const fo_norm_plan *p,
     for (int a = 0; a < 4; a++) SFX(expand_wrap)(arr[a], p, head);
 }
 
+/* The shift K of a channel's sums: its first element, or 0 if that is Inf
+ * or NaN (an Inf K made the mean NaN where torch's is Inf). */
+INLINE T SFX(shift_of)(T first) { return isfinite(first) ? first : (T)0; }
+
 /* Per-channel statistics and apply coefficients, as loops over channels that
  * GCC vectorizes (restrict pointers, every condition outside its loop): as one
  * scalar loop, the divide and square root per channel took 14 us of a
  * (2, 1024) forward, more than its passes over the data.
- * training: mean and biased var from the shifted sums (K = the channel's first
- * element), running stats updated with the unbiased var; else mean and var
+ * training: mean and biased var from the shifted sums (K = shift_of the
+ * channel's first element), running stats updated with the unbiased var; else mean and var
  * are the running stats. Then y = (x - cen)*k2 + k3 with cen = the mean
  * rounded to T (x - cen is then nearly exact; the rounding goes into k3).
  * mean and var come in holding sum1 and sum2 and are overwritten. */
@@ -1014,10 +1018,11 @@ FO_DISPATCH static void SFX(forward_coefs)(
         for (int64_t c = 0; c < C; c++) {
             double dm = mean[c] * invM, sq = var[c] * invM;
             /* biased; a sum of squares that overflowed stays Inf (Inf - dm*dm
-             * was NaN where torch gives Inf, so y = 0), a NaN stays NaN */
-            double v = isinf(sq) ? sq : sq - dm * dm;
+             * was NaN where torch gives Inf, so y = 0), a NaN stays NaN; an
+             * Inf in the data makes the variance NaN, as torch's */
+            double v = !isfinite(dm) ? NAN : isinf(sq) ? sq : sq - dm * dm;
             var[c] = v < 0 ? 0 : v;
-            mean[c] = (double)x[c * inner] + dm;
+            mean[c] = (double)SFX(shift_of)(x[c * inner]) + dm;
         }
         if (running_mean)
             for (int64_t c = 0; c < C; c++)
@@ -1125,8 +1130,8 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
     for (int64_t c = 0; c < C; c++) {
         s.k1[c] = 0;   /* forward: no dy term */
         if (a->training) {
-            s.center[c] = M ? (double)x[c * inner] : 0.0;   /* the shift K */
-            s.cen[c] = M ? x[c * inner] : 0;
+            s.cen[c] = M ? SFX(shift_of)(x[c * inner]) : 0;   /* the shift K */
+            s.center[c] = (double)s.cen[c];
         }
     }
     if (!a->training)

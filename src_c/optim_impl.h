@@ -11,6 +11,9 @@
  * are selects inside the loop. */
 
 #define SIGN(x) ((T)((x) > 0) - (T)((x) < 0))
+/* torch's lerp(a, b, w): a + w*(b - a) for |w| < 0.5, else b + (w - 1)*(b - a),
+ * so that w = 1 (beta1 = 0) gives b exactly; coeff is w or w - 1 (in T). */
+#define LERP(a, b, coeff, from_end) (((from_end) ? (b) : (a)) + (coeff) * ((b) - (a)))
 #define INLINE static inline __attribute__((always_inline))
 /* Before each element loop: its arrays never overlap (the binding refuses
  * aliases). GCC takes that from the restrict locals; clang honours restrict
@@ -149,13 +152,20 @@ void SFX(fo_adagrad_step)(T *const *param, T *const *sum, const T *const *grad,
     fo_parallel_foreach(numel, ntensors, SFX(adagrad_chunk), &c);
 }
 
+/* LERP's scalars for a weight w given in double (torch rounds it to T first) */
+static inline T SFX(lerp_coeff)(double w) {
+    return fabs((double)(T)w) < 0.5 ? (T)w : (T)w - (T)1;
+}
+static inline int SFX(lerp_from_end)(double w) { return !(fabs((double)(T)w) < 0.5); }
+
 /* -------------------------------------------------------------- RMSprop */
 
 typedef struct {
     T *const *p, *const *s, *const *ga, *const *b;
     const T *const *g;
     T lr, alpha, one_minus_alpha, eps, wd, momentum, l1;
-    int centered, nesterov, maximize, has_momentum;
+    T lerp_coeff;       /* grad_avg's lerp towards g: 1 - alpha or -alpha (LERP) */
+    int lerp_from_end, centered, nesterov, maximize, has_momentum;
 } SFX(rmsprop_ctx);
 
 INLINE void SFX(rmsprop_loop)(const SFX(rmsprop_ctx) *c, int64_t k, int64_t lo,
@@ -166,7 +176,8 @@ INLINE void SFX(rmsprop_loop)(const SFX(rmsprop_ctx) *c, int64_t k, int64_t lo,
     T *restrict b = has_momentum ? c->b[k] : 0;
     const T *restrict g = c->g[k];
     const T lr = c->lr, alpha = c->alpha, oma = c->one_minus_alpha, eps = c->eps;
-    const T wd = c->wd, mom = c->momentum, l1 = c->l1;
+    const T wd = c->wd, mom = c->momentum, l1 = c->l1, lerp_coeff = c->lerp_coeff;
+    const int lerp_from_end = c->lerp_from_end;
     const int nesterov = c->nesterov, maximize = c->maximize, has_wd = wd != 0;
     ELEMENTWISE for (int64_t i = lo; i < hi; i++) {
         T pi = p[i];
@@ -177,7 +188,7 @@ INLINE void SFX(rmsprop_loop)(const SFX(rmsprop_ctx) *c, int64_t k, int64_t lo,
         s[i] = si;
         T avg;
         if (centered) {
-            T gai = ga[i] + oma * (gi - ga[i]);   /* lerp, as torch */
+            T gai = LERP(ga[i], gi, lerp_coeff, lerp_from_end);
             ga[i] = gai;
             avg = SQRT(si - gai * gai) + eps;
         } else {
@@ -211,6 +222,7 @@ void SFX(fo_rmsprop_step)(T *const *param, T *const *square_avg, T *const *grad_
     SFX(rmsprop_ctx) c = {param, square_avg, grad_avg, momentum_buffer, grad,
                           (T)a->lr, (T)a->alpha, (T)(1.0 - a->alpha), (T)a->eps,
                           (T)a->weight_decay, (T)a->momentum, (T)a->l1,
+                          SFX(lerp_coeff)(1.0 - a->alpha), SFX(lerp_from_end)(1.0 - a->alpha),
                           a->centered, a->nesterov, a->maximize, a->momentum > 0};
     fo_parallel_foreach(numel, ntensors, SFX(rmsprop_chunk), &c);
 }
@@ -220,9 +232,9 @@ void SFX(fo_rmsprop_step)(T *const *param, T *const *square_avg, T *const *grad_
 typedef struct {
     T *const *p, *const *m, *const *v, *const *vmax;
     const T *const *g;
-    T one_minus_beta1, beta2, one_minus_beta2, eps, wd, l1;
+    T lerp_coeff, beta2, one_minus_beta2, eps, wd, l1;   /* lerp_coeff: m's (LERP) */
     T step_size, inv_bc2_sqrt, decay, lr_l1;
-    int amsgrad, maximize;
+    int lerp_from_end, amsgrad, maximize;
 } SFX(adam_ctx);
 
 INLINE void SFX(adam_loop)(const SFX(adam_ctx) *c, int64_t k, int64_t lo, int64_t hi,
@@ -232,17 +244,17 @@ INLINE void SFX(adam_loop)(const SFX(adam_ctx) *c, int64_t k, int64_t lo, int64_
     T *restrict v = c->v[k];
     T *restrict vmax = amsgrad ? c->vmax[k] : 0;
     const T *restrict g = c->g[k];
-    const T omb1 = c->one_minus_beta1, b2 = c->beta2, omb2 = c->one_minus_beta2;
+    const T lerp_coeff = c->lerp_coeff, b2 = c->beta2, omb2 = c->one_minus_beta2;
     const T eps = c->eps, wd = c->wd, l1 = c->l1, step_size = c->step_size;
     const T inv_bc2_sqrt = c->inv_bc2_sqrt, decay = c->decay, lr_l1 = c->lr_l1;
-    const int maximize = c->maximize, has_wd = wd != 0;
+    const int maximize = c->maximize, has_wd = wd != 0, lerp_from_end = c->lerp_from_end;
     ELEMENTWISE for (int64_t i = lo; i < hi; i++) {
         T pi = p[i];
         T gi = maximize ? -g[i] : g[i];
         gi = has_wd ? gi + wd * pi : gi;        /* coupled (Adam) only */
         gi += l1 * SIGN(pi);
         pi = pi * decay - lr_l1 * SIGN(pi);     /* decoupled (AdamW); else 1, 0 */
-        T mi = m[i] + omb1 * (gi - m[i]);       /* lerp, as torch */
+        T mi = LERP(m[i], gi, lerp_coeff, lerp_from_end);
         T vi = b2 * v[i] + omb2 * gi * gi;
         m[i] = mi;
         v[i] = vi;
@@ -274,16 +286,17 @@ void SFX(fo_adam_step)(T *const *param, T *const *exp_avg, T *const *exp_avg_sq,
     double bc2 = 1.0 - pow(a->beta2, (double)a->step);
     int dec = a->decoupled;
     SFX(adam_ctx) c = {param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad,
-                       (T)(1.0 - a->beta1), (T)a->beta2, (T)(1.0 - a->beta2), (T)a->eps,
+                       SFX(lerp_coeff)(1.0 - a->beta1), (T)a->beta2, (T)(1.0 - a->beta2), (T)a->eps,
                        dec ? 0 : (T)a->weight_decay, dec ? 0 : (T)a->l1,
                        (T)(a->lr / bc1), (T)(1.0 / sqrt(bc2)),
                        dec ? (T)(1.0 - a->lr * a->weight_decay) : 1,
                        dec ? (T)(a->lr * a->l1) : 0,
-                       a->amsgrad, a->maximize};
+                       SFX(lerp_from_end)(1.0 - a->beta1), a->amsgrad, a->maximize};
     fo_parallel_foreach(numel, ntensors, SFX(adam_chunk), &c);
 }
 
 #undef SIGN
+#undef LERP
 #undef INLINE
 #undef PF_BLOCK
 #undef PF_AHEAD

@@ -115,7 +115,8 @@ FO_DISPATCH static void SFX(rnn_fwd_chunk)(void *vc, int64_t unused, int64_t lo,
 INLINE void SFX(rnn_bwd_row)(T *restrict dpre, const T *restrict h, const T *restrict dout,
                              const T *restrict dh, int relu, int64_t j0, int64_t j1) {
     if (relu)
-        for (int64_t j = j0; j < j1; j++) dpre[j] = h[j] > 0 ? dout[j] + dh[j] : (T)0;
+        /* h <= 0 stops the gradient, as torch's threshold_backward: a NaN unit passes it */
+        for (int64_t j = j0; j < j1; j++) dpre[j] = h[j] <= 0 ? (T)0 : dout[j] + dh[j];
     else
         for (int64_t j = j0; j < j1; j++) dpre[j] = (dout[j] + dh[j]) * ((T)1 - h[j] * h[j]);
 }

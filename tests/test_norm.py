@@ -599,6 +599,37 @@ def test_a_variance_beyond_float64_is_inf_as_in_torch(shape, cl):
     assert np.isfinite(rm[1]) and np.isfinite(ch[[0, 2]]).all()
 
 
+@pytest.mark.parametrize("shape,cl", [((4, 3, 2, 2), False), ((5, 3), False), ((4, 2, 2, 3), True)])
+@pytest.mark.parametrize("where", [0, 1, -1])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_an_inf_makes_the_mean_inf_and_the_variance_nan_as_in_torch(shape, cl, where, sign):
+    """torch: an Inf in a channel makes its mean that Inf and its variance NaN.
+    An Inf as the channel's first element (the shift of its sums) made the
+    mean NaN; elsewhere the variance came out Inf."""
+    x = make(shape, np.float32, 0)
+    np.moveaxis(x, channel_axis(x, cl), 0)[1].flat[where] = sign * np.inf
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    F.batch_norm_forward(x, rm, rv, training=True, momentum=0.5, channels_last=cl)
+    assert rm[1] == sign * np.inf and np.isnan(rv[1])
+    assert np.isfinite(rm[[0, 2]]).all() and np.isfinite(rv[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("where", [0, 1, -1])
+def test_an_inf_gives_torchs_running_stats(torch, where):
+    x = make((4, 3, 2, 2), np.float32, 0)
+    x[:, 1].flat[where] = np.inf
+    x[:, 2].flat[where] = -np.inf
+    x[:, 2].flat[where - 1] = np.inf      # both signs: the mean is NaN too
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    F.batch_norm_forward(x, rm, rv, training=True, momentum=0.5)
+    t_rm, t_rv = torch.zeros(3), torch.ones(3)
+    torch.nn.functional.batch_norm(torch.from_numpy(x), t_rm, t_rv, training=True, momentum=0.5)
+    np.testing.assert_array_equal(rm[1:], t_rm.numpy()[1:])   # Inf, NaN
+    np.testing.assert_array_equal(rv[1:], t_rv.numpy()[1:])   # NaN, NaN
+    np.testing.assert_allclose(rm[0], t_rm.numpy()[0], rtol=1e-6)
+    np.testing.assert_allclose(rv[0], t_rv.numpy()[0], rtol=1e-6)
+
+
 # ------------------------------------------------- random shapes (hypothesis)
 from hypothesis import given, settings, strategies as st  # noqa: E402
 

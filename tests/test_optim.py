@@ -97,11 +97,13 @@ CONFIGS = {
         dict(lr=0.01, centered=True, momentum=0.5, alpha=0.9), dict(lr=0.01, weight_decay=0.1),
         dict(lr=0.01, maximize=True, eps=1e-6), dict(lr=0.01, momentum=0.9, nesterov=True),
         dict(lr=0.01, centered=True, momentum=0.9, nesterov=True, l1=0.01),
-        dict(lr=0.01, maximize=True, weight_decay=0.1)]),
+        dict(lr=0.01, maximize=True, weight_decay=0.1),
+        dict(lr=0.01, centered=True, alpha=0.3)]),   # lerp weight >= 0.5: from the far end
     "Adam": (ref_adam, [
         dict(lr=0.01), dict(lr=0.01, amsgrad=True), dict(lr=0.01, weight_decay=0.1),
         dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, maximize=True),
-        dict(lr=0.01, l1=0.01, amsgrad=True), dict(lr=0.01, maximize=True, weight_decay=0.1)]),
+        dict(lr=0.01, l1=0.01, amsgrad=True), dict(lr=0.01, maximize=True, weight_decay=0.1),
+        dict(lr=0.01, betas=(0.2, 0.9))]),
     "AdamW": (ref_adamw, [
         dict(lr=0.01), dict(lr=0.01, amsgrad=True), dict(lr=0.01, weight_decay=0.1),
         dict(lr=0.01, maximize=True), dict(lr=0.01, l1=0.01),
@@ -235,6 +237,22 @@ def test_large_array(case, dtype):
     if (name, i) in TORCH_CASES:
         p_t = run_torch(torch, name, groups, init_params([(BIG,)], dtype), steps, dtype)
         assert_close(p_fo, p_t, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name,kw,key", [
+    ("Adam", dict(betas=(0.0, 0.5)), "exp_avg"), ("AdamW", dict(betas=(0.0, 0.5)), "exp_avg"),
+    ("RMSprop", dict(alpha=0.0, centered=True), "grad_avg")])
+def test_no_averaging_keeps_exactly_the_last_gradient(name, kw, key, dtype):
+    """beta1 = 0 (alpha = 0): the average is the gradient itself. Computed as
+    m + 1*(g - m), a small g after a large one came out 0 and the update was
+    lost; torch's lerp takes g + (w - 1)*(g - m) for a weight w >= 0.5."""
+    p = np.zeros(3, dtype)
+    opt = getattr(fo, name)([p], lr=1.0, **kw)
+    last = np.array([1e-9, 3.0, 0.5], dtype)
+    for g in (np.array([1.0, 1e20, -1.0], dtype), last):
+        opt.step([g])
+    np.testing.assert_array_equal(opt.state_dict()["state"][0][key], last)
 
 
 # ------------------------------------------------------- lecture algorithms

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import fastopt as fo
-from conftest import DTYPES, central_differences
+from conftest import DTYPES, RTOL, central_differences
 from test_c_abi import tool
 
 # Layer outputs and gradients go through GEMMs and T steps: looser than a kernel's.
@@ -718,6 +718,24 @@ def test_huge_inputs_saturate_and_nan_propagates(torch, dtype, kind):
     x[1, 0, 0] = np.nan
     out, _ = m.forward(x)
     assert np.isnan(out[1:, 0]).all() and np.isfinite(out[0]).all() and np.isfinite(out[:, 1]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_passes_the_gradient_of_a_nan_unit(dtype):
+    """torch's relu backward stops the gradient where h <= 0 only, so a NaN
+    unit passes it (its NaN then shows in the gradients, as a guard expects);
+    h > 0 stopped it there too. Reference: the formula in NumPy."""
+    cell = fo.RNNCell(2, 2, nonlinearity="relu", dtype=dtype, seed=3)
+    w_ih = cell.state_dict()["weight_ih"]
+    x = np.array([[1.0, 2.0], [0.5, -1.0]], dtype)
+    h0 = np.array([[np.nan, 0.0], [0.0, 0.0]], dtype)
+    h1 = cell.forward(x, h0)
+    dh1 = np.ones((2, 2), dtype)
+    dx, _ = cell.backward(dh1)
+    dpre = np.where(h1 <= 0, 0, dh1)            # NaN rows pass dh1 through
+    assert np.isnan(h1[0]).all()
+    np.testing.assert_allclose(dx, dpre @ w_ih, rtol=RTOL[dtype])
+    assert (dx[0] != 0).all()
 
 
 # ------------------------------------------------------------- API, sizes
