@@ -5,6 +5,7 @@ loop that passes them allocates nothing per step; what it does not pass is
 allocated. Checks (dtype, shape, contiguity, writability, overlap, ranges)
 happen before anything is written.
 """
+import os
 from numbers import Integral, Real
 
 import numpy as np
@@ -136,9 +137,16 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     return dx, dweight, dbias
 
 
-def dropout(x, p=0.5, seed=0, out=None, mask=None, *, offset=0, store_mask=True):
+def _fresh_seed(seed, what):
+    """seed=None: a new seed from os.urandom, so that a loop of calls draws
+    fresh masks (a fixed default made every call the same)."""
+    return int.from_bytes(os.urandom(8), "little") if seed is None else _u64(seed, what)
+
+
+def dropout(x, p=0.5, seed=None, out=None, mask=None, *, offset=0, store_mask=True):
     """Inverted dropout: y = x * (kept ? 1/(1-p) : 0), P(kept) = 1 - p, drawn
-    from Philox4x32-10 keyed by (seed, offset, element index).
+    from Philox4x32-10 keyed by (seed, offset, element index); seed=None draws
+    a fresh seed for this call (store_mask=False then needs a seed).
 
     Returns (y, mask): mask is bit-packed, ceil(x.size/8) uint8 (1 = kept,
     ``np.unpackbits(mask, count=x.size, bitorder='little')``), or None with
@@ -149,10 +157,13 @@ def dropout(x, p=0.5, seed=0, out=None, mask=None, *, offset=0, store_mask=True)
     x = _fastopt.as_array(x, "x")
     out, mask = _written(out, "out"), _written(mask, "mask")
     p = _real(p, "p")
-    seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
+    offset = _u64(offset, "offset")
     if not _bool(store_mask, "store_mask") and mask is not None:
         # the caller expects the buffer written; it would be left as it was
         raise ValueError("mask must be None with store_mask=False (no mask is stored)")
+    if not store_mask and seed is None:
+        raise ValueError("store_mask=False needs a seed: backward regenerates the mask from it")
+    seed = _fresh_seed(seed, "seed")
     y = np.empty_like(x) if out is None else out
     if store_mask and mask is None:
         mask = np.empty((x.size + 7) // 8, np.uint8)
@@ -175,13 +186,14 @@ def dropout_backward(dy, mask, p, out=None, *, seed=None, offset=0):
     return dx
 
 
-def gaussian_noise(x, std, seed=0, *, offset=0, out=None):
+def gaussian_noise(x, std, seed=None, *, offset=0, out=None):
     """y = x + std * N(0, 1), the normals drawn (Box-Muller) from Philox4x32-10
-    keyed by (seed, offset, element index). out may be x itself (in place)."""
+    keyed by (seed, offset, element index); seed=None draws a fresh seed for
+    this call. out may be x itself (in place)."""
     x = _fastopt.as_array(x, "x")
     out = _written(out, "out")
     std = _real(std, "std")
-    seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
+    seed, offset = _fresh_seed(seed, "seed"), _u64(offset, "offset")
     y = np.empty_like(x) if out is None else out
     _fastopt.gaussian_noise(x, y, std, seed, offset)
     return y

@@ -8,13 +8,12 @@ forward is backpropagated once (torch without retain_graph): a second
 backward is refused. A failed call (bad input, bad edited attribute) leaves
 the layer's state and every array as they were.
 """
-import os
 
 import numpy as np
 
 from . import _fastopt
 from ._layer import Layer, one_call_at_a_time
-from ._functional_norm import _bool, _real, _u64, _unit, _written
+from ._functional_norm import _bool, _fresh_seed, _real, _u64, _unit, _written
 
 __all__ = ["BatchNorm", "Dropout"]
 
@@ -236,9 +235,7 @@ class Dropout(_Layer):
 
     def __init__(self, p=0.5, seed=None, *, store_mask=True):
         self.p = _unit(p, "p")
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")
-        self.seed = _u64(seed, "seed")
+        self.seed = _fresh_seed(seed, "seed")
         self.offset = 0
         self.store_mask = _bool(store_mask, "store_mask")
         self._mask = None     # the mask buffer, reused while the size fits

@@ -38,7 +38,8 @@ def _input(a, name, dtype, shape):
     if a.shape != tuple(shape):
         raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)}")
     if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous")
+        raise ValueError(f"{name} must be C-contiguous (a slice such as x[:, t0:t1] is not; "
+                         "np.ascontiguousarray copies it: fastopt copies nothing silently)")
     # C reads whole elements; checked here, as the C call's own check comes
     # after the layers below it have written
     if not a.flags.aligned:

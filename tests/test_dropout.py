@@ -418,6 +418,28 @@ def test_mask_buffer_with_store_mask_false_is_refused():
     assert (out == 7.0).all() and (buf == 7).all()
 
 
+def test_functional_calls_without_a_seed_draw_fresh_masks_and_noise():
+    """seed defaulted to 0, so a loop of F.dropout(x, p) calls trained one fixed
+    sub-network; seed=None now draws a new seed per call, as Dropout(seed=None)."""
+    x = np.ones(4096, np.float32)
+    (y1, m1), (y2, m2) = F.dropout(x, 0.5), F.dropout(x, 0.5)
+    assert (m1 != m2).any() and (y1 != y2).any()
+    dx = F.dropout_backward(np.ones_like(x), m2, 0.5)
+    np.testing.assert_array_equal(dx, y2)        # the mask returned is the one used
+    assert (F.gaussian_noise(x, 0.1) != F.gaussian_noise(x, 0.1)).any()
+    np.testing.assert_array_equal(F.dropout(x, 0.5, 7)[1], F.dropout(x, 0.5, seed=7)[1])
+
+
+def test_store_mask_false_without_a_seed_is_refused():
+    """Backward regenerates the mask from the seed: one drawn inside the call
+    would be lost."""
+    x = np.ones(16, np.float32)
+    out = np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="^store_mask=False needs a seed"):
+        F.dropout(x, 0.5, out=out, store_mask=False)
+    assert (out == 7.0).all()
+
+
 @pytest.mark.parametrize("attr,value,exc", [("seed", -1, ValueError), ("seed", 2**64, ValueError),
                                             ("seed", 1.5, TypeError), ("offset", -1, ValueError),
                                             ("p", "a", TypeError), ("p", 1.5, ValueError),
