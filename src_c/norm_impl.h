@@ -1121,6 +1121,11 @@ int SFX(fo_batchnorm_forward)(T *y, T *save_mean, T *save_invstd, T *running_mea
     if (outer < 0 || C < 0 || inner < 0) return -2;
     if (!a->training && (!running_mean || !running_var)) return -2;
     if (C == 0) return 0;
+    /* an empty inner extent runs as the empty batch (outer 0, inner 1), the
+     * same work: planned as it was, the per-column scratch held C*inner = 0
+     * entries, and the per-channel setup wrote C past them ((2, 1000, 0): a
+     * heap overflow) */
+    if (inner == 0) outer = 0, inner = 1;
     fo_norm_plan p = fo_norm_make_plan(outer, C, inner);
     int stream = SFX(stream_mode)(&p, y);
     int64_t head = SFX(row_head)(&p, x, stream);
@@ -1169,6 +1174,7 @@ int SFX(fo_batchnorm_backward)(T *dx, T *dweight, T *dbias, const T *dy, const T
                                const fo_batchnorm_backward_args *a) {
     if (outer < 0 || C < 0 || inner < 0 || !save_mean || !save_invstd) return -2;
     if (C == 0) return 0;
+    if (inner == 0) outer = 0, inner = 1;   /* as in forward */
     fo_norm_plan p = fo_norm_make_plan(outer, C, inner);
     int stream = dx ? SFX(stream_mode)(&p, dx) : 0;
     int64_t head = dx ? SFX(row_head)(&p, x, stream) : 0;

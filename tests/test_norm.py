@@ -788,6 +788,27 @@ def test_empty_batch_trains_to_nothing(shape):
         bn.forward(np.zeros((1, 3), np.float32))
 
 
+@pytest.mark.parametrize("shape", [(2, 1000, 0), (2, 3, 0, 4), (2, 5000, 3, 0)])
+def test_a_zero_size_spatial_dim_is_an_empty_batch(shape):
+    """(N, C, 0): the kernel planned per-column scratch for C*0 entries and wrote
+    C past it (heap corruption: malloc aborted, or a segfault, for C = 1000).
+    Now as an empty batch: training saves zeros and leaves the running stats,
+    eval saves the running stats' mean and 1/sqrt(var + eps)."""
+    C = shape[1]
+    x = np.zeros(shape, np.float32)
+    rm, rv = np.full(C, 0.5, np.float32), np.full(C, 3.0, np.float32)
+    for _ in range(3):     # a corrupted heap shows at a later allocation
+        y, sm, si = F.batch_norm_forward(x, rm, rv, training=True)
+        assert y.shape == shape and (sm == 0).all() and (si == 0).all()
+        dx, dw, db = F.batch_norm_backward(x, x, sm, si, np.ones(C, np.float32), training=True)
+        assert dx.shape == shape and (dw == 0).all() and (db == 0).all()
+    np.testing.assert_array_equal(rm, 0.5)
+    np.testing.assert_array_equal(rv, 3.0)
+    y, sm, si = F.batch_norm_forward(x, rm, rv, training=False)
+    np.testing.assert_array_equal(sm, rm)
+    np.testing.assert_allclose(si, 1 / np.sqrt(3.0 + 1e-5), rtol=1e-6)
+
+
 @pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
 def test_state_dict_names_and_round_trip(affine, track):
     bn = fo.BatchNorm(4, affine=affine, track_running_stats=track)

@@ -212,6 +212,20 @@ static void test_edges(void) {
     check("bn refused backward wrote nothing", y[0], 42, 0);
     check("bn empty batch", fo_batchnorm_forward_f32(y, sm, si, rm, rv, x, NULL, NULL, 0, 2, 1, &tr), 0, 0);
     check("bn empty batch save_invstd", si[1], 0, 0);
+    {   /* (2, C, 0): no elements, like the empty batch; the per-channel setup
+         * wrote C entries past scratch sized for C*inner = 0 */
+        enum { WIDE = 4096 };
+        float *m = calloc(4 * WIDE, sizeof(float));
+        float *wsm = m, *wsi = m + WIDE, *wrm = m + 2 * WIDE, *wrv = m + 3 * WIDE;
+        for (int c = 0; c < WIDE; c++) wsm[c] = wsi[c] = 9, wrv[c] = 3;
+        check("bn inner 0 training", fo_batchnorm_forward_f32(y, wsm, wsi, wrm, wrv, x, NULL, NULL, 2, WIDE, 0, &tr), 0, 0);
+        check("bn inner 0 training save_invstd", wsi[WIDE - 1], 0, 0);
+        check("bn inner 0 running_var untouched", wrv[WIDE - 1], 3, 0);
+        check("bn inner 0 eval", fo_batchnorm_forward_f32(y, wsm, wsi, wrm, wrv, x, NULL, NULL, 2, WIDE, 0, &ev), 0, 0);
+        check("bn inner 0 eval save_invstd", wsi[WIDE - 1], 1 / sqrt(3 + 1e-5), 1e-6);
+        check("bn inner 0 backward", fo_batchnorm_backward_f32(y, NULL, NULL, x, x, wsm, wsi, NULL, 2, WIDE, 0, &ba), 0, 0);
+        free(m);
+    }
     int nt = fo_get_num_threads();
     fo_set_num_threads(-5);
     check("threads n < 1", fo_get_num_threads(), 1, 0);
