@@ -77,8 +77,9 @@ static void fo_rnn_fetch_ahead(const fo_rnn_ahead *ahead, int64_t f0, int64_t f1
 
 /* Per precision: UT the same-width unsigned integer, MANT/BIAS the IEEE
  * mantissa bits and exponent bias; EXP_LO..EXP_HI the range where e^x is a
- * normal number; LN2_HI + LN2_LO = ln 2 with LN2_HI*n exact; POLY_DEG the
- * Taylor degree whose truncation error is below half an ulp on |r| <= ln2/2. */
+ * normal number; LN_MAX the log of the largest finite T; LN2_HI + LN2_LO =
+ * ln 2 with LN2_HI*n exact; POLY_DEG the Taylor degree whose truncation error
+ * is below half an ulp on |r| <= ln2/2. */
 #define T float
 #define SFX(x) x##_f32
 #define UT uint32_t
@@ -86,6 +87,7 @@ static void fo_rnn_fetch_ahead(const fo_rnn_ahead *ahead, int64_t f0, int64_t f1
 #define BIAS 127
 #define EXP_LO (-87.0f)
 #define EXP_HI 88.0f
+#define LN_MAX 88.7228394f
 #define LN2_HI 0.693359375f
 #define LN2_LO (-2.12194440e-4f)
 #define POLY_DEG 7
@@ -108,6 +110,7 @@ static void fo_rnn_fetch_ahead(const fo_rnn_ahead *ahead, int64_t f0, int64_t f1
 #undef BIAS
 #undef EXP_LO
 #undef EXP_HI
+#undef LN_MAX
 #undef LN2_HI
 #undef LN2_LO
 #undef POLY_DEG
@@ -127,6 +130,7 @@ static void fo_rnn_fetch_ahead(const fo_rnn_ahead *ahead, int64_t f0, int64_t f1
 #define BIAS 1023
 #define EXP_LO (-708.0)
 #define EXP_HI 709.0
+#define LN_MAX 709.782712893384
 #define LN2_HI 6.93147180369123816490e-01
 #define LN2_LO 1.90821492927058770002e-10
 #define POLY_DEG 13

@@ -43,12 +43,19 @@ INLINE T SFX(clamp)(T x, T lo, T hi) {
  * computed each division twice (the LSTM forward's gate math of T50 B32 H256,
  * GEMMs left out: 1.46-1.62 -> 1.29 ms here). Not const, so that GCC cannot
  * fold them; nothing writes them. */
-FO_INTERNAL T SFX(fo_exp_bounds)[2] = {EXP_LO, EXP_HI};
+FO_INTERNAL T SFX(fo_exp_bounds)[3] = {EXP_LO, EXP_HI, -LN_MAX * (T)0x1p100};
 
-/* 1/(1 + e^-x) = 1/(2 + expm1(-x)); saturates to 0 or 1 without overflow. */
+/* 1/(1 + e^-x) = 1/(2 + expm1(-x)); saturates to 1 without overflow, and to 0
+ * past x = -ln(T's max), where torch's e^-x overflows: the clamp alone left a
+ * subnormal floor (6e-39 in float32) that kept saturated gates' derivatives
+ * nonzero. The numerator `keep` is 1 above that bound, 0 at or below it, NaN
+ * for NaN: as a select around the division, GCC left the loops scalar
+ * (the division may trap, so it cannot run for the lanes a select drops). */
 INLINE T SFX(sigmoid)(T x) {
-    return (T)1 / ((T)2 + SFX(expm1_clamped)(SFX(clamp)(-x, SFX(fo_exp_bounds)[0],
-                                                         SFX(fo_exp_bounds)[1])));
+    T d = (T)2 + SFX(expm1_clamped)(SFX(clamp)(-x, SFX(fo_exp_bounds)[0],
+                                                SFX(fo_exp_bounds)[1]));
+    T keep = SFX(clamp)(x * (T)0x1p100 - SFX(fo_exp_bounds)[2], 0, 1);   /* one FMA */
+    return keep / d;
 }
 
 /* tanh|x| = -m/(2 + m) with m = expm1(-2|x|) in (-1, 0]: no cancellation near 0,

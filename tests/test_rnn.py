@@ -721,6 +721,22 @@ def test_huge_inputs_saturate_and_nan_propagates(torch, dtype, kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_saturated_sigmoid_gates_are_exactly_zero(dtype):
+    """1/(1 + e^(1e30)) is 0 in IEEE arithmetic (and in torch): gates i, f, o
+    of pre-activation -1e30 are 0, so are h1, c1 and every weight gradient
+    (through sigmoid' = s(1 - s) = 0 and tanh' = 1 - 1 = 0). A clamped exp
+    left them at 6e-39 (float32), and dW_ih = dpre*x at 5e-9."""
+    cell = fo.LSTMCell(1, 1, dtype=dtype, seed=0)
+    cell.load_state_dict({k: np.abs(v) + 0.5 for k, v in cell.state_dict().items()})
+    x, state = np.array([[-1e30]], dtype), (np.zeros((1, 1), dtype), np.ones((1, 1), dtype))
+    h1, c1 = cell.forward(x, state)
+    assert h1[0, 0] == 0 and c1[0, 0] == 0
+    cell.backward(np.ones((1, 1), dtype), np.ones((1, 1), dtype))
+    dw_ih = cell.gradients()[0]
+    assert (dw_ih == 0).all(), dw_ih
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_relu_passes_the_gradient_of_a_nan_unit(dtype):
     """torch's relu backward stops the gradient where h <= 0 only, so a NaN
     unit passes it (its NaN then shows in the gradients, as a guard expects);
