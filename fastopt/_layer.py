@@ -70,6 +70,11 @@ class Layer:
         """gradients()[i] is the accumulated gradient of parameters()[i]."""
         return []
 
+    def named_parameters(self):
+        """[(torch name, parameter array)], in parameters() order."""
+        names = {id(v): k for k, v in self._named_arrays().items()}
+        return [(names[id(p)], p) for p in self.parameters()]
+
     @one_call_at_a_time
     def zero_grad(self):
         """Set every accumulated gradient to 0, in place."""

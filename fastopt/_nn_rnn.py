@@ -224,10 +224,6 @@ class _Recurrent(Layer):
         """gradients()[i] is the accumulated gradient of parameters()[i]."""
         return list(self._grads.values())
 
-    def named_parameters(self):
-        """[(torch name, parameter array)], in parameters() order."""
-        return list(self._params.items())
-
     def _named_arrays(self):
         return self._params     # weight_ih_l0, bias_hh_l1_reverse, weight_hr_l0, ...
 

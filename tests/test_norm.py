@@ -809,6 +809,15 @@ def test_a_zero_size_spatial_dim_is_an_empty_batch(shape):
     np.testing.assert_allclose(si, 1 / np.sqrt(3.0 + 1e-5), rtol=1e-6)
 
 
+def test_named_parameters_are_torchs_names_and_the_layers_arrays(torch):
+    for affine in (True, False):
+        bn = fo.BatchNorm(4, affine=affine)
+        named = bn.named_parameters()
+        assert [k for k, _ in named] == [k for k, _ in torch.nn.BatchNorm1d(4, affine=affine).named_parameters()]
+        assert all(a is b for (_, a), b in zip(named, bn.parameters()))
+    assert fo.Dropout(0.5).named_parameters() == []
+
+
 @pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
 def test_state_dict_names_and_round_trip(affine, track):
     bn = fo.BatchNorm(4, affine=affine, track_running_stats=track)
