@@ -9,9 +9,9 @@
  *   forward (training): sums of (x - K) and (x - K)^2 per channel, K = the
  *     channel's first element, or 0 if not finite (the shifted-data algorithm:
  *     K lies within the data's spread, so the float64 sums do not cancel even
- *     for x = 1e4 + N(0, 1)); then y = (x - mean_T)*scale + shift, where mean_T is the mean
- *     rounded to T, so that x - mean_T is (nearly) exact and the rounding of
- *     the mean is folded into `shift` in double.
+ *     for x = 1e4 + N(0, 1)); then y = (x - mean_T)*scale + shift, where
+ *     mean_T is the mean rounded to T, so that x - mean_T is (nearly) exact
+ *     and the rounding of the mean is folded into `shift` in double.
  *   forward (eval): y = x*scale + shift, running stats folded per channel.
  *   backward: sums of dy and dy*(x - mean) per channel in one pass over
  *     (x, dy), then dx = k1*dy + k2*(x - mean) + k3 in one pass.

@@ -1002,8 +1002,8 @@ INLINE T SFX(shift_of)(T first) { return isfinite(first) ? first : (T)0; }
  * scalar loop, the divide and square root per channel took 14 us of a
  * (2, 1024) forward, more than its passes over the data.
  * training: mean and biased var from the shifted sums (K = shift_of the
- * channel's first element), running stats updated with the unbiased var; else mean and var
- * are the running stats. Then y = (x - cen)*k2 + k3 with cen = the mean
+ * channel's first element), running stats updated with the unbiased var;
+ * else mean and var are the running stats. Then y = (x - cen)*k2 + k3 with cen = the mean
  * rounded to T (x - cen is then nearly exact; the rounding goes into k3).
  * mean and var come in holding sum1 and sum2 and are overwritten. */
 FO_DISPATCH static void SFX(forward_coefs)(

@@ -286,7 +286,8 @@ void SFX(fo_adam_step)(T *const *param, T *const *exp_avg, T *const *exp_avg_sq,
     double bc2 = 1.0 - pow(a->beta2, (double)a->step);
     int dec = a->decoupled;
     SFX(adam_ctx) c = {param, exp_avg, exp_avg_sq, max_exp_avg_sq, grad,
-                       SFX(lerp_coeff)(1.0 - a->beta1), (T)a->beta2, (T)(1.0 - a->beta2), (T)a->eps,
+                       SFX(lerp_coeff)(1.0 - a->beta1), (T)a->beta2, (T)(1.0 - a->beta2),
+                       (T)a->eps,
                        dec ? 0 : (T)a->weight_decay, dec ? 0 : (T)a->l1,
                        (T)(a->lr / bc1), (T)(1.0 / sqrt(bc2)),
                        dec ? (T)(1.0 - a->lr * a->weight_decay) : 1,

@@ -38,11 +38,11 @@ INLINE T SFX(clamp)(T x, T lo, T hi) {
     return x < lo ? lo : x;
 }
 
-/* The clamp's bounds, read from memory: as constants, GCC turned the constant
- * results at the clamped ends into masked branches around the whole exp and
- * computed each division twice (the LSTM forward's gate math of T50 B32 H256,
- * GEMMs left out: 1.46-1.62 -> 1.29 ms here). Not const, so that GCC cannot
- * fold them; nothing writes them. */
+/* The clamp's bounds (and sigmoid's zero bound, times 2^100), read from
+ * memory: as constants, GCC turned the constant results at the clamped ends
+ * into masked branches around the whole exp and computed each division twice
+ * (the LSTM forward's gate math of T50 B32 H256, GEMMs left out: 1.46-1.62 ->
+ * 1.29 ms here). Not const, so that GCC cannot fold them; nothing writes them. */
 FO_INTERNAL T SFX(fo_exp_bounds)[3] = {EXP_LO, EXP_HI, -LN_MAX * (T)0x1p100};
 
 /* 1/(1 + e^-x) = 1/(2 + expm1(-x)); saturates to 1 without overflow, and to 0
