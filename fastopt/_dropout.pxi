@@ -39,9 +39,9 @@ cdef int _check_mask(object mask, int64_t n, bint writable) except -1:
     if not isinstance(mask, cnp.ndarray):
         raise TypeError(f"mask must be a numpy.ndarray of uint8, got {type(mask).__name__}")
     _check_array(mask, "mask", np.uint8, writable)
-    if mask.size != (n + 7) // 8:
-        raise ValueError(f"mask must have {(n + 7) // 8} bytes (ceil(n/8), n = {n}), "
-                         f"got {mask.size}")
+    if mask.ndim != 1 or mask.size != (n + 7) // 8:
+        raise ValueError(f"mask must have shape ({(n + 7) // 8},) (ceil(n/8) bytes, n = {n}), "
+                         f"got {mask.shape}")
     return 0
 
 

@@ -122,6 +122,9 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, training=Tru
     dweight, dbias = _written(dweight, "dweight"), _written(dbias, "dbias")
     training, channels_last = _bool(training, "training"), _bool(channels_last, "channels_last")
     accumulate, input_grad = _bool(accumulate, "accumulate"), _bool(input_grad, "input_grad")
+    if not input_grad and out is not None:
+        # the caller expects the buffer written; it would be left as it was
+        raise ValueError("out must be None with input_grad=False (no dx is computed)")
     C = _channels(x, channels_last)
     dt = x.dtype
     if dweight is None and weight is not None:

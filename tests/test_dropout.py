@@ -277,7 +277,7 @@ def test_gaussian_noise(dtype):
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("case", ["p_high", "p_nan", "mask_size", "mask_dtype", "readonly",
+@pytest.mark.parametrize("case", ["p_high", "p_nan", "mask_size", "mask_shape", "mask_dtype", "readonly",
                                   "out_dtype", "overlap", "seed", "not_array", "byte_order", "unaligned",
                                   "out_byte_order"])
 def test_bad_input_leaves_arrays_unchanged(case):
@@ -291,6 +291,8 @@ def test_bad_input_leaves_arrays_unchanged(case):
         kw["p"] = float("nan")
     elif case == "mask_size":
         kw["mask"] = mask = np.full(12, 0xAA, np.uint8)
+    elif case == "mask_shape":   # the right bytes, not the packed 1-D form
+        kw["mask"] = mask = np.full((1, 13), 0xAA, np.uint8)
     elif case == "mask_dtype":
         kw["mask"] = mask = np.full(13, 3, np.int32)
     elif case == "readonly":

@@ -809,6 +809,17 @@ def test_a_zero_size_spatial_dim_is_an_empty_batch(shape):
     np.testing.assert_allclose(si, 1 / np.sqrt(3.0 + 1e-5), rtol=1e-6)
 
 
+def test_an_out_buffer_with_input_grad_false_is_refused():
+    """input_grad=False computes no dx: an out= buffer was left unwritten and
+    returned as None, silently (F.dropout refuses its unused mask the same way)."""
+    x = make((4, 3), np.float32, 0)
+    _, sm, si = F.batch_norm_forward(x, None, None, training=True)
+    buf = np.full_like(x, 7.0)
+    with pytest.raises(ValueError, match="^out must be None with input_grad=False"):
+        F.batch_norm_backward(x, x, sm, si, input_grad=False, out=buf)
+    assert (buf == 7.0).all()
+
+
 def test_named_parameters_are_torchs_names_and_the_layers_arrays(torch):
     for affine in (True, False):
         bn = fo.BatchNorm(4, affine=affine)
