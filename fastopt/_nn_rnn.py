@@ -724,9 +724,11 @@ class _Cell(_Recurrent):
 
     @one_call_at_a_time
     def reset(self):
-        """Forget the saved steps (e.g. after truncating backpropagation)."""
-        # their gate buffers are reused, as backward's popped ones are (memory
-        # stays at its peak): a forward-only loop then allocates none per step
+        """Forget the saved steps (e.g. after truncating backpropagation). Their
+        gate buffers are kept for the next steps, so memory stays at the longest
+        run's peak until the batch shape changes or the cell is deleted."""
+        # reused as backward's popped ones are: a forward-only loop that
+        # resets then allocates none per step
         self._recycle([s.gates for s in self._steps])
         self._steps.clear()
 
