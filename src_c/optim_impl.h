@@ -153,10 +153,10 @@ void SFX(fo_adagrad_step)(T *const *param, T *const *sum, const T *const *grad,
 }
 
 /* LERP's scalars for a weight w given in double (torch rounds it to T first) */
-static inline T SFX(lerp_coeff)(double w) {
-    return fabs((double)(T)w) < 0.5 ? (T)w : (T)w - (T)1;
-}
 static inline int SFX(lerp_from_end)(double w) { return !(fabs((double)(T)w) < 0.5); }
+static inline T SFX(lerp_coeff)(double w) {
+    return SFX(lerp_from_end)(w) ? (T)w - (T)1 : (T)w;
+}
 
 /* -------------------------------------------------------------- RMSprop */
 
